@@ -1,0 +1,237 @@
+"""
+The math of the attention masks, as small pure functions on tensors.
+
+Tokens are the nodes of an h x w patch grid, node i = row*w + col (row-major), N = h*w.
+q, k, v are [..., N, d]; phi(x) = relu(x) is the linear-attention feature map.
+Every linear form runs in float32 (autocast disabled) and adds EPS to its denominator.
+Reference: Reid et al., "Linear Transformer Topological Masking with Graph Random Features", ICLR 2025.
+"""
+import math
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-6
+
+def _fp32(*xs):
+    return [x.float() for x in xs]
+
+def _no_autocast(device):
+    return torch.autocast(device_type=device.type, enabled=False)
+
+# -----------------------------------------------------------------------------
+# the grid graph
+
+def grid_neighbors(h, w):
+    """Neighbour table of the 4-neighbour h x w grid: nbr [N, 4] (padded with -1), deg [N]. O(N)."""
+    r, c = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+    cand = [((r - 1), c), ((r + 1), c), (r, (c - 1)), (r, (c + 1))]
+    nbr = torch.stack([torch.where((rr >= 0) & (rr < h) & (cc >= 0) & (cc < w), rr * w + cc, -1)
+                       for rr, cc in cand], dim=1)
+    nbr = nbr.sort(dim=1, descending=True).values  # valid neighbours first, -1 padding last
+    return nbr, (nbr >= 0).sum(1)
+
+def grid_adjacency(h, w):
+    """W = D^-1/2 A D^-1/2 of the 4-neighbour h x w grid (no diagonals, wrap or self loops), dense N x N."""
+    nbr, deg = grid_neighbors(h, w)
+    N = h * w
+    A = torch.zeros(N, N)
+    i = torch.arange(N)[:, None].expand_as(nbr)
+    A[i[nbr >= 0], nbr[nbr >= 0]] = 1.0
+    s = deg.float().clamp(min=1).rsqrt()
+    return s[:, None] * A * s[None, :]
+
+def matrix_powers(W, n):
+    """[W^0, W^1, ..., W^n] stacked, [n+1, N, N]. O(n N^3) once; memory (n+1) N^2."""
+    P = [torch.eye(W.shape[0], dtype=W.dtype)]
+    for _ in range(n):
+        P.append(P[-1] @ W)
+    return torch.stack(P)
+
+# -----------------------------------------------------------------------------
+# the exact topological mask
+
+def topo_features(W_powers, f):
+    """Phi_G = sum_k f_k W^k for f [..., K+1] -> [..., N, N]; uses W_powers[:K+1]. O(K N^2)."""
+    return torch.einsum('...k,kij->...ij', f, W_powers[:f.shape[-1]])
+
+def self_convolution(f):
+    """alpha = f * f, the discrete self-convolution over the last dim: alpha_m = sum_{k+l=m} f_k f_l, [..., 2K+1]."""
+    K1 = f.shape[-1]
+    return sum(F.pad(f[..., k:k + 1] * f, (k, K1 - 1 - k)) for k in range(K1))
+
+def topo_mask(W_powers, f):
+    """M = Phi_G Phi_G^T = sum_m alpha_m W^m with alpha = f * f (W symmetric, so its powers commute).
+    Needs W_powers up to 2K: O(K N^2) per call instead of the O(N^3) product."""
+    return topo_features(W_powers, self_convolution(f))
+
+# -----------------------------------------------------------------------------
+# graph random features
+
+def sample_grf_walks(h, w, n_walks, p_halt, max_len, generator=None):
+    """n_walks random walks from every node of the h x w grid, vectorised over all N*n walks.
+    A walk starts at its node with load 1; at step t at node u it records (t, start, u, load), then halts
+    with probability p_halt (or when t = max_len), else hops to a uniform neighbour u' and multiplies its
+    load by W[u,u'] deg(u) / (1 - p_halt). Records are summed per (t, start, u) and divided by n_walks,
+    so that C_t[start, u] = load sum / n and E[sum_t f_t C_t] = sum_t f_t W^t.
+    Returns (step, start, node, load), 1-D tensors of length nnz <= N n (max_len+1). O(N n max_len)."""
+    nbr, deg = grid_neighbors(h, w)
+    N = h * w
+    start = torch.arange(N).repeat_interleave(n_walks)
+    node, load = start.clone(), torch.ones(N * n_walks, dtype=torch.float64)
+    recs = []
+    for t in range(max_len + 1):
+        recs.append((torch.full_like(node, t), start, node, load))
+        if t == max_len or deg.max() == 0:
+            break
+        go = torch.rand(node.shape[0], generator=generator, dtype=torch.float64) >= p_halt
+        go &= deg[node] > 0
+        start, node, load = start[go], node[go], load[go]
+        if node.numel() == 0:
+            break
+        d = deg[node]
+        pick = (torch.rand(node.shape[0], generator=generator, dtype=torch.float64) * d).long().clamp(max=d - 1)
+        nxt = nbr[node, pick]
+        load = load * (d.double() / deg[nxt].double()).sqrt() / (1 - p_halt)  # W[u,u'] deg(u) = sqrt(deg u / deg u')
+        node = nxt
+    step, start, node, load = (torch.cat(x) for x in zip(*recs))
+    key = (step * N + start) * N + node
+    key, inv = torch.unique(key, return_inverse=True)
+    load = torch.zeros(key.shape[0], dtype=torch.float64).index_add_(0, inv, load) / n_walks
+    return key // (N * N), (key // N) % N, key % N, load.float()
+
+def grf_layout(start, node, N):
+    """Padded sparse (ELL) layout of the support of Phi_hat: cols [N, R] (row i's distinct nodes, padded with i)
+    and slot [nnz], the flat position i*R + r of each record. R = max distinct nodes per row. O(nnz log nnz)."""
+    pair, inv = torch.unique(start * N + node, return_inverse=True)
+    row, col = pair // N, pair % N
+    counts = torch.bincount(row, minlength=N)
+    R = max(int(counts.max()), 1)
+    first = torch.cumsum(counts, 0) - counts
+    r = torch.arange(pair.shape[0]) - first[row]
+    cols = torch.arange(N)[:, None].repeat(1, R)
+    cols[row, r] = col
+    return cols, (row * R + r)[inv]
+
+def grf_features(slot, step, load, f, N, R):
+    """Values of Phi_hat = sum_t f_t C_t in the ELL layout: vals[i, r] = sum of f[step] * load over the
+    records in slot i*R + r; differentiable in f. f is [K+1] (or any flat f with step indexing it). O(nnz)."""
+    vals = torch.zeros(N * R, dtype=f.dtype, device=f.device)
+    return vals.index_add(0, slot, f[step] * load).view(N, R)
+
+def ell_to_dense(cols, vals, N):
+    """Dense [..., N, N] matrix from its ELL form cols, vals [..., N, R]."""
+    return torch.zeros(*vals.shape[:-1], N, dtype=vals.dtype, device=vals.device).scatter_add(-1, cols, vals)
+
+# -----------------------------------------------------------------------------
+# the Toeplitz (relative position) mask
+
+def toeplitz_index(h, w):
+    """idx[i, j] into a flattened (2h-1) x (2w-1) table at offset (row_i - row_j, col_i - col_j), [N, N]."""
+    r, c = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+    return (r[:, None] - r[None, :] + h - 1) * (2 * w - 1) + (c[:, None] - c[None, :] + w - 1)
+
+def toeplitz_mask(table, h, w):
+    """M_ij = t[row_i - row_j, col_i - col_j] for table [..., 2h-1, 2w-1] -> [..., N, N]. O(N^2)."""
+    return table.flatten(-2)[..., toeplitz_index(h, w).to(table.device)]
+
+# -----------------------------------------------------------------------------
+# attention: dense references and efficient forms
+
+def softmax_attention(q, k, v):
+    """Reference softmax(q k^T / sqrt(d)) v, written out. O(N^2 d)."""
+    a = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    return a.softmax(-1) @ v
+
+def plain_linear_attention(q, k, v, eps=EPS):
+    """out_i = phi(q_i)^T (sum_j phi(k_j) v_j^T) / (phi(q_i)^T sum_j phi(k_j) + eps). O(N d^2)."""
+    with _no_autocast(q.device):
+        q, k, v = _fp32(q.relu(), k.relu(), v)
+        num = q @ (k.transpose(-2, -1) @ v)
+        den = q @ k.sum(-2, keepdim=True).transpose(-2, -1)
+        return num / (den + eps)
+
+def masked_linear_attention(q, k, v, mask, eps=EPS):
+    """Dense reference: out_i = sum_j M_ij (phi(q_i).phi(k_j)) v_j / (sum_j M_ij phi(q_i).phi(k_j) + eps).
+    mask [..., N, N] broadcasts over the batch. O(N^2 d) time, O(N^2) memory."""
+    with _no_autocast(q.device):
+        q, k, v, mask = _fp32(q.relu(), k.relu(), v, mask)
+        a = (q @ k.transpose(-2, -1)) * mask
+        return (a @ v) / (a.sum(-1, keepdim=True) + eps)
+
+def _with_ones(v):
+    # append a ones channel: the same contraction then yields numerator (first dv) and denominator (last)
+    return torch.cat([v, torch.ones_like(v[..., :1])], -1)
+
+def _divide(y, eps):
+    return y[..., :-1] / (y[..., -1:] + eps)
+
+def toeplitz_linear_attention_fft(q, k, v, table, h, w, eps=EPS):
+    """Toeplitz-masked linear attention without the N x N matrix. The fields phi(k_j) v_j^T (d*dv channels)
+    and phi(k_j) (d channels) on the grid are convolved with the table by a zero-padded rfft2 on a
+    2h x 2w grid, Y_i = sum_j t[r_i - r_j, c_i - c_j] X_j, then contracted with phi(q_i).
+    q, k, v [B, H, N, d], table [H, 2h-1, 2w-1]. O(N log N d^2) time, O(N d^2) memory."""
+    with _no_autocast(q.device):
+        q, k, v, table = _fp32(q.relu(), k.relu(), _with_ones(v), table)
+        B, H, N, d = q.shape
+        x = (k[..., :, None] * v[..., None, :]).flatten(-2)  # [B, H, N, d*(dv+1)]
+        x = x.transpose(-2, -1).reshape(B, H, -1, h, w)
+        kern = F.pad(table, (0, 1, 0, 1)).roll((-(h - 1), -(w - 1)), dims=(-2, -1))  # offset (dr, dc) at (dr mod 2h, dc mod 2w)
+        y = torch.fft.irfft2(torch.fft.rfft2(x, s=(2 * h, 2 * w)) * torch.fft.rfft2(kern)[None, :, None],
+                             s=(2 * h, 2 * w))[..., :h, :w]
+        y = y.reshape(B, H, d, -1, N).permute(0, 1, 4, 2, 3)  # [B, H, N, d, dv+1]
+        return _divide(torch.einsum('bhnd,bhnde->bhne', q, y), eps)
+
+def _ell_spread(P, flat_cols, x, y):
+    """T_l = sum_j P_jl x_j y_j^T, P in ELL form: for each slot r, scatter-add into rows flat_cols[:, r]."""
+    B, HN = x.shape[:2]
+    T = x.new_zeros(B, HN, x.shape[-1] * y.shape[-1])
+    xy = (x[..., :, None] * y[..., None, :]).flatten(-2)
+    for r in range(P.shape[-1]):
+        T.index_add_(1, flat_cols[:, r], xy * P[:, r, None])
+    return T.view(B, HN, x.shape[-1], y.shape[-1])
+
+def _ell_gather(P, flat_cols, T):
+    """U_i = sum_l P_il T_l (T [B, HN, a, b]), summed slot by slot so no [HN, R, a, b] tensor is formed."""
+    U = torch.zeros_like(T)
+    for r in range(P.shape[-1]):
+        U += T[:, flat_cols[:, r]] * P[:, r, None, None]
+    return U
+
+class _GRFMix(torch.autograd.Function):
+    """y_i = q_i^T U_i with U_i = sum_l P_il S_l, S_l = sum_j P_jl k_j v_j^T. Backward recomputes S and U
+    instead of saving them, so memory held between forward and backward is O(N d), not O(N d^2)."""
+    @staticmethod
+    def forward(ctx, q, k, v, P, flat_cols):
+        S = _ell_spread(P, flat_cols, k, v)
+        y = torch.einsum('bnd,bnde->bne', q, _ell_gather(P, flat_cols, S))
+        ctx.save_for_backward(q, k, v, P, flat_cols)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        q, k, v, P, flat_cols = ctx.saved_tensors
+        S = _ell_spread(P, flat_cols, k, v)              # S_l
+        gS = _ell_spread(P, flat_cols, q, gy)            # dL/dS_l = sum_i P_il q_i gy_i^T
+        gq = torch.einsum('bnde,bne->bnd', _ell_gather(P, flat_cols, S), gy)
+        G = _ell_gather(P, flat_cols, gS)                # G_j = sum_l P_jl dL/dS_l
+        gk = torch.einsum('bnde,bne->bnd', G, v)
+        gv = torch.einsum('bnde,bnd->bne', G, k)
+        gP = torch.empty_like(P)
+        for r in range(P.shape[-1]):                     # dL/dP_il = q_i^T S_l gy_i + k_i^T dL/dS_l v_i
+            c = flat_cols[:, r]
+            gP[:, r] = (torch.einsum('bnd,bnde,bne->n', q, S[:, c], gy)
+                        + torch.einsum('bnd,bnde,bne->n', k, gS[:, c], v))
+        return gq, gk, gv, gP, None
+
+def grf_linear_attention(q, k, v, cols, vals, eps=EPS):
+    """Linear attention masked by M = P P^T, P given sparsely (ELL: cols, vals [H, N, R]), never forming M:
+    S_l = sum_j P_jl phi(k_j) v_j^T, z_l = sum_j P_jl phi(k_j), U_i = sum_l P_il S_l, Z_i = sum_l P_il z_l,
+    out_i = phi(q_i)^T U_i / (phi(q_i)^T Z_i + eps). q, k, v [B, H, N, d].
+    O(N R d^2) time, O(N d^2) transient memory, O(N d) kept for backward."""
+    with _no_autocast(q.device):
+        q, k, v, vals = _fp32(q.relu(), k.relu(), _with_ones(v), vals)
+        B, H, N, d = q.shape
+        flat_cols = (cols + torch.arange(H, device=cols.device)[:, None, None] * N).view(H * N, -1)
+        y = _GRFMix.apply(q.reshape(B, H * N, d), k.reshape(B, H * N, d), v.reshape(B, H * N, -1),
+                          vals.reshape(H * N, -1), flat_cols)
+        return _divide(y.view(B, H, N, -1), eps)

@@ -1,0 +1,201 @@
+"""
+A Vision Transformer whose attention is one of five token mixers (the math is in masks.py):
+  softmax   softmax(q k^T / sqrt(d)) v, via F.scaled_dot_product_attention          O(N^2)
+  linear    phi(q) (phi(k)^T v), phi = relu                                         O(N)
+  toeplitz  linear attention masked by a learnable table of 2-D relative offsets      O(N log N) (FFT)
+  topo      linear attention masked by M = Phi Phi^T, Phi = sum_k f_k W^k (exact)    O(N^2)
+  grf       the same mask estimated with graph random features (sparse Phi_hat)      O(N)
+Patches are nodes of the h x w grid; learned absolute positions; global average pooling; no CLS token.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import masks
+
+ATTNS = ('softmax', 'linear', 'toeplitz', 'topo', 'grf')
+IMPLS = ('auto', 'dense', 'fast')
+# attn_impl='auto' runs the dense O(N^2) path up to this many tokens and the efficient path above it.
+# Measured with `python bench.py --mode=attention` (batch 2, 2 heads, head dim 16, 20 walks, p_halt 0.1,
+# K 10, 2-core CPU): the fast paths first win at the crossover recorded here.
+AUTO_DENSE_MAX_N = {'toeplitz': 256, 'grf': 256}
+
+@dataclass
+class ViTConfig:
+    image_size: int = 32
+    patch_size: int = 4
+    in_channels: int = 1
+    num_classes: int = 10
+    dim: int = 64
+    depth: int = 2
+    heads: int = 4
+    mlp_dim: int = 128
+    dropout: float = 0.1
+    attn: str = 'softmax'        # one of ATTNS
+    attn_impl: str = 'auto'      # auto | dense | fast (toeplitz and grf have both; the others one path)
+    grf_walks: int = 20          # n, random walks per node
+    grf_p_halt: float = 0.1      # probability that a walk halts at each step
+    mask_max_len: int = 10       # K: highest power of W in the topological mask / longest walk
+    mask_seed: int = 0           # GRF walks are sampled from (mask_seed, layer, head): same on every process
+    mask_init_decay: float = 0.5 # f_k = decay^k at initialisation (a locality bias)
+
+def check_config(c):
+    """Raise a ValueError naming the bad value and the valid ones."""
+    def bad(name, value, valid):
+        raise ValueError(f"{name}={value!r} is invalid; valid: {valid}")
+    if c.attn not in ATTNS: bad('attn', c.attn, ', '.join(ATTNS))
+    if c.attn_impl not in IMPLS: bad('attn_impl', c.attn_impl, ', '.join(IMPLS))
+    if c.patch_size < 1 or c.image_size % c.patch_size: bad('image_size', c.image_size, f"a multiple of patch_size={c.patch_size}")
+    if c.dim % c.heads: bad('dim', c.dim, f"a multiple of heads={c.heads}")
+    if not 0 < c.grf_p_halt <= 1: bad('grf_p_halt', c.grf_p_halt, "0 < p_halt <= 1")
+    if c.grf_walks < 1: bad('grf_walks', c.grf_walks, "an integer >= 1")
+    if c.mask_max_len < 0: bad('mask_max_len', c.mask_max_len, "an integer >= 0")
+    if not c.mask_init_decay > 0: bad('mask_init_decay', c.mask_init_decay, "a number > 0")
+
+def grf_walk_buffers(h, w, heads, n_walks, p_halt, max_len, seed):
+    """Sample one walk ensemble per head (seeded by `seed` and the head) and lay them out for masks.py:
+    cols [H, N, R]; per record its flat slot h*N*R + i*R + r, its flat coefficient index h*(K+1) + t, its load."""
+    N, K1 = h * w, max_len + 1
+    per_head = []
+    for hd in range(heads):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + hd)
+        step, start, node, load = masks.sample_grf_walks(h, w, n_walks, p_halt, max_len, g)
+        cols, slot = masks.grf_layout(start, node, N)
+        per_head.append((cols, slot, step, load))
+    R = max(c.shape[1] for c, *_ in per_head)
+    cols = torch.stack([F.pad(c, (0, R - c.shape[1])) for c, *_ in per_head])
+    cols = torch.where(torch.arange(R) < torch.tensor([c.shape[1] for c, *_ in per_head])[:, None, None],
+                       cols, torch.arange(N)[:, None])  # padding slots point at the row itself, with value 0
+    slot = torch.cat([hd * N * R + (s // c.shape[1]) * R + s % c.shape[1] for hd, (c, s, _, _) in enumerate(per_head)])
+    fidx = torch.cat([hd * K1 + t for hd, (_, _, t, _) in enumerate(per_head)])
+    load = torch.cat([l for *_, l in per_head])
+    return cols, slot.int(), fidx.int(), load
+
+class Attention(nn.Module):
+    """Shared qkv and output projections; only the token mixing depends on config.attn."""
+    GRF_BUFFERS = ('grf_cols', 'grf_slot', 'grf_fidx', 'grf_load')
+
+    def __init__(self, c, layer):
+        super().__init__()
+        self.attn, self.heads = c.attn, c.heads
+        self.h = self.w = c.image_size // c.patch_size
+        N, K = self.h * self.w, c.mask_max_len
+        self.qkv = nn.Linear(c.dim, 3 * c.dim)
+        self.proj = nn.Linear(c.dim, c.dim)
+        self.fast = c.attn in ('toeplitz', 'grf') and (c.attn_impl == 'fast' or
+                    (c.attn_impl == 'auto' and N > AUTO_DENSE_MAX_N[c.attn]))
+        if c.attn == 'toeplitz':  # table = exp(logits) >= 0, starts at 1: unmasked
+            self.table_logits = nn.Parameter(torch.zeros(c.heads, 2 * self.h - 1, 2 * self.w - 1))
+        if c.attn in ('topo', 'grf'):  # f = exp(logits) >= 0, starts at decay^k
+            self.f_logits = nn.Parameter(torch.arange(K + 1.0).mul(math.log(c.mask_init_decay)).repeat(c.heads, 1))
+        if c.attn == 'topo':  # W^0 .. W^2K, fixed: M = sum_m (f*f)_m W^m
+            W = masks.grid_adjacency(self.h, self.w).double()
+            self.register_buffer('W_powers', masks.matrix_powers(W, 2 * K).float(), persistent=False)
+        if c.attn == 'grf':
+            bufs = grf_walk_buffers(self.h, self.w, c.heads, c.grf_walks, c.grf_p_halt, K,
+                                    seed=c.mask_seed * 10_007 + layer)
+            for name, b in zip(self.GRF_BUFFERS, bufs):
+                self.register_buffer(name, b)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # walk buffers are as long as the walks sampled: take the saved shapes before loading
+        for name in self.GRF_BUFFERS if self.attn == 'grf' else ():
+            if prefix + name in state_dict:
+                old = getattr(self, name)
+                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=old.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def grf_values(self):
+        """Phi_hat in ELL form, vals [H, N, R] = sum_t f_t C_t, differentiable in f."""
+        H, N, R = self.grf_cols.shape
+        f = self.f_logits.exp().flatten()
+        return masks.grf_features(self.grf_slot, self.grf_fidx, self.grf_load, f, H * N, R).view(H, N, R)
+
+    def mask(self):
+        """The dense N x N mask per head, [H, N, N] (for the dense path, and for inspection)."""
+        if self.attn == 'toeplitz':
+            return masks.toeplitz_mask(self.table_logits.exp(), self.h, self.w)
+        if self.attn == 'topo':
+            return masks.topo_mask(self.W_powers, self.f_logits.exp())
+        if self.attn == 'grf':
+            P = masks.ell_to_dense(self.grf_cols, self.grf_values(), self.h * self.w)
+            return P @ P.transpose(-2, -1)
+        raise ValueError(f"attn={self.attn!r} has no mask")
+
+    def mix(self, q, k, v):
+        """The token mixing, [B, H, N, d] -> [B, H, N, d]."""
+        if self.attn == 'softmax':
+            return F.scaled_dot_product_attention(q, k, v)
+        if self.attn == 'linear':
+            return masks.plain_linear_attention(q, k, v)
+        if self.fast and self.attn == 'toeplitz':
+            return masks.toeplitz_linear_attention_fft(q, k, v, self.table_logits.exp(), self.h, self.w)
+        if self.fast and self.attn == 'grf':
+            return masks.grf_linear_attention(q, k, v, self.grf_cols, self.grf_values())
+        return masks.masked_linear_attention(q, k, v, self.mask())
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        y = self.mix(q, k, v).to(q.dtype)  # linear forms return float32
+        return self.proj(y.transpose(1, 2).reshape(B, N, C))
+
+class Block(nn.Module):
+    def __init__(self, c, layer):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(c.dim), nn.LayerNorm(c.dim)
+        self.attn = Attention(c, layer)
+        self.mlp = nn.Sequential(nn.Linear(c.dim, c.mlp_dim), nn.GELU(), nn.Dropout(c.dropout),
+                                 nn.Linear(c.mlp_dim, c.dim))
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x):
+        x = x + self.drop(self.attn(self.norm1(x)))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+class ViT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        check_config(config)
+        self.config = c = config
+        n = (c.image_size // c.patch_size) ** 2
+        self.patch_embed = nn.Conv2d(c.in_channels, c.dim, c.patch_size, stride=c.patch_size)
+        self.pos_embed = nn.Parameter(torch.randn(1, n, c.dim) * 0.02)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c, layer) for layer in range(c.depth))
+        self.norm = nn.LayerNorm(c.dim)
+        self.head = nn.Linear(c.dim, c.num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, images):
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, N, dim], node i = row*w + col
+        x = self.drop(x + self.pos_embed)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x).mean(1))
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def param_groups(self, weight_decay, mask_lr_mult=1.0):
+        """AdamW groups: matrices decay; biases, norms and positions do not; the few mask parameters
+        (f, Toeplitz tables) get no decay and their own learning-rate multiplier."""
+        groups = {'decay': [], 'no_decay': [], 'mask': []}
+        for name, p in self.named_parameters():
+            if name.endswith(('f_logits', 'table_logits')):
+                groups['mask'].append(p)
+            elif p.dim() >= 2 and name != 'pos_embed':
+                groups['decay'].append(p)
+            else:
+                groups['no_decay'].append(p)
+        assert sum(len(g) for g in groups.values()) == len(list(self.parameters())), "a parameter in no group"
+        assert len({id(p) for g in groups.values() for p in g}) == len(list(self.parameters())), "a parameter in two groups"
+        settings = {'decay': (weight_decay, 1.0), 'no_decay': (0.0, 1.0), 'mask': (0.0, mask_lr_mult)}
+        return [{'params': ps, 'weight_decay': settings[k][0], 'lr_mult': settings[k][1]}
+                for k, ps in groups.items() if ps]
