@@ -1,0 +1,221 @@
+"""The mask math of masks.py, each function checked against an independent reference."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import masks
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+def brute_force_grid_W(h, w):
+    N = h * w
+    A = torch.zeros(N, N, dtype=torch.float64)
+    for r in range(h):
+        for c in range(w):
+            for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+                if 0 <= r + dr < h and 0 <= c + dc < w:
+                    A[r * w + c, (r + dr) * w + c + dc] = 1
+    d = A.sum(1)
+    W = torch.zeros_like(A)
+    for i in range(N):
+        for j in range(N):
+            if A[i, j]:
+                W[i, j] = 1 / math.sqrt(d[i] * d[j])
+    return W
+
+def qkv(B, H, N, d, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, N, d, generator=g, dtype=dtype) for _ in range(3)]
+
+def sample_phi(h, w, f, n_walks, p_halt, generator):
+    """One GRF estimate Phi_hat as a dense matrix."""
+    N = h * w
+    step, start, node, load = masks.sample_grf_walks(h, w, n_walks, p_halt, f.shape[-1] - 1, generator)
+    cols, slot = masks.grf_layout(start, node, N)
+    return masks.ell_to_dense(cols, masks.grf_features(slot, step, load, f, N, cols.shape[1]), N)
+
+# --- 1. the grid graph -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("h,w", [(1, 1), (1, 5), (3, 4), (8, 8)])
+def test_grid_adjacency_equals_brute_force(h, w):
+    W = masks.grid_adjacency(h, w).double()
+    torch.testing.assert_close(W, brute_force_grid_W(h, w), rtol=0, atol=1e-7)
+
+def test_grid_degrees_are_2_3_4():
+    nbr, deg = masks.grid_neighbors(5, 6)
+    deg = deg.view(5, 6)
+    assert deg[0, 0] == deg[4, 5] == 2 and deg[0, 3] == deg[2, 0] == 3 and deg[2, 3] == 4
+
+# --- 2. linear and softmax attention -----------------------------------------------------------
+
+def test_plain_linear_equals_all_ones_mask():
+    q, k, v = qkv(2, 3, 20, 8)
+    dense = masks.masked_linear_attention(q, k, v, torch.ones(20, 20))
+    assert rel_err(masks.plain_linear_attention(q, k, v), dense) < 1e-5
+
+def test_linear_attention_equals_a_loop_over_tokens():
+    q, k, v = qkv(1, 1, 6, 4, seed=3)
+    M = torch.rand(6, 6)
+    out = masks.masked_linear_attention(q, k, v, M)[0, 0]
+    fq, fk = q[0, 0].relu(), k[0, 0].relu()
+    for i in range(6):
+        s = [M[i, j] * (fq[i] @ fk[j]) for j in range(6)]
+        ref = sum(sj * v[0, 0, j] for j, sj in enumerate(s)) / (sum(s) + masks.EPS)
+        assert rel_err(out[i], ref) < 1e-5
+
+def test_sdpa_softmax_equals_handwritten():
+    q, k, v = qkv(2, 3, 17, 8)
+    assert rel_err(F.scaled_dot_product_attention(q, k, v), masks.softmax_attention(q, k, v)) < 1e-5
+
+# --- 3. the exact topological mask -------------------------------------------------------------
+
+def test_topo_features_equal_loop_of_matrix_powers_and_mask_is_f_self_convolution():
+    h, w, K = 3, 5, 6
+    W = masks.grid_adjacency(h, w).double()
+    f = torch.rand(K + 1, dtype=torch.float64)
+    Phi_ref, Wk = torch.zeros_like(W), torch.eye(h * w, dtype=torch.float64)
+    for k in range(K + 1):
+        Phi_ref += f[k] * Wk
+        Wk = Wk @ W
+    Wp = masks.matrix_powers(W, 2 * K)
+    Phi = masks.topo_features(Wp, f)
+    torch.testing.assert_close(Phi, Phi_ref)
+    M = masks.topo_mask(Wp, f)
+    torch.testing.assert_close(M, Phi_ref @ Phi_ref.T)
+    torch.testing.assert_close(M, M.T)
+    assert (M >= 0).all()
+    alpha = [sum(f[a] * f[m - a] for a in range(K + 1) if 0 <= m - a <= K) for m in range(2 * K + 1)]
+    torch.testing.assert_close(M, sum(a * torch.linalg.matrix_power(W, m) for m, a in enumerate(alpha)))
+
+# --- 4. graph random features are unbiased -----------------------------------------------------
+
+@pytest.mark.parametrize("p_halt", [0.1, 0.5])
+def test_grf_is_unbiased_for_the_exact_mask(p_halt):
+    """Mean of T independent estimates vs Phi_G and M (off-diagonal), within 5 standard errors of the
+    mean, the standard error estimated from the same T samples (so it shrinks like 1/sqrt(T n))."""
+    h, w, K, n, T = 3, 4, 4, 8, 800
+    f = 0.7 ** torch.arange(K + 1.0, dtype=torch.float64)
+    Phi = masks.topo_features(masks.matrix_powers(masks.grid_adjacency(h, w).double(), K), f)
+    g = torch.Generator().manual_seed(1)
+    S = torch.stack([sample_phi(h, w, f, n, p_halt, g) for _ in range(T)])
+    se = S.std(0) / math.sqrt(T)
+    z = (S.mean(0) - Phi).abs() / (se + 1e-12)
+    assert z.max() < 5, f"Phi_hat biased: max z {z.max():.2f}"
+    assert (S.mean(0) - Phi).abs().max() < 0.05 * Phi.abs().max()
+    Mh = S @ S.transpose(1, 2)
+    off = ~torch.eye(h * w, dtype=torch.bool)
+    zM = ((Mh.mean(0) - Phi @ Phi.T).abs() / (Mh.std(0) / math.sqrt(T) + 1e-12))[off]
+    assert zM.max() < 5, f"off-diagonal M_hat biased: max z {zM.max():.2f}"
+    # the diagonal shares its walks on both sides, so it is biased upward (SPEC): the test can see bias
+    assert (Mh.mean(0).diagonal() - (Phi @ Phi.T).diagonal()).min() > 0
+
+def test_grf_error_shrinks_like_one_over_sqrt_walks():
+    h, w, K = 3, 4, 4
+    f = 0.7 ** torch.arange(K + 1.0, dtype=torch.float64)
+    Phi = masks.topo_features(masks.matrix_powers(masks.grid_adjacency(h, w).double(), K), f)
+    g = torch.Generator().manual_seed(2)
+    mse = {n: torch.stack([(sample_phi(h, w, f, n, 0.2, g) - Phi).square().sum() for _ in range(200)]).mean()
+           for n in (4, 64)}
+    assert 8 < mse[4] / mse[64] < 32  # 16x more walks -> 16x smaller mean squared error
+
+def test_grf_walk_records_match_a_python_walk_loop():
+    """The vectorised sampler and a walk-by-walk loop agree on the support and the load rule."""
+    h, w, K, p = 2, 3, 3, 0.25
+    W = brute_force_grid_W(h, w)
+    step, start, node, load = masks.sample_grf_walks(h, w, 50, p, K, torch.Generator().manual_seed(0))
+    deg = (W > 0).sum(1).double()
+    # every load recorded at (t, i, u) is (1/n) * a sum of products W[u,u'] deg(u) / (1-p) along walks of t hops
+    assert step.max() <= K and (step[start == node].min() == 0)
+    assert torch.allclose(load[step == 0], torch.ones(6) * 1.0)  # all 50 walks record step 0 at home
+    one_hop = (step == 1)
+    per_walk = W[start[one_hop], node[one_hop]] * deg[start[one_hop]] / (1 - p)
+    counts = load[one_hop] * 50 / per_walk.float()
+    assert torch.allclose(counts, counts.round(), atol=1e-4) and counts.sum() <= 6 * 50
+
+def test_grf_record_count_is_linear_in_nodes_walks_and_length():
+    h = w = 128
+    N, n, K = h * w, 20, 10
+    step, start, node, load = masks.sample_grf_walks(h, w, n, 0.1, K, torch.Generator().manual_seed(0))
+    assert step.numel() <= N * n * (K + 1)
+    cols, slot = masks.grf_layout(start, node, N)
+    assert cols.shape[0] == N and cols.shape[1] <= n * (K + 1)  # R: bounded, independent of N
+    held = sum(t.numel() * t.element_size() for t in (step, start, node, load, cols, slot))
+    print(f"\n128x128 grid, 20 walks, K 10: {step.numel():,} records, R = {cols.shape[1]}, {held / 2**20:.1f} MiB")
+
+# --- 5. the fast paths equal their dense references --------------------------------------------
+
+def grads(fn, inputs):
+    out = fn(*inputs)
+    g = torch.Generator().manual_seed(9)
+    (out * torch.randn(out.shape, generator=g)).sum().backward()
+    res = [out.detach()] + [x.grad.clone() for x in inputs]
+    for x in inputs:
+        x.grad = None
+    return res
+
+@pytest.mark.parametrize("h,w", [(4, 4), (3, 5)])
+def test_fft_toeplitz_equals_dense_toeplitz(h, w):
+    q, k, v = [x.requires_grad_() for x in qkv(2, 3, h * w, 5)]
+    table = (torch.rand(3, 2 * h - 1, 2 * w - 1) + 0.1).requires_grad_()
+    fast = grads(lambda q, k, v, t: masks.toeplitz_linear_attention_fft(q, k, v, t, h, w), [q, k, v, table])
+    dense = grads(lambda q, k, v, t: masks.masked_linear_attention(q, k, v, masks.toeplitz_mask(t, h, w)),
+                  [q, k, v, table])
+    for a, b in zip(fast, dense):
+        assert rel_err(a, b) < 1e-4
+
+def test_toeplitz_mask_equals_offset_loop():
+    h, w = 3, 4
+    t = torch.rand(2 * h - 1, 2 * w - 1)
+    M = masks.toeplitz_mask(t, h, w)
+    for i in range(h * w):
+        for j in range(h * w):
+            assert M[i, j] == t[i // w - j // w + h - 1, i % w - j % w + w - 1]
+
+@pytest.mark.parametrize("h,w", [(4, 4), (3, 5)])
+def test_grf_fast_equals_dense_grf_mask(h, w):
+    N, H, K = h * w, 2, 5
+    f = (0.6 ** torch.arange(K + 1.0)).repeat(H, 1).mul(torch.rand(H, K + 1) + 0.5).requires_grad_()
+    recs = [masks.sample_grf_walks(h, w, 6, 0.2, K, torch.Generator().manual_seed(s)) for s in range(H)]
+    lays = [masks.grf_layout(r[1], r[2], N) for r in recs]
+    R = max(c.shape[1] for c, _ in lays)
+    cols = torch.stack([torch.cat([c, c[:, :1].expand(N, R - c.shape[1])], 1) for c, _ in lays])
+
+    def vals_of(f):
+        return torch.stack([F.pad(masks.grf_features(s, r[0], r[3], f[i], N, c.shape[1]), (0, R - c.shape[1]))
+                            for i, ((c, s), r) in enumerate(zip(lays, recs))])
+
+    q, k, v = [x.requires_grad_() for x in qkv(2, H, N, 4, seed=5)]
+    fast = grads(lambda q, k, v, f: masks.grf_linear_attention(q, k, v, cols, vals_of(f)), [q, k, v, f])
+
+    def dense_fn(q, k, v, f):
+        P = masks.ell_to_dense(cols, vals_of(f), N)
+        return masks.masked_linear_attention(q, k, v, P @ P.transpose(-2, -1))
+    dense = grads(dense_fn, [q, k, v, f])
+    for a, b in zip(fast, dense):
+        assert rel_err(a, b) < 1e-4
+
+def test_grf_fast_path_never_allocates_an_n_by_n_tensor():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        biggest = 0
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor):
+                    Largest.biggest = max(Largest.biggest, t.numel())
+            return out
+
+    h = w = 32
+    N, d = h * w, 4
+    step, start, node, load = masks.sample_grf_walks(h, w, 4, 0.3, 4, torch.Generator().manual_seed(0))
+    cols, slot = masks.grf_layout(start, node, N)
+    f = torch.ones(5, requires_grad=True)
+    q, k, v = [x.requires_grad_() for x in qkv(1, 1, N, d)]
+    with Largest():
+        vals = masks.grf_features(slot, step, load, f, N, cols.shape[1])
+        masks.grf_linear_attention(q, k, v, cols[None], vals[None]).sum().backward()
+    assert Largest.biggest < N * N / 8, Largest.biggest

@@ -1,0 +1,134 @@
+"""The ViT of model.py: every variant trains, GRF walks are reproducible and saved, bad configs fail."""
+import pytest
+import torch
+
+import masks
+from model import ATTNS, ViT, ViTConfig
+
+def tiny(**kw):
+    return ViTConfig(**{**dict(image_size=16, patch_size=4, in_channels=3, num_classes=5, dim=32, depth=2,
+                                heads=2, mlp_dim=64, dropout=0.0, grf_walks=4, mask_max_len=4), **kw})
+
+IMAGES = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("impl", ["dense", "fast", "auto"])
+def test_every_variant_trains_in_fp32_and_bf16(attn, impl):
+    torch.manual_seed(0)
+    model = ViT(tiny(attn=attn, attn_impl=impl))
+    out = model(IMAGES)
+    assert out.shape == (3, 5) and torch.isfinite(out).all()
+    out.logsumexp(-1).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, name
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(IMAGES)
+        loss = out.float().logsumexp(-1).sum()
+    loss.backward()
+    assert torch.isfinite(out.float()).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+@pytest.mark.parametrize("attn", ["toeplitz", "grf"])
+def test_dense_and_fast_models_agree(attn):
+    torch.manual_seed(0)
+    dense = ViT(tiny(attn=attn, attn_impl="dense"))
+    fast = ViT(tiny(attn=attn, attn_impl="fast"))
+    with torch.no_grad():  # move the mask parameters away from their initial values
+        for p in dense.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    fast.load_state_dict(dense.state_dict())
+    torch.testing.assert_close(fast(IMAGES), dense(IMAGES), rtol=1e-4, atol=1e-5)
+
+def test_mask_parameters_start_as_documented():
+    toep = ViT(tiny(attn="toeplitz"))
+    assert torch.equal(toep.blocks[0].attn.table_logits.exp(), torch.ones(2, 7, 7))
+    topo = ViT(tiny(attn="topo", mask_init_decay=0.5))
+    torch.testing.assert_close(topo.blocks[1].attn.f_logits.exp(), (0.5 ** torch.arange(5.0)).repeat(2, 1))
+
+def test_toeplitz_model_starts_as_plain_linear_attention():
+    torch.manual_seed(0)
+    lin, toep = ViT(tiny(attn="linear")), ViT(tiny(attn="toeplitz"))
+    toep.load_state_dict(lin.state_dict(), strict=False)
+    torch.testing.assert_close(toep(IMAGES), lin(IMAGES), rtol=1e-4, atol=1e-5)
+
+def test_topo_model_mask_is_phi_phi_transpose_of_its_f():
+    model = ViT(tiny(attn="topo"))
+    attn = model.blocks[0].attn
+    f = attn.f_logits.exp().detach()
+    W = masks.grid_adjacency(4, 4)
+    Phi = sum(f[:, k, None, None] * torch.linalg.matrix_power(W, k) for k in range(5))
+    torch.testing.assert_close(attn.mask().detach(), Phi @ Phi.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+def test_grf_model_mask_estimates_topo_mask():
+    """With many walks the GRF model's mask approaches the exact mask of the same f."""
+    grf = ViT(tiny(attn="grf", grf_walks=2000, depth=1, heads=1))
+    topo = ViT(tiny(attn="topo", depth=1, heads=1))
+    exact, est = topo.blocks[0].attn.mask().detach()[0], grf.blocks[0].attn.mask().detach()[0]
+    off = ~torch.eye(16, dtype=torch.bool)
+    assert ((est - exact)[off].norm() / exact[off].norm()) < 0.05
+
+# --- GRF walks: reproducible, distinct per layer and head, saved with the model ----------------
+
+def grf_buffers(model):
+    return {n: b for n, b in model.named_buffers() if ".grf_" in n}
+
+def test_same_seed_gives_identical_walks():
+    a, b = grf_buffers(ViT(tiny(attn="grf"))), grf_buffers(ViT(tiny(attn="grf")))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+def phi_hat(attn):
+    return masks.ell_to_dense(attn.grf_cols, attn.grf_values().detach(), attn.h * attn.w)
+
+def test_layers_heads_and_seeds_get_different_walks():
+    model, other = ViT(tiny(attn="grf")), ViT(tiny(attn="grf", mask_seed=1))
+    l0, l1 = phi_hat(model.blocks[0].attn), phi_hat(model.blocks[1].attn)
+    assert not torch.allclose(l0[0], l0[1])  # heads of one layer
+    assert not torch.allclose(l0, l1)        # layers
+    assert not torch.allclose(l0, phi_hat(other.blocks[0].attn))  # seeds
+
+def test_state_dict_round_trip_restores_walks_and_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = ViT(tiny(attn="grf", mask_seed=0)).eval()
+    torch.save(model.state_dict(), tmp_path / "ckpt.pt")
+    fresh = ViT(tiny(attn="grf", mask_seed=123)).eval()
+    assert not torch.equal(fresh(IMAGES), model(IMAGES))
+    fresh.load_state_dict(torch.load(tmp_path / "ckpt.pt"))
+    assert torch.equal(fresh(IMAGES), model(IMAGES))
+
+def test_grf_model_holds_no_dense_heads_by_n_by_n_tensor():
+    cfg = tiny(attn="grf", image_size=128, patch_size=4, heads=2, grf_walks=20, grf_p_halt=0.1, mask_max_len=10)
+    model = ViT(cfg)  # 32 x 32 grid, N = 1024
+    N = 1024
+    for name, t in list(model.named_buffers()) + list(model.named_parameters()):
+        assert t.numel() < N * N, (name, tuple(t.shape))
+    attn = model.blocks[0].attn
+    assert attn.grf_load.numel() <= cfg.heads * N * cfg.grf_walks * (cfg.mask_max_len + 1)
+
+def test_param_groups_cover_every_parameter_once():
+    model = ViT(tiny(attn="grf"))
+    groups = model.param_groups(weight_decay=0.05, mask_lr_mult=10)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    mask = [g for g in groups if g["lr_mult"] == 10]
+    assert len(mask) == 1 and mask[0]["weight_decay"] == 0 and len(mask[0]["params"]) == 2  # f of 2 layers
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.pos_embed) not in decayed and id(model.head.bias) not in decayed
+    assert id(model.head.weight) in decayed
+
+# --- dead configurations fail loudly -----------------------------------------------------------
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(attn="performer"), ["performer", "softmax", "grf"]),
+    (dict(attn_impl="sparse"), ["sparse", "auto", "dense", "fast"]),
+    (dict(image_size=30), ["30", "patch_size=4"]),
+    (dict(attn="grf", grf_p_halt=0.0), ["0.0", "p_halt"]),
+    (dict(attn="grf", grf_p_halt=1.5), ["1.5", "p_halt"]),
+    (dict(attn="grf", grf_walks=-3), ["-3", ">= 1"]),
+    (dict(dim=30, heads=4), ["30", "heads=4"]),
+])
+def test_bad_config_raises_value_error_naming_value_and_valid_ones(kw, words):
+    with pytest.raises(ValueError) as e:
+        ViT(tiny(**kw))
+    for word in words:
+        assert word in str(e.value)
