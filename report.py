@@ -1,0 +1,126 @@
+"""
+Collects every result.json under a folder into a Markdown table (mean +- std of the final top-1 per variant,
+beside the seed's FashionMNIST numbers), and draws the test-accuracy curves and the learned masks
+(matplotlib, optional) into assets/.
+
+    python report.py out/sweep                 # table + assets/fmnist_curves.png + assets/fmnist_masks.png
+    python report.py out/sweep --no_plots      # the table alone
+"""
+import glob
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+import masks
+from model import ATTNS, ViT, ViTConfig
+
+SEED_RESULT = {'softmax': 86.54, 'toeplitz': 88.03, 'topo': 87.21, 'grf': 86.99, 'linear': 86.36}
+
+def load_runs(root):
+    runs = []
+    for path in sorted(glob.glob(os.path.join(root, '**', 'result.json'), recursive=True)):
+        with open(path) as f:
+            r = json.load(f)
+        r['dir'] = os.path.dirname(path)
+        runs.append(r)
+    return runs
+
+def table(runs):
+    rows = ["| attention | top-1 (%) mean ± std | seeds | epochs | images/s (train) | seed's top-1 |",
+            "|---|---|---|---|---|---|"]
+    for attn in ATTNS:
+        rs = [r for r in runs if r['config']['attn'] == attn]
+        if not rs:
+            continue
+        acc = [r['final']['top1'] for r in rs]
+        std = statistics.stdev(acc) if len(acc) > 1 else float('nan')
+        eps = sorted({r['config']['epochs'] for r in rs})
+        ips = statistics.median(r['images_per_s'] for r in rs)
+        rows.append(f"| {attn} | {statistics.mean(acc):.2f} ± {std:.2f} | {len(acc)} | {','.join(map(str, eps))} "
+                    f"| {ips:,.0f} | {SEED_RESULT.get(attn, '')} |")
+    return '\n'.join(rows)
+
+def curves(runs, path):
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for attn in ATTNS:
+        per_run = []
+        for r in (r for r in runs if r['config']['attn'] == attn):
+            with open(os.path.join(r['dir'], 'metrics.jsonl')) as f:
+                per_run.append([json.loads(l)['top1'] for l in f if '"eval"' in l])
+        if per_run:
+            n = min(map(len, per_run))
+            mean = [statistics.mean(c[e] for c in per_run) for e in range(n)]
+            ax.plot(range(1, n + 1), mean, label=f"{attn} ({len(per_run)} seeds)")
+    ax.set(xlabel='epoch', ylabel='test top-1 (%)', title='FashionMNIST')
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+def load_model(run_dir):
+    ckpt = torch.load(os.path.join(run_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
+    cfg = ViTConfig(**{k: ckpt['config'][k] for k in ViTConfig.__dataclass_fields__})
+    model = ViT(cfg)
+    model.load_state_dict(ckpt['model'])
+    return model
+
+@torch.no_grad()
+def mask_pictures(runs, path):
+    """Rows: the Toeplitz table, the exact topological mask's row of the centre token, and the GRF estimate
+    of the same row next to the exact row for the GRF model's own f, per layer; columns: heads."""
+    import matplotlib.pyplot as plt
+    pick = {a: next((r['dir'] for r in runs if r['config']['attn'] == a), None) for a in ('toeplitz', 'topo', 'grf')}
+    rows = []  # (title, [H images])
+    for attn, run_dir in pick.items():
+        if run_dir is None:
+            continue
+        model = load_model(run_dir)
+        for layer, block in enumerate(model.blocks):
+            a = block.attn
+            h, w = a.h, a.w
+            centre = (h // 2) * w + w // 2
+            if attn == 'toeplitz':
+                rows.append((f"toeplitz L{layer}: table t[dr, dc]", list(a.table_logits.exp())))
+                continue
+            exact = masks.topo_mask(masks.matrix_powers(masks.grid_adjacency(h, w).double(), 2 * a.f_logits.shape[1] - 2).float(),
+                                    a.f_logits.exp())
+            if attn == 'topo':
+                rows.append((f"topo L{layer}: M[centre, :]", [m[centre].view(h, w) for m in exact]))
+                continue
+            est = a.mask()
+            err = ((est - exact).norm() / exact.norm()).item()
+            print(f"grf layer {layer}: ||M_hat - M|| / ||M|| = {err:.3f} (same learned f; f per head: "
+                  + '; '.join(' '.join(f'{v:.2f}' for v in f[:4]) + ' ...' for f in a.f_logits.exp()) + ')')
+            rows.append((f"grf L{layer}: M_hat[centre, :] (rel. err {err:.2f})", [m[centre].view(h, w) for m in est]))
+            rows.append((f"grf L{layer}: exact M[centre, :], same f", [m[centre].view(h, w) for m in exact]))
+    if not rows:
+        return
+    H = max(len(imgs) for _, imgs in rows)
+    fig, axes = plt.subplots(len(rows), H, figsize=(2.1 * H, 2.0 * len(rows)), squeeze=False)
+    for i, (title, imgs) in enumerate(rows):
+        for j, ax in enumerate(axes[i]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(imgs):
+                im = ax.imshow(imgs[j].numpy(), cmap='viridis')
+                fig.colorbar(im, ax=ax, fraction=0.046)
+                ax.set_title(f"head {j}", fontsize=8)
+        axes[i][0].set_ylabel(title, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+if __name__ == '__main__':
+    root = next((a for a in sys.argv[1:] if not a.startswith('--')), 'out/sweep')
+    runs = load_runs(root)
+    if not runs:
+        sys.exit(f"no result.json under {root}")
+    print(table(runs))
+    if '--no_plots' not in sys.argv:
+        os.makedirs('assets', exist_ok=True)
+        curves(runs, 'assets/fmnist_curves.png')
+        mask_pictures(runs, 'assets/fmnist_masks.png')
+        print("wrote assets/fmnist_curves.png, assets/fmnist_masks.png")

@@ -1,0 +1,58 @@
+"""
+Runs the FashionMNIST comparison: `train.py configs/fmnist.py` for every attention and seed, then prints
+the table of report.py. A run whose result.json exists is skipped and one with only a checkpoint resumes,
+so an interrupted sweep continues where it stopped.
+
+    python sweep.py                                   # 5 variants x 3 seeds x 30 epochs (the seed's protocol)
+    python sweep.py --epochs=10 --seeds=1 --jobs=2    # a shorter CPU protocol, two trainings at a time
+    python report.py out/sweep                        # the table, the curves and the mask pictures
+"""
+import os
+import subprocess
+import sys
+import time
+
+from configurator import configure
+
+attns = 'softmax,linear,toeplitz,topo,grf'  # comma-separated
+seeds = 3                  # seeds 0 .. seeds-1 of each variant
+epochs = 30
+jobs = 1                   # trainings at a time; the CPU threads are split between them
+config_file = 'configs/fmnist.py'
+out_root = 'out/sweep'     # one folder per run: <out_root>/<attn>-s<seed>
+args = ''                  # more train.py arguments, space-separated, e.g. '--data_dir=../shared/data'
+# -----------------------------------------------------------------------------
+config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, str))}
+configure(config, sys.argv[1:])
+globals().update(config)
+
+runs = [(a, s) for s in range(seeds) for a in attns.split(',')]
+threads = max(1, (os.cpu_count() or 1) // jobs)
+pending, running = [], []
+for attn, seed in runs:
+    out_dir = os.path.join(out_root, f'{attn}-s{seed}')
+    if os.path.exists(os.path.join(out_dir, 'result.json')):
+        print(f"{out_dir}: done, skipped")
+        continue
+    resume = os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
+    cmd = [sys.executable, 'train.py', config_file, f'--attn={attn}', f'--seed={seed}', f'--epochs={epochs}',
+           f'--out_dir={out_dir}'] + (['--init_from=resume'] if resume else []) + args.split()
+    pending.append((out_dir, cmd))
+
+t0 = time.time()
+while pending or running:
+    while pending and len(running) < jobs:
+        out_dir, cmd = pending.pop(0)
+        os.makedirs(out_dir, exist_ok=True)
+        print(f"[{time.time() - t0:6.0f}s] start {' '.join(cmd[1:])}  (log: {out_dir}/train.log)", flush=True)
+        log = open(os.path.join(out_dir, 'train.log'), 'a')
+        env = {**os.environ, 'OMP_NUM_THREADS': str(threads)}
+        running.append((out_dir, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+    time.sleep(1)
+    for r in [r for r in running if r[1].poll() is not None]:
+        running.remove(r)
+        r[2].close()
+        status = 'done' if r[1].returncode == 0 else f'FAILED (exit {r[1].returncode}), see its train.log'
+        print(f"[{time.time() - t0:6.0f}s] {r[0]}: {status}", flush=True)
+
+subprocess.run([sys.executable, 'report.py', out_root, '--no_plots'])
