@@ -1,0 +1,134 @@
+"""
+Datasets as iterables of (images, labels) batches, sharded over DDP ranks by one batch sampler.
+  fmnist, cifar10, synthetic   held whole on the device as uint8, batched by index, normalised per batch
+  imagenet                     ImageFolder on data_dir/train and data_dir/val (decoded by worker processes)
+  inat2021                     torchvision INaturalist, 2021_train / 2021_valid
+  places365                    torchvision Places365, small (256x256) images, train-standard / val
+"""
+import os
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from torchvision.datasets.folder import default_loader  # PIL, converted to RGB
+
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+IMAGENET_LAYOUT = "data_dir/train/<wnid>/*.JPEG and data_dir/val/<wnid>/*.JPEG (one folder per class, 1000 each)"
+
+class ShardedBatches:
+    """Batch sampler for every dataset. Training: each epoch one permutation, seeded by (seed, epoch) and the
+    same on every rank, is cut into global batches of micro * accum * world samples (the rest dropped);
+    rank r takes micro-batches a * world + r, a < accum, of each. Evaluation: rank r takes samples r,
+    r + world, r + 2 world, ... in order, so every sample is counted exactly once over all ranks."""
+    def __init__(self, n, micro, rank=0, world=1, accum=1, seed=0, train=True):
+        self.n, self.micro, self.rank, self.world, self.accum, self.seed, self.train = n, micro, rank, world, accum, seed, train
+        self.steps = n // (micro * accum * world)  # optimizer steps per epoch
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start_step=0):
+        """Iterate epoch `epoch` from optimizer step `start_step` on (to resume mid-epoch)."""
+        self.epoch, self.start = epoch, start_step
+
+    def __iter__(self):
+        if not self.train:
+            yield from (b.tolist() for b in torch.arange(self.rank, self.n, self.world).split(self.micro))
+            return
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        B = self.micro * self.accum * self.world
+        for s in range(self.start, self.steps):
+            for a in range(self.accum):
+                i = s * B + (a * self.world + self.rank) * self.micro
+                yield perm[i:i + self.micro].tolist()
+
+class TensorBatches:
+    """A split held whole on the device as uint8 [N, C, H, W]: batches are index lookups, no per-sample work."""
+    def __init__(self, x, y, sampler, mean, std):
+        self.x, self.y, self.batch_sampler = x, y, sampler
+        self.mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255
+
+    def __iter__(self):
+        for idx in self.batch_sampler:
+            idx = torch.tensor(idx).to(self.x.device, non_blocking=True)  # no wait for the GPU's queue
+            yield (self.x[idx].float() - self.mean) / self.std, self.y[idx]
+
+def resized(x, size):
+    """uint8 [N, C, h, w] -> uint8 [N, C, size, size], bilinear (antialiased when shrinking), once up front."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    out = [F.interpolate(c.float(), size=(size, size), mode='bilinear', antialias=True, align_corners=False)
+           for c in x.split(8192)]
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+
+def fmnist(data_dir, train, num_classes):
+    ds = torchvision.datasets.FashionMNIST(data_dir, train=train, download=True)
+    return ds.data[:, None], ds.targets, (0.2860,), (0.3530,)
+
+def cifar10(data_dir, train, num_classes):
+    ds = torchvision.datasets.CIFAR10(data_dir, train=train, download=True)
+    return torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.tensor(ds.targets), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+def synthetic(data_dir, train, num_classes, size=32):
+    """num_classes classes (10 unless set), each a fixed random 8x8 texture tiled over the image, seen
+    through heavy pixel noise: one patch is ambiguous, the average over all patches is not."""
+    num_classes = num_classes or 10
+    g = torch.Generator().manual_seed(1234)
+    textures = torch.randn(num_classes, 1, 8, 8, generator=g).repeat(1, 1, size // 8, size // 8)
+    g.manual_seed(1 if train else 2)
+    n = 8192 if train else 2048
+    y = torch.randint(num_classes, (n,), generator=g)
+    x = textures[y] + 2.0 * torch.randn(n, 1, size, size, generator=g)
+    return (x * 30 + 128).round().clamp(0, 255).to(torch.uint8), y, (0.5,), (0.25,)
+
+def image_files(dataset, data_dir, image_size, train):
+    tf = T.Compose(([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()] if train else
+                    [T.Resize(round(image_size / 0.875)), T.CenterCrop(image_size)]) +
+                   [T.ToTensor(), T.Normalize(*IMAGENET_STATS)])
+    if dataset == 'imagenet':
+        folder = os.path.join(data_dir, 'train' if train else 'val')
+        if not os.path.isdir(folder):
+            raise SystemExit(f"ImageNet not found: no folder {folder}. Expected {IMAGENET_LAYOUT.replace('data_dir', data_dir)}; "
+                             "see README.md, 'Getting the data'.")
+        ds = torchvision.datasets.ImageFolder(folder, tf)
+        return ds, len(ds.classes)
+    if dataset == 'inat2021':
+        ds = torchvision.datasets.INaturalist(data_dir, '2021_train' if train else '2021_valid', target_type='full',
+                                              transform=tf, download=True, loader=default_loader)
+        return ds, len(ds.all_categories)
+    ds = torchvision.datasets.Places365(data_dir, 'train-standard' if train else 'val', small=True, download=True, transform=tf)
+    return ds, len(ds.classes)
+
+TENSOR_SETS = {'fmnist': fmnist, 'cifar10': cifar10, 'synthetic': synthetic}
+FILE_SETS = ('imagenet', 'inat2021', 'places365')
+
+def load(dataset, data_dir, image_size, micro_batch, grad_accum=1, rank=0, world=1, seed=0, device='cpu',
+         num_workers=0, num_classes=0):
+    """num_classes sets the synthetic task's class count (the others have theirs).
+    -> namespace(train, val: iterables of (x, y) micro-batches for this rank, sampler: the train
+    ShardedBatches (set_epoch before each pass), steps_per_epoch, num_classes, channels, num_val)."""
+    shard = lambda n, train: ShardedBatches(n, micro_batch, rank, world, grad_accum, seed, train)
+    if dataset in TENSOR_SETS:
+        splits = []
+        for train in (True, False):
+            x, y, mean, std = TENSOR_SETS[dataset](data_dir, train, num_classes)
+            x, y = resized(x, image_size).to(device), y.to(device)
+            splits.append(TensorBatches(x, y, shard(len(y), train), mean, std))
+        train, val = splits
+        channels, num_classes, num_val = train.x.shape[1], int(train.y.max()) + 1, len(val.y)
+    elif dataset in FILE_SETS:
+        loaders = []
+        for is_train in (True, False):
+            ds, num_classes = image_files(dataset, data_dir, image_size, is_train)
+            loaders.append(torch.utils.data.DataLoader(ds, batch_sampler=shard(len(ds), is_train), num_workers=num_workers,
+                                                       pin_memory=str(device).startswith('cuda'), persistent_workers=num_workers > 0))
+        train, val = loaders
+        channels, num_val = 3, len(val.dataset)
+    else:
+        raise SystemExit(f"unknown dataset {dataset!r}; valid: {', '.join([*TENSOR_SETS, *FILE_SETS])}")
+    sampler = train.batch_sampler
+    if sampler.steps == 0:
+        raise SystemExit(f"{dataset} has fewer training images than one global batch of {micro_batch * grad_accum * world}")
+    return SimpleNamespace(train=train, val=val, sampler=sampler, steps_per_epoch=sampler.steps,
+                           num_classes=num_classes, channels=channels, num_val=num_val)

@@ -1,0 +1,115 @@
+"""The configurator: every override path, and every mistake as one line on stderr with exit status 2."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configurator import configure
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULTS = {'lr': 1e-3, 'min_lr': 1e-5, 'epochs': 30, 'compile': True, 'attn': 'softmax', 'out_dir': 'out',
+            'init_from': 'scratch', 'wandb_run_name': '', 'resume_note': None}
+
+def run(args):
+    config = dict(DEFAULTS)
+    configure(config, args)
+    return config
+
+def error_of(args, capsys):
+    """The exit status and the stderr lines of a configuration that must fail."""
+    with pytest.raises(SystemExit) as e:
+        run(args)
+    return e.value.code, capsys.readouterr().err.strip().splitlines()
+
+def write(tmp_path, text, name='cfg.py'):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+def test_command_line_values_are_python_literals_or_strings():
+    c = run(['--epochs=5', '--compile=False', '--attn=grf', '--lr=3e-4'])
+    assert (c['epochs'], c['compile'], c['attn'], c['lr']) == (5, False, 'grf', 3e-4)
+
+def test_a_value_may_contain_equals_signs():
+    assert run(['--out_dir=runs/a=1,b=2'])['out_dir'] == 'runs/a=1,b=2'
+    assert run(['--wandb_run_name=x=y=z'])['wandb_run_name'] == 'x=y=z'
+
+def test_an_int_is_accepted_where_a_float_is_expected():
+    c = run(['--lr=1', '--min_lr=0'])
+    assert c['lr'] == 1.0 and type(c['lr']) is float and type(c['min_lr']) is float
+
+def test_a_string_key_takes_text_that_looks_like_a_number():
+    assert run(['--init_from=123'])['init_from'] == '123'
+
+def test_true_and_false_set_booleans():
+    assert run(['--compile=False'])['compile'] is False
+    assert run(['--compile=False', '--compile=True'])['compile'] is True
+
+def test_a_none_default_accepts_any_value():
+    assert run(['--resume_note=3'])['resume_note'] == 3
+    assert run(['--resume_note=hello'])['resume_note'] == 'hello'
+    assert run(['--resume_note=[1, 2]'])['resume_note'] == [1, 2]
+
+def test_config_files_and_arguments_apply_left_to_right(tmp_path):
+    cfg = write(tmp_path, "import math\nepochs = 7\nlr = lr * 2\n_scratch = 1\n")
+    assert run([cfg])['epochs'] == 7 and run([cfg])['lr'] == 2e-3
+    assert run([cfg, '--epochs=9'])['epochs'] == 9
+    assert run(['--epochs=9', cfg])['epochs'] == 7
+
+def test_unknown_command_line_key_names_it_and_the_closest_keys(capsys):
+    code, err = error_of(['--lrr=0.1'], capsys)
+    assert code == 2 and len(err) == 1
+    assert "unknown key 'lrr'" in err[0] and 'lr' in err[0].split('closest valid keys:')[1]
+
+def test_unknown_key_in_a_config_file_names_it_the_file_and_the_closest_keys(tmp_path, capsys):
+    cfg = write(tmp_path, "epochs = 3\nmin_lrr = 0.0\n")
+    code, err = error_of([cfg], capsys)
+    assert code == 2 and len(err) == 1
+    assert "unknown key 'min_lrr'" in err[0] and cfg in err[0] and 'min_lr' in err[0]
+
+def test_wrong_type_names_the_key_the_value_and_the_expected_type(capsys):
+    code, err = error_of(['--epochs=1.5'], capsys)
+    assert code == 2 and len(err) == 1
+    assert 'epochs=1.5' in err[0] and 'expected int' in err[0] and 'float' in err[0]
+    code, err = error_of(['--compile=yes'], capsys)
+    assert code == 2 and "compile='yes'" in err[0] and 'expected bool' in err[0]
+
+def test_wrong_type_in_a_config_file(tmp_path, capsys):
+    cfg = write(tmp_path, "attn = 3\n")
+    code, err = error_of([cfg], capsys)
+    assert code == 2 and 'attn=3' in err[0] and 'expected str' in err[0] and cfg in err[0]
+
+def test_missing_config_file_names_the_path(capsys):
+    code, err = error_of(['configs/no_such_config.py'], capsys)
+    assert code == 2 and len(err) == 1 and 'config file not found: configs/no_such_config.py' in err[0]
+
+def test_argument_without_a_value(capsys):
+    code, err = error_of(['--compile'], capsys)
+    assert code == 2 and len(err) == 1 and '--key=value' in err[0]
+
+def test_broken_config_file_is_one_line(tmp_path, capsys):
+    cfg = write(tmp_path, "epochs = = 3\n")
+    code, err = error_of([cfg], capsys)
+    assert code == 2 and len(err) == 1 and cfg in err[0] and 'SyntaxError' in err[0]
+
+@pytest.mark.parametrize('args, words', [
+    (['--lrr=0.1'], ["unknown key 'lrr'", 'lr']),
+    (['--epochs=2.5'], ['epochs=2.5', 'expected int']),
+    (['configs/missing.py'], ['config file not found: configs/missing.py']),
+])
+def test_train_py_reports_config_errors_in_one_line_without_traceback(args, words):
+    """Through train.py itself: exit status 2, a single stderr line, before any data is touched."""
+    p = subprocess.run([sys.executable, 'train.py', 'configs/fmnist.py', *args], cwd=ROOT, capture_output=True, text=True)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and 'Traceback' not in p.stderr, p.stderr
+    assert all(w in err[0] for w in words), err[0]
+
+def test_every_config_file_is_valid():
+    """Each shipped config only sets keys that train.py has, with their types."""
+    import ast
+    src = open(os.path.join(ROOT, 'train.py')).read().split('# ---')[0]
+    keys = {n.targets[0].id: ast.literal_eval(n.value) for n in ast.parse(src).body
+            if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name) and n.targets[0].id != 'config'}
+    for name in sorted(os.listdir(os.path.join(ROOT, 'configs'))):
+        configure(dict(keys), [os.path.join(ROOT, 'configs', name)])

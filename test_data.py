@@ -1,0 +1,84 @@
+"""data.py: the batch sampler's sharding, the tensor datasets, and the file datasets' errors."""
+import os
+
+import pytest
+import torch
+
+import data
+
+DATA_DIR = os.environ.get('DATA_DIR', os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data'))
+
+def need(*parts):
+    """The path of real data under DATA_DIR; skips the test if it is absent, fails it if REQUIRE_DATA=1."""
+    path = os.path.join(DATA_DIR, *parts)
+    if not os.path.exists(path):
+        if os.environ.get('REQUIRE_DATA') == '1':
+            pytest.fail(f"REQUIRE_DATA=1 but {path} is missing")
+        pytest.skip(f"no {path}")
+    return path
+
+def test_ddp_shards_of_a_global_batch_are_the_single_process_batch():
+    """2 ranks x 2 micro-steps of 3 see exactly the samples that 1 rank sees in one batch of 12."""
+    single = list(data.ShardedBatches(50, 12, seed=5))
+    shards = [list(data.ShardedBatches(50, 3, rank=r, world=2, accum=2, seed=5)) for r in range(2)]
+    assert len(single) == 50 // 12 and all(len(s) == 2 * len(single) for s in shards)
+    for step, batch in enumerate(single):
+        parts = [i for r in range(2) for i in sum(shards[r][2 * step:2 * step + 2], [])]
+        assert sorted(parts) == sorted(batch) and len(set(parts)) == 12
+
+def test_each_epoch_is_a_new_permutation_and_resumes_mid_epoch():
+    s = data.ShardedBatches(40, 8, seed=1)
+    s.set_epoch(0)
+    e0 = list(s)
+    s.set_epoch(1)
+    e1 = list(s)
+    assert sorted(sum(e0, [])) == sorted(sum(e1, [])) == list(range(40)) and e0 != e1
+    s.set_epoch(1, start_step=3)
+    assert list(s) == e1[3:]
+
+def test_evaluation_shards_count_every_sample_once():
+    seen = [i for r in range(3) for b in data.ShardedBatches(10_001, 64, rank=r, world=3, train=False) for i in b]
+    assert sorted(seen) == list(range(10_001))
+
+def test_synthetic_task_batches():
+    d = data.load('synthetic', '', image_size=16, micro_batch=32)
+    x, y = next(iter(d.train))
+    assert x.shape == (32, 1, 16, 16) and x.dtype == torch.float32 and y.shape == (32,)
+    assert (d.num_classes, d.channels, d.num_val, d.steps_per_epoch) == (10, 1, 2048, 8192 // 32)
+    assert abs(x.mean().item()) < 0.2 and 0.1 < x.std().item() < 2 and len(y.unique()) > 5
+    assert data.load('synthetic', '', 16, 32, num_classes=4).num_classes == 4
+
+def test_fmnist_is_resized_once_and_normalised():
+    need('FashionMNIST', 'raw')
+    d = data.load('fmnist', DATA_DIR, image_size=32, micro_batch=1000)
+    assert d.train.x.shape == (60_000, 1, 32, 32) and d.train.x.dtype == torch.uint8 and d.num_val == 10_000
+    x = torch.cat([x for x, _ in d.val])
+    assert x.shape == (10_000, 1, 32, 32)
+    assert abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.05  # test set, with the train set's stats
+    assert torch.bincount(d.val.y).tolist() == [1000] * 10
+
+def test_imagenet_folder_batches_real_jpegs():
+    root = need('imagenette-mini')
+    d = data.load('imagenet', root, image_size=64, micro_batch=16, num_workers=0)
+    x, y = next(iter(d.train))
+    assert x.shape == (16, 3, 64, 64) and (d.num_classes, d.num_val, d.steps_per_epoch) == (10, 200, 500 // 16)
+
+def test_missing_imagenet_names_the_expected_layout(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        data.load('imagenet', str(tmp_path / 'imagenet'), 224, 8)
+    msg = str(e.value)
+    assert str(tmp_path / 'imagenet' / 'train') in msg and '/train/<wnid>/*.JPEG' in msg and '/val/<wnid>/*.JPEG' in msg
+
+def test_inat2021_reads_torchvision_layout(tmp_path):
+    """A two-species stand-in in torchvision's INaturalist layout: data_dir/2021_train/<id>_<7 taxa>/*.jpg."""
+    from PIL import Image
+    for version in ('2021_train', '2021_valid'):
+        for c in range(2):
+            folder = tmp_path / version / f"{c:05d}_Animalia_Chordata_Aves_Order_Family_Genus_species{c}"
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.new('L' if i % 2 else 'RGB', (40, 30), color=60 * c + i).save(folder / f"{i}.jpg")
+    d = data.load('inat2021', str(tmp_path), image_size=32, micro_batch=4, num_workers=0)
+    x, y = next(iter(d.train))
+    assert x.shape == (4, 3, 32, 32) and (d.num_classes, d.num_val, d.steps_per_epoch) == (2, 8, 2)
+    assert sorted(torch.cat([y for _, y in d.val]).tolist()) == [0] * 4 + [1] * 4

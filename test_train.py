@@ -1,0 +1,189 @@
+"""
+train.py end to end, run as a user runs it (a subprocess, on the CPU): real FashionMNIST, DDP under torchrun,
+exact resume, atomic checkpoints, a non-finite loss, the ImageNet config on real JPEGs, fine-tuning and
+eval_only. Real data comes from $DATA_DIR (default ../shared/data); see test_data.need.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from test_data import DATA_DIR, need
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TINY = ['--dim=32', '--depth=1', '--heads=2', '--mlp_dim=64']
+# a small GRF ViT on the generated task: 16 tokens, 32 steps per epoch, with dropout and mixup drawing randomness
+SYNTHETIC = ['--dataset=synthetic', '--image_size=16', '--patch_size=4', *TINY, '--batch_size=256', '--epochs=2',
+             '--attn=grf', '--grf_walks=4', '--mask_max_len=4', '--warmup_steps=5', '--lr=3e-3', '--log_interval=8',
+             '--dropout=0.1', '--mixup=0.2', '--device=cpu']
+STEPS_PER_EPOCH = 8192 // 256
+
+def train(*args, out, launcher=(sys.executable,), ok=True):
+    p = subprocess.run([*launcher, 'train.py', *args, f'--out_dir={out}'], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if ok:
+        assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+def records(out, kind):
+    with open(os.path.join(out, 'metrics.jsonl')) as f:
+        return [r for r in map(json.loads, f) if r['kind'] == kind]
+
+def result(out):
+    with open(os.path.join(out, 'result.json')) as f:
+        return json.load(f)
+
+def checkpoint(out):
+    return torch.load(os.path.join(out, 'ckpt.pt'), map_location='cpu', weights_only=False)
+
+def report(capsys, line):
+    with capsys.disabled():
+        print(f"\n  {line}")
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('uninterrupted'))
+    train(*SYNTHETIC, out=out)
+    return out
+
+@pytest.fixture(scope='module')
+def first_epoch(tmp_path_factory):
+    """The same run stopped after its first epoch."""
+    out = str(tmp_path_factory.mktemp('first_epoch'))
+    train(*SYNTHETIC, f'--max_steps={STEPS_PER_EPOCH}', out=out)
+    return out
+
+def copy_of(run, tmp_path):
+    return shutil.copytree(run, str(tmp_path / 'run'))
+
+def assert_same_model(a, b, exact=True):
+    assert a.keys() == b.keys()
+    for k in a:
+        ok = torch.equal(a[k], b[k]) if exact else torch.allclose(a[k], b[k], rtol=0, atol=1e-5)
+        assert ok, f"{k} differs by {(a[k].float() - b[k].float()).abs().max():.3g}"
+
+def test_fmnist_short_run_reaches_80_percent(tmp_path, capsys):
+    """One epoch of the fmnist config on 7x7 patches of the 28x28 images (16 tokens: 4x cheaper on a CPU)."""
+    need('FashionMNIST', 'raw')
+    t = time.time()
+    train('configs/fmnist.py', f'--data_dir={DATA_DIR}', '--attn=softmax', '--epochs=1', '--image_size=28',
+          '--patch_size=7', '--batch_size=64', '--lr=2e-3', '--warmup_steps=50', '--dropout=0.0', '--device=cpu', out=tmp_path)
+    r = result(tmp_path)
+    report(capsys, f"FashionMNIST softmax, 28px / 7px patches: top-1 {r['final']['top1']:.2f}% after {r['steps']} steps "
+                   f"of 64 ({time.time() - t:.0f} s, {r['images_per_s']:.0f} img/s)")
+    assert r['final']['count'] == 10_000 and r['final']['top1'] >= 80
+
+@pytest.mark.parametrize('attn', ['softmax', 'linear', 'toeplitz', 'topo', 'grf'])
+def test_fmnist_config_runs_with_every_attention(attn, tmp_path):
+    need('FashionMNIST', 'raw')
+    p = train('configs/fmnist.py', f'--attn={attn}', '--epochs=1', f'--data_dir={DATA_DIR}', '--max_steps=3',
+              '--log_interval=1', '--device=cpu', out=tmp_path)
+    r = result(tmp_path)
+    assert r['steps'] == 3 and r['final']['count'] == 10_000 and r['config']['attn'] == attn
+    assert [t['step'] for t in records(tmp_path, 'train')] == [1, 2, 3] and 'img/s eta' in p.stdout
+
+def test_ddp_on_two_cpu_ranks_equals_one_process_and_counts_each_test_image_once(tmp_path, capsys):
+    """Same global batch of 64: one process, one process in 2 accumulation steps, 2 gloo ranks of 32."""
+    need('FashionMNIST', 'raw')
+    args = ['configs/fmnist.py', f'--data_dir={DATA_DIR}', '--attn=linear', *TINY, '--dropout=0.0',
+            '--batch_size=64', '--max_steps=6', '--warmup_steps=2', '--log_interval=3', '--device=cpu']
+    runs = {name: str(tmp_path / name) for name in ('single', 'accum', 'ddp')}
+    train(*args, out=runs['single'])
+    train(*args, '--grad_accum=2', out=runs['accum'])
+    p = train(*args, out=runs['ddp'], launcher=(sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'))
+    assert '2 ranks x 1 micro-steps x 32' in p.stdout and p.stdout.count('eval epoch 1 step 6') == 1  # rank 0 prints
+    single, ddp = checkpoint(runs['single']), checkpoint(runs['ddp'])
+    assert not any(k.startswith(('module.', '_orig_mod.')) for k in ddp['model']) and len(ddp['rng']) == 2
+    assert_same_model(single['model'], ddp['model'], exact=False)
+    assert_same_model(single['model'], checkpoint(runs['accum'])['model'], exact=False)
+    evals = {name: result(out)['final'] for name, out in runs.items()}
+    assert evals['ddp']['count'] == records(runs['ddp'], 'eval')[-1]['count'] == 10_000
+    assert abs(evals['ddp']['top1'] - evals['single']['top1']) <= 0.02  # at most 2 images flip on fp32 noise
+    report(capsys, f"DDP 2 ranks vs 1 process: max param diff "
+                   f"{max((single['model'][k] - ddp['model'][k]).abs().max().item() for k in single['model']):.2g}, "
+                   f"top-1 {evals['ddp']['top1']:.2f} vs {evals['single']['top1']:.2f} on {evals['ddp']['count']} images")
+
+def test_resume_after_an_epoch_and_mid_epoch_is_exact(uninterrupted, first_epoch, tmp_path):
+    out = copy_of(first_epoch, tmp_path)
+    assert checkpoint(out)['step'] == STEPS_PER_EPOCH and checkpoint(out)['epoch'] == 1
+    train(*SYNTHETIC, '--init_from=resume', '--max_steps=40', out=out)  # stops mid-epoch 2, at a log step
+    train(*SYNTHETIC, '--init_from=resume', out=out)
+    a, b = checkpoint(uninterrupted), checkpoint(out)
+    assert_same_model(a['model'], b['model'])
+    assert a['step'] == b['step'] == 2 * STEPS_PER_EPOCH and a['best'] == b['best']
+    assert_same_model(a['optimizer']['state'][0], b['optimizer']['state'][0])
+    loss = lambda run: {r['step']: r['loss'] for r in records(run, 'train')}
+    assert loss(uninterrupted) == {s: l for s, l in loss(out).items() if s in loss(uninterrupted)}
+    evals = lambda run: [{k: r[k] for k in ('step', 'loss', 'top1', 'top5')} for r in records(run, 'eval') if r['step'] % STEPS_PER_EPOCH == 0]
+    assert evals(uninterrupted) == evals(out) and result(uninterrupted)['final'] == result(out)['final']
+    assert result(out)['final']['top1'] > 50  # and the generated task is being learned
+
+def test_checkpoint_holds_everything_needed_to_resume(first_epoch):
+    c = checkpoint(first_epoch)
+    assert {'model', 'optimizer', 'scaler', 'step', 'epoch', 'rng', 'config', 'best'} <= c.keys()
+    assert c['config']['attn'] == 'grf' and len(c['rng']) == 1 and 'grf_cols' in ' '.join(c['model'])
+
+def test_a_save_interrupted_mid_write_leaves_the_previous_checkpoint_intact(uninterrupted, first_epoch, tmp_path):
+    out = copy_of(first_epoch, tmp_path)
+    before = open(os.path.join(out, 'ckpt.pt'), 'rb').read()
+    crash = ("import io, runpy, sys, torch\n"
+             "real_save = torch.save\n"
+             "def save_half_then_die(obj, f, *args, **kwargs):\n"
+             "    buf = io.BytesIO(); real_save(obj, buf)\n"
+             "    open(f, 'wb').write(buf.getvalue()[:len(buf.getvalue()) // 2])\n"
+             "    raise KeyboardInterrupt('simulated crash while writing the checkpoint')\n"
+             "torch.save = save_half_then_die\n"
+             f"sys.argv = ['train.py', *{SYNTHETIC + ['--init_from=resume', f'--out_dir={out}']!r}]\n"
+             "runpy.run_path('train.py', run_name='__main__')\n")
+    p = subprocess.run([sys.executable, '-c', crash], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and 'simulated crash' in p.stderr
+    assert open(os.path.join(out, 'ckpt.pt'), 'rb').read() == before and checkpoint(out)['step'] == STEPS_PER_EPOCH
+    train(*SYNTHETIC, '--init_from=resume', out=out)  # and the run goes on from it as if nothing had happened
+    assert_same_model(checkpoint(uninterrupted)['model'], checkpoint(out)['model'])
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(first_epoch, tmp_path):
+    out = copy_of(first_epoch, tmp_path)
+    before = open(os.path.join(out, 'ckpt.pt'), 'rb').read()
+    (tmp_path / 'diverge.py').write_text("lr = 1e30  # the weights overflow after a step or two\n")
+    p = train(*SYNTHETIC, str(tmp_path / 'diverge.py'), '--init_from=resume', '--log_interval=1', out=out, ok=False)
+    assert p.returncode == 1 and 'non-finite loss' in p.stderr and os.path.join(out, 'ckpt.pt') in p.stderr
+    assert 'Traceback' not in p.stderr and open(os.path.join(out, 'ckpt.pt'), 'rb').read() == before
+    assert len(records(out, 'eval')) == 1 and checkpoint(out)['step'] == STEPS_PER_EPOCH
+
+@pytest.mark.parametrize('mask_max_len', [4, 2])
+def test_fine_tuning_to_a_different_class_count(first_epoch, mask_max_len, tmp_path):
+    """10 classes -> 4: a fresh head; the rest loaded. With other mask settings the mask starts afresh too.
+    lr = 0 keeps the loaded weights as they are, to compare."""
+    src = checkpoint(first_epoch)
+    p = train(*SYNTHETIC, '--num_classes=4', f'--mask_max_len={mask_max_len}', f'--init_from={first_epoch}/ckpt.pt',
+              '--lr=0', '--min_lr=0', '--max_steps=2', out=tmp_path)
+    assert 'fine-tuning from' in p.stdout
+    new, r = checkpoint(tmp_path)['model'], result(tmp_path)
+    assert new['head.weight'].shape == (4, 32) and r['final']['count'] == 2048 and r['config']['num_classes'] == 4
+    shared = [k for k in new if not k.startswith('head.') and 'grf_' not in k and 'logits' not in k]
+    assert len(shared) > 10 and all(torch.equal(new[k], src['model'][k]) for k in shared)
+    f = [k for k in new if k.endswith('f_logits')]
+    assert f and all(torch.equal(new[k], src['model'][k]) == (mask_max_len == 4) for k in f)
+
+def test_imagenet_config_end_to_end_on_real_jpegs_and_eval_only_reproduces_it(tmp_path, capsys):
+    root = need('imagenette-mini')
+    args = ['configs/imagenet.py', f'--data_dir={root}', '--num_classes=10', '--image_size=64', '--patch_size=16', *TINY,
+            '--attn=grf', '--batch_size=50', '--epochs=2', '--max_steps=12', '--warmup_steps=2', '--num_workers=2',
+            '--log_interval=5', '--device=cpu']
+    train(*args, out=tmp_path)
+    r, c = result(tmp_path), checkpoint(tmp_path)
+    assert r['steps'] == 12 and r['final']['count'] == 200 and c['step'] == 12 and c['config']['grf_walks'] == 100
+    assert [e['step'] for e in records(tmp_path, 'eval')] == [10, 12]  # each epoch (10 steps), and the early stop
+    p = train(*args, '--init_from=resume', '--eval_only=True', out=tmp_path)
+    again = json.loads(p.stdout.strip().splitlines()[-1])
+    report(capsys, f"imagenette-mini: top-1 {r['final']['top1']:.2f}% in result.json, eval_only {again['top1']:.2f}%")
+    assert again['top1'] == r['final']['top1'] and again['count'] == 200
+
+def test_eval_only_reproduces_the_recorded_top1(first_epoch):
+    p = train(*SYNTHETIC, '--init_from=resume', '--eval_only=True', out=first_epoch)
+    again = json.loads(p.stdout.strip().splitlines()[-1])
+    assert again['top1'] == result(first_epoch)['final']['top1'] and again['loss'] == pytest.approx(result(first_epoch)['final']['loss'])

@@ -1,0 +1,329 @@
+"""
+Trains a Vision Transformer with one of five attentions (model.py) on one of six datasets (data.py).
+
+    python train.py configs/fmnist.py --attn=grf                    # laptop: CPU or MPS, or one GPU
+    torchrun --standalone --nproc_per_node=8 train.py configs/imagenet.py --attn=toeplitz
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \
+        train.py configs/imagenet.py                                # and --node_rank=1 on the second node
+    python train.py configs/inat2021.py --init_from=out-imagenet-softmax/ckpt.pt   # fine-tune
+    python train.py configs/fmnist.py --init_from=resume --eval_only=True          # evaluate out_dir/ckpt.pt
+
+Every hyperparameter is a global below; config files and --key=value arguments override them, left to right
+(configurator.py). Writes out_dir/ckpt.pt (each epoch), out_dir/metrics.jsonl and out_dir/result.json.
+"""
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import fields, replace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+from configurator import configure, fail
+from model import ViT, ViTConfig
+
+# I/O
+out_dir = ''               # ckpt.pt, metrics.jsonl and result.json go here ('' = out/<dataset>-<attn>)
+init_from = 'scratch'      # 'scratch' | 'resume' (continue out_dir/ckpt.pt) | path of a checkpoint to fine-tune from
+eval_only = False          # evaluate the checkpoint that init_from names, print the result and exit
+log_interval = 50          # optimizer steps between log lines (the only steps that wait for the device)
+wandb_log = False          # also log to Weights & Biases (imported only when True)
+wandb_project = 'topomask-vit'
+wandb_run_name = ''        # '' = the name of out_dir
+# data
+dataset = 'fmnist'         # fmnist | cifar10 | synthetic | imagenet | inat2021 | places365
+data_dir = 'data'          # where the dataset is, or is downloaded to when torchvision can
+num_workers = 8            # image-decoding processes per rank (imagenet, inat2021, places365)
+# model: the fields of model.ViTConfig
+image_size = 32            # images are resized (or cropped) to image_size x image_size
+patch_size = 4             # tokens = (image_size / patch_size)^2 nodes of the grid graph
+in_channels = 0            # 0 = the dataset's
+num_classes = 0            # 0 = the dataset's
+dim = 64
+depth = 2
+heads = 4
+mlp_dim = 128
+dropout = 0.1
+attn = 'softmax'           # softmax | linear | toeplitz | topo | grf
+attn_impl = 'auto'         # auto | dense | fast: how toeplitz and grf are evaluated
+grf_walks = 20             # grf: random walks per node (n)
+grf_p_halt = 0.1           # grf: probability that a walk halts at each step
+mask_max_len = 10          # topo, grf: highest power of the grid's W in the mask (K)
+mask_seed = 0              # grf: seed of the frozen walks (identical on every rank)
+mask_init_decay = 0.5      # topo, grf: f_k = decay^k at initialisation
+# optimisation
+epochs = 30                # the run's length: the learning-rate schedule ends with the last step of the last epoch
+max_steps = 0              # stop after this many optimizer steps (0 = never), leaving the schedule as it is
+batch_size = 128           # global batch per optimizer step, over all ranks and accumulation micro-steps
+grad_accum = 1             # micro-steps per optimizer step: each rank's micro-batch is batch_size / (world * grad_accum)
+lr = 1e-3                  # peak learning rate (AdamW)
+min_lr = 1e-5              # learning rate at the end of the cosine decay
+warmup_steps = 0           # linear warm-up from 0 to lr over this many optimizer steps, then cosine decay to min_lr
+weight_decay = 0.05        # AdamW decay of weight matrices (not biases, norms, positions or mask parameters)
+mask_lr_mult = 10.0        # lr multiplier of the mask parameters (f, Toeplitz tables): few, and slow at the base lr
+beta1 = 0.9
+beta2 = 0.999
+grad_clip = 1.0            # clip the global gradient norm (0 = off)
+label_smoothing = 0.0      # cross-entropy label smoothing
+mixup = 0.0                # mixup with lambda ~ Beta(mixup, mixup) (0 = off)
+seed = 0                   # model init and data order; dropout on rank r uses seed + r
+# system
+device = 'auto'            # auto (cuda -> mps -> cpu) | cuda | mps | cpu
+compile = True             # torch.compile the model (on CUDA; on CPU and MPS it is skipped)
+# -----------------------------------------------------------------------------
+config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+configure(config, sys.argv[1:])
+globals().update(config)
+
+config['out_dir'] = out_dir = out_dir or f'out/{dataset}-{attn}'
+
+# processes and devices
+ddp = 'RANK' in os.environ  # launched by torchrun
+rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
+master = rank == 0
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+if ddp and device == 'cuda':
+    device = f'cuda:{local_rank}'
+    torch.cuda.set_device(device)
+device_type = device.split(':')[0]
+if ddp:
+    dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
+print0 = print if master else (lambda *args, **kwargs: None)
+if batch_size % (world * grad_accum):
+    fail(f"batch_size={batch_size} is not divisible by world size {world} x grad_accum {grad_accum}")
+micro_batch = batch_size // (world * grad_accum)
+if device_type == 'cuda':  # bf16 where the GPU has it, else fp16 with a loss scaler; fp32 on CPU and MPS
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ptdtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    autocast = torch.autocast('cuda', dtype=ptdtype)
+else:
+    ptdtype, autocast = torch.float32, nullcontext()
+scaler = torch.amp.GradScaler('cuda', enabled=ptdtype == torch.float16)
+
+# data
+d = data.load(dataset, data_dir, image_size, micro_batch, grad_accum, rank, world, seed, device, num_workers, num_classes)
+steps_per_epoch = d.steps_per_epoch
+total_steps = epochs * steps_per_epoch
+stop_step = min(total_steps, max_steps) if max_steps else total_steps
+
+# model and checkpoint
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+whole = init_from == 'resume' or (eval_only and init_from != 'scratch')  # the checkpoint's model as it is
+ckpt = None
+if init_from != 'scratch':
+    src = ckpt_path if init_from == 'resume' else init_from
+    if not os.path.isfile(src):
+        fail(f"init_from={init_from!r}: no checkpoint at {src}")
+    ckpt = torch.load(src, map_location='cpu', weights_only=False)
+elif eval_only:
+    fail("eval_only=True needs init_from='resume' or the path of a checkpoint")
+model_keys = [f.name for f in fields(ViTConfig)]
+if whole:  # the architecture is the checkpoint's
+    differ = {k: ckpt['config'][k] for k in model_keys if config[k] != ckpt['config'][k]
+              and not (k in ('in_channels', 'num_classes') and config[k] == 0)}
+    if differ:
+        print0(f"the checkpoint's model settings win over this run's: {differ}")
+    config.update({k: ckpt['config'][k] for k in model_keys})
+config['in_channels'] = config['in_channels'] or d.channels
+config['num_classes'] = config['num_classes'] or d.num_classes
+globals().update({k: config[k] for k in model_keys})
+if (in_channels, num_classes) != (d.channels, d.num_classes):
+    fail(f"the model has in_channels={in_channels}, num_classes={num_classes}; {dataset} has {d.channels}, {d.num_classes}")
+torch.manual_seed(seed)
+try:
+    model = ViT(ViTConfig(**{k: config[k] for k in model_keys}))
+except ValueError as e:
+    fail(str(e))
+if whole:
+    model.load_state_dict(ckpt['model'])
+elif ckpt:  # fine-tune: take the checkpoint's weights that fit, keep the rest as initialised
+    own, src_config = model.state_dict(), ckpt['config']
+    state = {k: v for k, v in ckpt['model'].items() if k in own}
+    if src_config['num_classes'] != num_classes:  # a new task: a fresh classification head
+        state = {k: v for k, v in state.items() if not k.startswith('head.')}
+    if any(src_config[k] != config[k] for k in ('attn', 'grf_walks', 'grf_p_halt', 'mask_max_len', 'mask_seed')):
+        with torch.device('meta'):  # the keys every variant shares: all but the mask parameters and walks
+            shared = ViT(replace(model.config, attn='softmax')).state_dict()
+        state = {k: v for k, v in state.items() if k in shared}
+    misfit = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+    if misfit:
+        fail(f"{init_from} does not fit this model: {'; '.join(misfit[:3])}")
+    model.load_state_dict(state, strict=False)
+    print0(f"fine-tuning from {init_from}: loaded {len(state)} tensors, initialised afresh: {sorted(set(own) - set(state))}")
+model.to(device)
+raw_model = model  # saved without DDP's module. and compile's _orig_mod. prefixes
+optimizer = torch.optim.AdamW(model.param_groups(weight_decay, mask_lr_mult), lr=lr, betas=(beta1, beta2),
+                              fused=device_type == 'cuda')
+step, best, wall_before = 0, {'top1': 0.0, 'top5': 0.0}, 0.0
+if init_from == 'resume':
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    step, best, wall_before = ckpt['step'], ckpt['best'], ckpt['wall_time']
+    rng = ckpt['rng'][rank] if len(ckpt['rng']) == world else None
+    if rng:
+        torch.set_rng_state(rng['torch'])
+        if rng['cuda'] is not None and device_type == 'cuda':
+            torch.cuda.set_rng_state(rng['cuda'])
+    else:
+        print0(f"resuming on {world} ranks from {len(ckpt['rng'])}: dropout and mixup streams restart from the seed")
+        torch.manual_seed(seed + rank + 1_000_003 * step)
+else:
+    torch.manual_seed(seed + rank)
+ckpt = None  # free the memory
+if compile and device_type == 'cuda':
+    model = torch.compile(model)
+eval_model = model  # evaluated without DDP: ranks may see different numbers of validation batches
+if ddp:  # the walks are identical on every rank by construction: no buffer broadcasts
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
+
+print0(f"{raw_model.num_params():,} parameters, attn={attn}, {dataset}: {image_size}px, {(image_size // patch_size) ** 2} tokens, "
+       f"{d.num_classes} classes; device {device}, {world} rank(s), {str(ptdtype).split('.')[-1]}")
+print0(f"global batch {batch_size} = {world} ranks x {grad_accum} micro-steps x {micro_batch}; "
+       f"{steps_per_epoch} steps per epoch, {total_steps} in {epochs} epochs" + (f", stopping at {stop_step}" if stop_step < total_steps else ""))
+
+def get_lr(step):
+    """Linear warm-up to lr over warmup_steps, then cosine decay to min_lr at total_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+def loss_fn(x, y):
+    if mixup > 0:  # lambda and the pairing come from the torch generator: restored on resume
+        lam = float(torch.distributions.Beta(mixup, mixup).sample())
+        perm = torch.randperm(len(x), device=x.device)
+        logits = model(lam * x + (1 - lam) * x[perm]).float()
+        return lam * F.cross_entropy(logits, y, label_smoothing=label_smoothing) + \
+            (1 - lam) * F.cross_entropy(logits, y[perm], label_smoothing=label_smoothing)
+    return F.cross_entropy(model(x).float(), y, label_smoothing=label_smoothing)
+
+@torch.no_grad()
+def evaluate():
+    """Loss, top-1 and top-5 (%) over the whole validation set: each rank sums its shard, then all-reduce."""
+    eval_model.eval()
+    sums = torch.zeros(4, device=device)  # loss, top-1 hits, top-5 hits, images
+    for x, y in d.val:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            logits = eval_model(x).float()
+        hits = logits.topk(min(5, logits.size(1)), dim=1).indices == y[:, None]
+        sums += torch.stack([F.cross_entropy(logits, y, reduction='sum'), hits[:, 0].sum().float(),
+                             hits.any(1).sum().float(), torch.tensor(float(len(y)), device=device)])
+    if ddp:
+        dist.all_reduce(sums)
+    eval_model.train()
+    loss, top1, top5, n = sums.tolist()
+    return {'loss': loss / n, 'top1': 100 * top1 / n, 'top5': 100 * top5 / n, 'count': int(n)}
+
+if eval_only:
+    r = evaluate()
+    print0(f"eval {init_from}: loss {r['loss']:.4f} top1 {r['top1']:.2f}% top5 {r['top5']:.2f}% ({r['count']} images)")
+    print0(json.dumps({'kind': 'eval', **r}))
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(0)
+
+def log(record):
+    if master:
+        with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
+            f.write(json.dumps(record) + '\n')
+        if wandb_log:
+            wandb.log(record, step=record['step'])
+
+def save_checkpoint():
+    """Write ckpt.pt atomically: a temp file renamed over the old one, which stays intact until then."""
+    rng = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
+    rngs = [rng]
+    if ddp:  # every rank's dropout and mixup stream, so that resuming on the same world size is exact
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng)
+    if master:
+        ckpt = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+                'step': step, 'epoch': step // steps_per_epoch, 'rng': rngs, 'config': config, 'best': best,
+                'wall_time': wall_before + time.time() - t_start}
+        torch.save(ckpt, ckpt_path + '.tmp')
+        os.replace(ckpt_path + '.tmp', ckpt_path)
+
+def stop_if_not_finite(loss):
+    if not math.isfinite(loss):
+        print0(f"non-finite loss ({loss}) by step {step}: stopping. The last good checkpoint is untouched: "
+               f"{ckpt_path if os.path.exists(ckpt_path) else '(none written yet)'}", file=sys.stderr)
+        if ddp:
+            dist.destroy_process_group()
+        sys.exit(1)
+
+def fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    if wandb_log:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)), config=config)
+t_start = time.time()
+train_time, images_seen, result = 0.0, 0, None
+loss_sum, loss_count = torch.zeros((), device=device), 0  # summed on the device: no sync between log steps
+while step < stop_step:
+    epoch = step // steps_per_epoch
+    d.sampler.set_epoch(epoch, step % steps_per_epoch)
+    batches, t0, last_step = iter(d.train), time.time(), step
+    while True:
+        lr_now = get_lr(step)
+        for group in optimizer.param_groups:
+            group['lr'] = lr_now * group['lr_mult']
+        for micro_step in range(grad_accum):
+            x, y = next(batches)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if ddp:  # all-reduce gradients on the last micro-step only
+                model.require_backward_grad_sync = micro_step == grad_accum - 1
+            with autocast:
+                loss = loss_fn(x, y) / grad_accum
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step, loss_count = step + 1, loss_count + 1
+        epoch_end = step % steps_per_epoch == 0 or step == stop_step
+        if step % log_interval == 0 or epoch_end:
+            if ddp:
+                dist.all_reduce(loss_sum)
+            mean_loss = loss_sum.item() / loss_count / world
+            stop_if_not_finite(mean_loss)
+            dt = time.time() - t0
+            train_time, images_seen = train_time + dt, images_seen + (step - last_step) * batch_size
+            ips, eta = (step - last_step) * batch_size / dt, (stop_step - step) * dt / (step - last_step)
+            print0(f"epoch {epoch + 1}/{epochs} step {step}/{stop_step} loss {mean_loss:.4f} lr {lr_now:.2e} "
+                   f"{ips:,.0f} img/s eta {fmt_time(eta)}")
+            log({'kind': 'train', 'epoch': epoch + 1, 'step': step, 'loss': mean_loss, 'lr': lr_now, 'images_per_s': ips, 'eta_s': eta})
+            loss_sum.zero_()
+            loss_count, t0, last_step = 0, time.time(), step
+        if epoch_end:
+            break
+    result = evaluate()
+    best = {k: max(best[k], result[k]) for k in best}
+    print0(f"eval epoch {epoch + 1} step {step}: loss {result['loss']:.4f} top1 {result['top1']:.2f}% "
+           f"top5 {result['top5']:.2f}% ({result['count']} images)")
+    log({'kind': 'eval', 'epoch': epoch + 1, 'step': step, **result})
+    save_checkpoint()
+if result is None:  # nothing left to train: report the checkpoint as it is
+    result = evaluate()
+if master:
+    summary = {'config': config, 'final': result, 'best': best, 'num_params': raw_model.num_params(), 'steps': step,
+               'images_per_s': images_seen / max(train_time, 1e-9), 'wall_time_s': wall_before + time.time() - t_start}
+    with open(os.path.join(out_dir, 'result.json'), 'w') as f:
+        json.dump(summary, f, indent=2)
+    print0(f"done: top1 {result['top1']:.2f}% (best {best['top1']:.2f}%), {summary['images_per_s']:,.0f} img/s, "
+           f"{fmt_time(summary['wall_time_s'])}; {out_dir}/result.json")
+if ddp:
+    dist.destroy_process_group()
