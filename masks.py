@@ -7,10 +7,12 @@ Every linear form runs in float32 (autocast disabled) and adds EPS to its denomi
 Reference: Reid et al., "Linear Transformer Topological Masking with Graph Random Features", ICLR 2025.
 """
 import math
+import warnings
 import torch
 import torch.nn.functional as F
 
 EPS = 1e-6
+warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta')  # the GRF fast path uses CSR
 
 def _fp32(*xs):
     return [x.float() for x in xs]
@@ -41,11 +43,14 @@ def grid_adjacency(h, w):
     return s[:, None] * A * s[None, :]
 
 def matrix_powers(W, n):
-    """[W^0, W^1, ..., W^n] stacked, [n+1, N, N]. O(n N^3) once; memory (n+1) N^2."""
-    P = [torch.eye(W.shape[0], dtype=W.dtype)]
-    for _ in range(n):
-        P.append(P[-1] @ W)
-    return torch.stack(P)
+    """[W^0, W^1, ..., W^n] stacked, [n+1, N, N], as W^(k+1) = W W^k with W sparse: O(n N nnz(W)) once
+    (O(n N^2) on a grid, instead of O(n N^3) dense); memory (n+1) N^2."""
+    P = torch.empty(n + 1, *W.shape, dtype=W.dtype, device=W.device)
+    P[0] = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
+    Ws = W.to_sparse_csr()
+    for k in range(n):
+        P[k + 1] = Ws @ P[k]
+    return P
 
 # -----------------------------------------------------------------------------
 # the exact topological mask
@@ -165,10 +170,40 @@ def _with_ones(v):
 def _divide(y, eps):
     return y[..., :-1] / (y[..., -1:] + eps)
 
+def _pack(x):
+    """Real channels [..., C, h, w] in pairs as complex channels [..., ceil(C/2), h, w]: with a real kernel,
+    conv(x1 + i x2) = conv(x1) + i conv(x2), so one complex FFT transforms two channels."""
+    x = F.pad(x, (0, 0, 0, 0, 0, x.shape[-3] % 2)).unflatten(-3, (-1, 2))
+    return torch.complex(x[..., 0, :, :], x[..., 1, :, :])
+
+def _unpack(z, C):
+    return torch.stack([z.real, z.imag], -3).flatten(-4, -3)[..., :C, :, :]
+
+class _GridConv(torch.autograd.Function):
+    """Y = crop(kern (*) pad(X)), the circular convolution on the 2h x 2w grid of each channel of
+    x [B, H, C, h, w] with kern [H, 2h, 2w], by FFT. Backward: X's gradient correlates dY with kern; kern's
+    gradient correlates dY with X, summed over B and C (for packed pairs, Re corr(g1 + i g2, x1 + i x2) =
+    corr(g1, x1) + corr(g2, x2))."""
+    @staticmethod
+    def forward(ctx, x, kern):
+        (C, h, w), s = x.shape[-3:], kern.shape[-2:]
+        kf = torch.fft.fft2(kern)[None, :, None]
+        ctx.save_for_backward(x, kf)
+        return _unpack(torch.fft.ifft2(torch.fft.fft2(_pack(x), s=s) * kf)[..., :h, :w], C)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, kf = ctx.saved_tensors
+        (C, h, w), s = x.shape[-3:], kf.shape[-2:]
+        gf = torch.fft.fft2(_pack(gy), s=s)
+        gx = _unpack(torch.fft.ifft2(gf * kf.conj())[..., :h, :w], C)
+        gkern = torch.fft.ifft2((gf * torch.fft.fft2(_pack(x), s=s).conj()).sum((0, 2))).real
+        return gx, gkern
+
 def toeplitz_linear_attention_fft(q, k, v, table, h, w, eps=EPS):
     """Toeplitz-masked linear attention without the N x N matrix. The fields phi(k_j) v_j^T (d*dv channels)
-    and phi(k_j) (d channels) on the grid are convolved with the table by a zero-padded rfft2 on a
-    2h x 2w grid, Y_i = sum_j t[r_i - r_j, c_i - c_j] X_j, then contracted with phi(q_i).
+    and phi(k_j) (d channels) on the grid are convolved with the table by a zero-padded 2-D FFT on a
+    2h x 2w grid (two real channels per complex transform), Y_i = sum_j t[r_i - r_j, c_i - c_j] X_j, then contracted with phi(q_i).
     q, k, v [B, H, N, d], table [H, 2h-1, 2w-1]. O(N log N d^2) time, O(N d^2) memory."""
     with _no_autocast(q.device):
         q, k, v, table = _fp32(q.relu(), k.relu(), _with_ones(v), table)
@@ -176,51 +211,58 @@ def toeplitz_linear_attention_fft(q, k, v, table, h, w, eps=EPS):
         x = (k[..., :, None] * v[..., None, :]).flatten(-2)  # [B, H, N, d*(dv+1)]
         x = x.transpose(-2, -1).reshape(B, H, -1, h, w)
         kern = F.pad(table, (0, 1, 0, 1)).roll((-(h - 1), -(w - 1)), dims=(-2, -1))  # offset (dr, dc) at (dr mod 2h, dc mod 2w)
-        y = torch.fft.irfft2(torch.fft.rfft2(x, s=(2 * h, 2 * w)) * torch.fft.rfft2(kern)[None, :, None],
-                             s=(2 * h, 2 * w))[..., :h, :w]
+        y = _GridConv.apply(x, kern)
         y = y.reshape(B, H, d, -1, N).permute(0, 1, 4, 2, 3)  # [B, H, N, d, dv+1]
         return _divide(torch.einsum('bhnd,bhnde->bhne', q, y), eps)
 
-def _ell_spread(P, flat_cols, x, y):
-    """T_l = sum_j P_jl x_j y_j^T, P in ELL form: for each slot r, scatter-add into rows flat_cols[:, r]."""
-    B, HN = x.shape[:2]
-    T = x.new_zeros(B, HN, x.shape[-1] * y.shape[-1])
-    xy = (x[..., :, None] * y[..., None, :]).flatten(-2)
-    for r in range(P.shape[-1]):
-        T.index_add_(1, flat_cols[:, r], xy * P[:, r, None])
-    return T.view(B, HN, x.shape[-1], y.shape[-1])
+def _csr(P, flat_cols):
+    """Sparse CSR [HN, HN] of P (block-diagonal over heads) from its ELL form P, flat_cols [HN, R], without the
+    padding slots (repeats of a row's own index); its transpose, also CSR; the mask of the slots kept."""
+    HN = flat_cols.shape[0]
+    keep = (flat_cols == torch.arange(HN, device=P.device)[:, None]).cumsum(1) <= 1
+    rows, cols, vals = torch.arange(HN, device=P.device)[:, None].expand_as(flat_cols)[keep], flat_cols[keep], P[keep]
+    perm = torch.argsort(cols * HN + rows)  # column-major order: the transpose's rows
+    crow = lambda r: F.pad(torch.bincount(r, minlength=HN).cumsum(0), (1, 0)).int()
+    csr = lambda r, c, x: torch.sparse_csr_tensor(crow(r), c.int(), x, (HN, HN), check_invariants=False)  # int32: MKL's own
+    return csr(rows, cols, vals), csr(cols[perm], rows[perm], vals[perm]), keep
 
-def _ell_gather(P, flat_cols, T):
-    """U_i = sum_l P_il T_l (T [B, HN, a, b]), summed slot by slot so no [HN, R, a, b] tensor is formed."""
-    U = torch.zeros_like(T)
-    for r in range(P.shape[-1]):
-        U += T[:, flat_cols[:, r]] * P[:, r, None, None]
-    return U
+def _spmm(A, X):
+    """A @ X for a sparse CSR A, written straight into its result (A @ X fills and copies one first)."""
+    out = X.new_empty(A.shape[0], X.shape[1])
+    return torch.addmm(out, A, X, beta=0.0, out=out)
+
+def _outer(x, y):
+    """[HN, B, a], [HN, B, b] -> [HN, B*a*b]: row l holds x_l y_l^T of every batch element."""
+    return (x[..., :, None] * y[..., None, :]).reshape(x.shape[0], -1)
 
 class _GRFMix(torch.autograd.Function):
-    """y_i = q_i^T U_i with U_i = sum_l P_il S_l, S_l = sum_j P_jl k_j v_j^T. Backward recomputes S and U
-    instead of saving them, so memory held between forward and backward is O(N d), not O(N d^2)."""
+    """y_i = q_i^T U_i with U_i = sum_l P_il S_l, S_l = sum_j P_jl k_j v_j^T, for q, k, v [HN, B, d]: two
+    sparse-dense products, S = P^T (k v^T) and U = P S. Backward recomputes S and U instead of saving them,
+    so memory held between forward and backward is O(N d), not O(N d^2)."""
     @staticmethod
     def forward(ctx, q, k, v, P, flat_cols):
-        S = _ell_spread(P, flat_cols, k, v)
-        y = torch.einsum('bnd,bnde->bne', q, _ell_gather(P, flat_cols, S))
-        ctx.save_for_backward(q, k, v, P, flat_cols)
-        return y
+        A, AT, keep = _csr(P, flat_cols)
+        U = _spmm(A, _spmm(AT, _outer(k, v))).view(*q.shape, v.shape[2])
+        ctx.save_for_backward(q, k, v)
+        ctx.sparse = A, AT, keep
+        return torch.einsum('nbd,nbde->nbe', q, U)
 
     @staticmethod
     def backward(ctx, gy):
-        q, k, v, P, flat_cols = ctx.saved_tensors
-        S = _ell_spread(P, flat_cols, k, v)              # S_l
-        gS = _ell_spread(P, flat_cols, q, gy)            # dL/dS_l = sum_i P_il q_i gy_i^T
-        gq = torch.einsum('bnde,bne->bnd', _ell_gather(P, flat_cols, S), gy)
-        G = _ell_gather(P, flat_cols, gS)                # G_j = sum_l P_jl dL/dS_l
-        gk = torch.einsum('bnde,bne->bnd', G, v)
-        gv = torch.einsum('bnde,bnd->bne', G, k)
-        gP = torch.empty_like(P)
-        for r in range(P.shape[-1]):                     # dL/dP_il = q_i^T S_l gy_i + k_i^T dL/dS_l v_i
-            c = flat_cols[:, r]
-            gP[:, r] = (torch.einsum('bnd,bnde,bne->n', q, S[:, c], gy)
-                        + torch.einsum('bnd,bnde,bne->n', k, gS[:, c], v))
+        q, k, v = ctx.saved_tensors
+        A, AT, keep = ctx.sparse
+        gy = gy.contiguous()
+        shape = (*q.shape, v.shape[2])
+        kv, qg = _outer(k, v), _outer(q, gy)
+        S, gS = _spmm(AT, kv), _spmm(AT, qg)             # S_l and dL/dS_l = sum_i P_il q_i gy_i^T
+        gq = torch.einsum('nbde,nbe->nbd', _spmm(A, S).view(shape), gy)
+        G = _spmm(A, gS).view(shape)                     # G_j = sum_l P_jl dL/dS_l
+        gk, gv = torch.einsum('nbde,nbe->nbd', G, v), torch.einsum('nbde,nbd->nbe', G, k)
+        del G
+        # dL/dP_il = q_i^T S_l gy_i + k_i^T dL/dS_l v_i (summed over the batch), only where P has a slot
+        gP = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
+        gP[keep] = (torch.sparse.sampled_addmm(A, qg, S.t(), beta=0.0).values()
+                    + torch.sparse.sampled_addmm(A, kv, gS.t(), beta=0.0).values())
         return gq, gk, gv, gP, None
 
 def grf_linear_attention(q, k, v, cols, vals, eps=EPS):
@@ -232,6 +274,6 @@ def grf_linear_attention(q, k, v, cols, vals, eps=EPS):
         q, k, v, vals = _fp32(q.relu(), k.relu(), _with_ones(v), vals)
         B, H, N, d = q.shape
         flat_cols = (cols + torch.arange(H, device=cols.device)[:, None, None] * N).view(H * N, -1)
-        y = _GRFMix.apply(q.reshape(B, H * N, d), k.reshape(B, H * N, d), v.reshape(B, H * N, -1),
-                          vals.reshape(H * N, -1), flat_cols)
-        return _divide(y.view(B, H, N, -1), eps)
+        q, k, v = (x.permute(1, 2, 0, 3).reshape(H * N, B, -1) for x in (q, k, v))  # [HN, B, .]: rows of P lead
+        y = _GRFMix.apply(q, k, v, vals.reshape(H * N, -1), flat_cols)
+        return _divide(y.view(H, N, B, -1).permute(2, 0, 1, 3), eps)
