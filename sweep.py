@@ -17,7 +17,8 @@ from configurator import configure
 attns = 'softmax,linear,toeplitz,topo,grf'  # comma-separated
 seeds = 3                  # seeds 0 .. seeds-1 of each variant
 epochs = 30
-jobs = 1                   # trainings at a time; the CPU threads are split between them
+jobs = 1                   # trainings at a time
+threads = 0                # CPU threads per training (0 = the cores split between the jobs)
 config_file = 'configs/fmnist.py'
 out_root = 'out/sweep'     # one folder per run: <out_root>/<attn>-s<seed>
 args = ''                  # more train.py arguments, space-separated, e.g. '--data_dir=../shared/data'
@@ -27,7 +28,7 @@ configure(config, sys.argv[1:])
 globals().update(config)
 
 runs = [(a, s) for s in range(seeds) for a in attns.split(',')]
-threads = max(1, (os.cpu_count() or 1) // jobs)
+threads = threads or max(1, (os.cpu_count() or 1) // jobs)
 pending, running = [], []
 for attn, seed in runs:
     out_dir = os.path.join(out_root, f'{attn}-s{seed}')
