@@ -5,6 +5,7 @@ beside the seed's FashionMNIST numbers), and draws the test-accuracy curves and 
 
     python report.py out/sweep                 # table + assets/fmnist_curves.png + assets/fmnist_masks.png
     python report.py out/sweep --no_plots      # the table alone
+    python report.py out/a out/b --no_plots    # several folders: a row per variant and per mask setting that differs
 """
 import glob
 import json
@@ -28,19 +29,24 @@ def load_runs(root):
         runs.append(r)
     return runs
 
+KNOBS = ('mask_lr_mult', 'mask_init_decay', 'grf_walks', 'grf_p_halt')  # get a column when they vary
+
 def table(runs):
-    rows = ["| attention | top-1 (%) mean ± std | seeds | epochs | images/s (train) | seed's top-1 |",
-            "|---|---|---|---|---|---|"]
+    knobs = [k for k in KNOBS if len({r['config'][k] for r in runs}) > 1]
+    rows = ["| attention | " + ''.join(f"{k} | " for k in knobs) + "top-1 (%) mean ± std | seeds | epochs "
+            "| images/s (train) | seed's top-1 |", "|---|" + "---|" * (len(knobs) + 5)]
     for attn in ATTNS:
-        rs = [r for r in runs if r['config']['attn'] == attn]
-        if not rs:
-            continue
-        acc = [r['final']['top1'] for r in rs]
-        std = statistics.stdev(acc) if len(acc) > 1 else float('nan')
-        eps = sorted({r['config']['epochs'] for r in rs})
-        ips = statistics.median(r['images_per_s'] for r in rs)
-        rows.append(f"| {attn} | {statistics.mean(acc):.2f} ± {std:.2f} | {len(acc)} | {','.join(map(str, eps))} "
-                    f"| {ips:,.0f} | {SEED_RESULT.get(attn, '')} |")
+        groups = {}
+        for r in runs:
+            if r['config']['attn'] == attn:
+                groups.setdefault(tuple(r['config'][k] for k in knobs), []).append(r)
+        for values, rs in sorted(groups.items()):
+            acc = [r['final']['top1'] for r in rs]
+            std = statistics.stdev(acc) if len(acc) > 1 else float('nan')
+            eps = sorted({r['config']['epochs'] for r in rs})
+            ips = statistics.median(r['images_per_s'] for r in rs)
+            rows.append(f"| {attn} | " + ''.join(f"{v:g} | " for v in values) + f"{statistics.mean(acc):.2f} ± {std:.2f} "
+                        f"| {len(acc)} | {','.join(map(str, eps))} | {ips:,.0f} | {SEED_RESULT.get(attn, '')} |")
     return '\n'.join(rows)
 
 def curves(runs, path):
@@ -114,10 +120,10 @@ def mask_pictures(runs, path):
     fig.savefig(path, dpi=110)
 
 if __name__ == '__main__':
-    root = next((a for a in sys.argv[1:] if not a.startswith('--')), 'out/sweep')
-    runs = load_runs(root)
+    roots = [a for a in sys.argv[1:] if not a.startswith('--')] or ['out/sweep']
+    runs = [r for root in roots for r in load_runs(root)]
     if not runs:
-        sys.exit(f"no result.json under {root}")
+        sys.exit(f"no result.json under {', '.join(roots)}")
     print(table(runs))
     if '--no_plots' not in sys.argv:
         os.makedirs('assets', exist_ok=True)
