@@ -6,15 +6,18 @@ beside the seed's FashionMNIST numbers), and draws the test-accuracy curves and 
     python report.py out/sweep                 # table + assets/fmnist_curves.png + assets/fmnist_masks.png
     python report.py out/sweep --no_plots      # the table alone
     python report.py out/a out/b --no_plots    # several folders: a row per variant and per mask setting that differs
+    python report.py out/sweep --no_plots --mask_swap=DATA_DIR   # + the topo/grf models with their masks swapped
 """
 import glob
 import json
 import os
 import statistics
 import sys
+from dataclasses import replace
 
 import torch
 
+import data
 import masks
 from model import ATTNS, ViT, ViTConfig
 
@@ -119,6 +122,34 @@ def mask_pictures(runs, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
+@torch.no_grad()
+def mask_swap(runs, data_dir, walks=(20, 100, 1000), walk_seeds=3):
+    """The first topo and grf models evaluated with their mask swapped, the learned f kept: the exact mask, and GRF
+    estimates from n walks (walk_seeds fresh ensembles each). Tells how much the walks' noise costs in accuracy."""
+    rows = ["| trained as | its own mask | exact mask |" + ''.join(f" GRF, {n} walks |" for n in walks),
+            "|---|---|---|" + "---|" * len(walks)]
+    for attn in ('topo', 'grf'):
+        r = next((r for r in runs if r['config']['attn'] == attn), None)
+        if r is None:
+            continue
+        ckpt = torch.load(os.path.join(r['dir'], 'ckpt.pt'), map_location='cpu', weights_only=False)
+        cfg = ViTConfig(**{k: ckpt['config'][k] for k in ViTConfig.__dataclass_fields__})
+        state = {k: v for k, v in ckpt['model'].items() if '.grf_' not in k}  # keep the walks a new model samples
+        val = data.load(ckpt['config']['dataset'], data_dir, cfg.image_size, 1000).val
+        def top1(**change):
+            model = ViT(replace(cfg, **change))
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            assert not unexpected and all('.grf_' in k for k in missing), (missing, unexpected)
+            model.eval()
+            return 100 * sum((model(x).argmax(1) == y).sum().item() for x, y in val) / sum(len(y) for _, y in val)
+        cells = []
+        for n in walks:
+            acc = [top1(attn='grf', grf_walks=n, mask_seed=1000 + s) for s in range(walk_seeds)]
+            cells.append(f" {statistics.mean(acc):.2f} ± {statistics.stdev(acc):.2f} |")
+        rows.append(f"| {attn} ({os.path.basename(r['dir'])}) | {r['final']['top1']:.2f} | {top1(attn='topo'):.2f} |"
+                    + ''.join(cells))
+    return '\n'.join(rows)
+
 if __name__ == '__main__':
     roots = [a for a in sys.argv[1:] if not a.startswith('--')] or ['out/sweep']
     runs = [r for root in roots for r in load_runs(root)]
@@ -130,3 +161,6 @@ if __name__ == '__main__':
         curves(runs, 'assets/fmnist_curves.png')
         mask_pictures(runs, 'assets/fmnist_masks.png')
         print("wrote assets/fmnist_curves.png, assets/fmnist_masks.png")
+    data_dir = next((a.split('=', 1)[1] for a in sys.argv[1:] if a.startswith('--mask_swap=')), None)
+    if data_dir:
+        print(mask_swap(runs, data_dir))

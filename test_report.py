@@ -69,3 +69,18 @@ def test_sweep_skips_finished_runs_resumes_an_interrupted_one_and_runs_the_rest(
     table = out[out.index('| attention'):]
     assert rows(table)[0][:3] == ['linear', f"{report.statistics.mean(r['final']['top1'] for r in runs.values()):.2f} ± "
                                   f"{report.statistics.stdev(r['final']['top1'] for r in runs.values()):.2f}", '3']
+
+def test_mask_swap_gives_the_trained_accuracy_back_with_the_exact_mask(tmp_path):
+    """A topo model evaluated with its own (exact) mask scores what training recorded, and with GRF masks of many
+    walks nearly the same; the grf row starts from what the grf model recorded."""
+    for attn in ('topo', 'grf'):
+        p = subprocess.run([sys.executable, 'train.py', 'configs/fmnist.py', f'--attn={attn}', '--epochs=1',
+                            '--mask_max_len=4', f'--out_dir={tmp_path}/{attn}-s0', *SYNTHETIC.split()],
+                           cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, p.stderr[-3000:]
+    runs = report.load_runs(str(tmp_path))
+    rows_ = rows(report.mask_swap(runs, data_dir='unused', walks=(4, 4000), walk_seeds=2))
+    topo, grf = rows_
+    assert topo[0] == 'topo (topo-s0)' and topo[1] == topo[2] == f"{runs[1]['final']['top1']:.2f}"
+    assert abs(float(topo[4].split(' ± ')[0]) - float(topo[2])) < 1.5  # 4000 walks: close to the exact mask
+    assert grf[0] == 'grf (grf-s0)' and grf[1] == f"{runs[0]['final']['top1']:.2f}"
