@@ -42,6 +42,7 @@ class ViTConfig:
     mask_max_len: int = 10       # K: highest power of W in the topological mask / longest walk
     mask_seed: int = 0           # GRF walks are sampled from (mask_seed, layer, head): same on every process
     mask_init_decay: float = 0.5 # f_k = decay^k at initialisation (a locality bias)
+    table_init_decay: float = 1.0 # toeplitz: t[dr, dc] = decay^(|dr| + |dc|) at initialisation (1: unmasked)
 
 def check_config(c):
     """Raise a ValueError naming the bad value and the valid ones."""
@@ -55,6 +56,7 @@ def check_config(c):
     if c.grf_walks < 1: bad('grf_walks', c.grf_walks, "an integer >= 1")
     if c.mask_max_len < 0: bad('mask_max_len', c.mask_max_len, "an integer >= 0")
     if not c.mask_init_decay > 0: bad('mask_init_decay', c.mask_init_decay, "a number > 0")
+    if not c.table_init_decay > 0: bad('table_init_decay', c.table_init_decay, "a number > 0")
 
 def grf_walk_buffers(h, w, heads, n_walks, p_halt, max_len, seed):
     """Sample one walk ensemble per head (seeded by `seed` and the head) and lay them out for masks.py:
@@ -88,8 +90,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(c.dim, c.dim)
         self.fast = c.attn in ('toeplitz', 'grf') and (c.attn_impl == 'fast' or
                     (c.attn_impl == 'auto' and N > AUTO_DENSE_MAX_N[c.attn]))
-        if c.attn == 'toeplitz':  # table = exp(logits) >= 0, starts at 1: unmasked
-            self.table_logits = nn.Parameter(torch.zeros(c.heads, 2 * self.h - 1, 2 * self.w - 1))
+        if c.attn == 'toeplitz':  # table = exp(logits) >= 0, starts at decay^(|dr| + |dc|): 1 is unmasked
+            dr, dc = torch.arange(1 - self.h, self.h).abs(), torch.arange(1 - self.w, self.w).abs()
+            hops = (dr[:, None] + dc[None, :]).float()
+            self.table_logits = nn.Parameter(hops.mul(math.log(c.table_init_decay)).repeat(c.heads, 1, 1))
         if c.attn in ('topo', 'grf'):  # f = exp(logits) >= 0, starts at decay^k
             self.f_logits = nn.Parameter(torch.arange(K + 1.0).mul(math.log(c.mask_init_decay)).repeat(c.heads, 1))
         if c.attn == 'topo':  # W^0 .. W^2K, fixed: M = sum_m (f*f)_m W^m

@@ -43,6 +43,10 @@ def test_dense_and_fast_models_agree(attn):
 def test_mask_parameters_start_as_documented():
     toep = ViT(tiny(attn="toeplitz"))
     assert torch.equal(toep.blocks[0].attn.table_logits.exp(), torch.ones(2, 7, 7))
+    local = ViT(tiny(attn="toeplitz", table_init_decay=0.5)).blocks[0].attn
+    for dr in range(-3, 4):  # the table holds offsets -3 .. 3 on the 4x4 grid; decay^(Manhattan distance)
+        for dc in range(-3, 4):
+            assert local.table_logits[1, dr + 3, dc + 3].exp().item() == pytest.approx(0.5 ** (abs(dr) + abs(dc)))
     topo = ViT(tiny(attn="topo", mask_init_decay=0.5))
     torch.testing.assert_close(topo.blocks[1].attn.f_logits.exp(), (0.5 ** torch.arange(5.0)).repeat(2, 1))
 
@@ -126,6 +130,7 @@ def test_param_groups_cover_every_parameter_once():
     (dict(attn="grf", grf_p_halt=1.5), ["1.5", "p_halt"]),
     (dict(attn="grf", grf_walks=-3), ["-3", ">= 1"]),
     (dict(dim=30, heads=4), ["30", "heads=4"]),
+    (dict(attn="toeplitz", table_init_decay=0.0), ["table_init_decay=0.0", "> 0"]),
 ])
 def test_bad_config_raises_value_error_naming_value_and_valid_ones(kw, words):
     with pytest.raises(ValueError) as e:

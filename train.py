@@ -57,6 +57,7 @@ grf_p_halt = 0.1           # grf: probability that a walk halts at each step
 mask_max_len = 10          # topo, grf: highest power of the grid's W in the mask (K)
 mask_seed = 0              # grf: seed of the frozen walks (identical on every rank)
 mask_init_decay = 0.5      # topo, grf: f_k = decay^k at initialisation
+table_init_decay = 1.0     # toeplitz: t[dr, dc] = decay^(|dr| + |dc|) at initialisation (1: unmasked)
 # optimisation
 epochs = 30                # the run's length: the learning-rate schedule ends with the last step of the last epoch
 max_steps = 0              # stop after this many optimizer steps (0 = never), leaving the schedule as it is
