@@ -32,23 +32,31 @@ def load_runs(root):
         runs.append(r)
     return runs
 
-KNOBS = ('mask_lr_mult', 'mask_init_decay', 'grf_walks', 'grf_p_halt')  # get a column when they vary
+# mask settings, and the variants they act on: a column when they vary
+KNOBS = {'mask_lr_mult': ('toeplitz', 'topo', 'grf'), 'mask_init_decay': ('topo', 'grf'), 'table_init_decay': ('toeplitz',),
+         'grf_walks': ('grf',), 'grf_p_halt': ('grf',)}
+
+def knob(r, k):
+    """The run's setting k, None where it does not act; runs from before a knob existed ran at its default."""
+    if r['config']['attn'] not in KNOBS[k]:
+        return None
+    return r['config'][k] if k in r['config'] else ViTConfig.__dataclass_fields__[k].default
 
 def table(runs):
-    knobs = [k for k in KNOBS if len({r['config'][k] for r in runs}) > 1]
+    knobs = [k for k in KNOBS if len({knob(r, k) for r in runs} - {None}) > 1]
     rows = ["| attention | " + ''.join(f"{k} | " for k in knobs) + "top-1 (%) mean ± std | seeds | epochs "
             "| images/s (train) | seed's top-1 |", "|---|" + "---|" * (len(knobs) + 5)]
     for attn in ATTNS:
         groups = {}
         for r in runs:
             if r['config']['attn'] == attn:
-                groups.setdefault(tuple(r['config'][k] for k in knobs), []).append(r)
-        for values, rs in sorted(groups.items()):
+                groups.setdefault(tuple(knob(r, k) for k in knobs), []).append(r)
+        for values, rs in sorted(groups.items(), key=lambda g: str(g[0])):
             acc = [r['final']['top1'] for r in rs]
             std = statistics.stdev(acc) if len(acc) > 1 else float('nan')
             eps = sorted({r['config']['epochs'] for r in rs})
             ips = statistics.median(r['images_per_s'] for r in rs)
-            rows.append(f"| {attn} | " + ''.join(f"{v:g} | " for v in values) + f"{statistics.mean(acc):.2f} ± {std:.2f} "
+            rows.append(f"| {attn} | " + ''.join('– | ' if v is None else f"{v:g} | " for v in values) + f"{statistics.mean(acc):.2f} ± {std:.2f} "
                         f"| {len(acc)} | {','.join(map(str, eps))} | {ips:,.0f} | {SEED_RESULT.get(attn, '')} |")
     return '\n'.join(rows)
 
