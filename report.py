@@ -80,7 +80,7 @@ def curves(runs, path):
 
 def load_model(run_dir):
     ckpt = torch.load(os.path.join(run_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
-    cfg = ViTConfig(**{k: ckpt['config'][k] for k in ViTConfig.__dataclass_fields__})
+    cfg = ViTConfig(**{k: v for k, v in ckpt['config'].items() if k in ViTConfig.__dataclass_fields__})
     model = ViT(cfg)
     model.load_state_dict(ckpt['model'])
     return model
@@ -141,7 +141,7 @@ def mask_swap(runs, data_dir, walks=(20, 100, 1000), walk_seeds=3):
         if r is None:
             continue
         ckpt = torch.load(os.path.join(r['dir'], 'ckpt.pt'), map_location='cpu', weights_only=False)
-        cfg = ViTConfig(**{k: ckpt['config'][k] for k in ViTConfig.__dataclass_fields__})
+        cfg = ViTConfig(**{k: v for k, v in ckpt['config'].items() if k in ViTConfig.__dataclass_fields__})
         state = {k: v for k, v in ckpt['model'].items() if '.grf_' not in k}  # keep the walks a new model samples
         val = data.load(ckpt['config']['dataset'], data_dir, cfg.image_size, 1000).val
         def top1(**change):

@@ -187,3 +187,14 @@ def test_eval_only_reproduces_the_recorded_top1(first_epoch):
     p = train(*SYNTHETIC, '--init_from=resume', '--eval_only=True', out=first_epoch)
     again = json.loads(p.stdout.strip().splitlines()[-1])
     assert again['top1'] == result(first_epoch)['final']['top1'] and again['loss'] == pytest.approx(result(first_epoch)['final']['loss'])
+
+def test_a_checkpoint_saved_before_a_model_setting_existed_still_resumes(first_epoch, tmp_path):
+    """Model settings added later (here table_init_decay) take their defaults when an older checkpoint lacks them."""
+    run = copy_of(first_epoch, tmp_path)
+    old = checkpoint(run)
+    del old['config']['table_init_decay']
+    torch.save(old, os.path.join(run, 'ckpt.pt'))
+    p = train(*SYNTHETIC, '--init_from=resume', '--eval_only=True', out=run)
+    assert json.loads(p.stdout.strip().splitlines()[-1])['top1'] == result(first_epoch)['final']['top1']
+    train(*SYNTHETIC, '--init_from=resume', f'--max_steps={STEPS_PER_EPOCH + 2}', out=run)
+    assert checkpoint(run)['step'] == STEPS_PER_EPOCH + 2

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -123,6 +123,7 @@ if init_from != 'scratch':
     if not os.path.isfile(src):
         fail(f"init_from={init_from!r}: no checkpoint at {src}")
     ckpt = torch.load(src, map_location='cpu', weights_only=False)
+    ckpt['config'] = {**asdict(ViTConfig()), **ckpt['config']}  # model settings added since it was saved: defaults
 elif eval_only:
     fail("eval_only=True needs init_from='resume' or the path of a checkpoint")
 model_keys = [f.name for f in fields(ViTConfig)]
