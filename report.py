@@ -56,8 +56,9 @@ def table(runs):
             std = statistics.stdev(acc) if len(acc) > 1 else float('nan')
             eps = sorted({r['config']['epochs'] for r in rs})
             ips = statistics.median(r['images_per_s'] for r in rs)
-            rows.append(f"| {attn} | " + ''.join('– | ' if v is None else f"{v:g} | " for v in values) + f"{statistics.mean(acc):.2f} ± {std:.2f} "
-                        f"| {len(acc)} | {','.join(map(str, eps))} | {ips:,.0f} | {SEED_RESULT.get(attn, '')} |")
+            settings = ''.join('– | ' if v is None else f"{v:g} | " for v in values)
+            rows.append(f"| {attn} | {settings}{statistics.mean(acc):.2f} ± {std:.2f} | {len(acc)} "
+                        f"| {','.join(map(str, eps))} | {ips:,.0f} | {SEED_RESULT.get(attn, '')} |")
     return '\n'.join(rows)
 
 def curves(runs, path):
