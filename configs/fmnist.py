@@ -24,7 +24,7 @@ min_lr = 1e-5
 grad_clip = 1.0
 label_smoothing = 0.0      # no label smoothing, no mixup, no augmentation: the seed's plain setup
 mask_lr_mult = 10.0        # mask parameters (f, Toeplitz tables) learn 10x faster (SPEC section 4); at 10 epochs
-                           # grf did best with 30, toeplitz and grf worst with 1 (README, "How the mask parameters are learned")
+                           # grf and topo did best with 30, toeplitz and grf worst with 1 (see the README study)
 grf_walks = 20             # GRF: the paper's fine-tuning settings, n = 20, p_halt = 0.1, K = 10
 grf_p_halt = 0.1
 mask_max_len = 10          # also K for topo: f_0 .. f_10, f_k = 0.5^k at init
