@@ -79,9 +79,13 @@ def curves(runs, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
-def load_model(run_dir):
+def load_checkpoint(run_dir):
+    """The run's ckpt.pt and its model config (settings it predates take their defaults)."""
     ckpt = torch.load(os.path.join(run_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
-    cfg = ViTConfig(**{k: v for k, v in ckpt['config'].items() if k in ViTConfig.__dataclass_fields__})
+    return ckpt, ViTConfig(**{k: v for k, v in ckpt['config'].items() if k in ViTConfig.__dataclass_fields__})
+
+def load_model(run_dir):
+    ckpt, cfg = load_checkpoint(run_dir)
     model = ViT(cfg)
     model.load_state_dict(ckpt['model'])
     return model
@@ -141,16 +145,15 @@ def mask_swap(runs, data_dir, walks=(20, 100, 1000), walk_seeds=3):
         r = next((r for r in runs if r['config']['attn'] == attn), None)
         if r is None:
             continue
-        ckpt = torch.load(os.path.join(r['dir'], 'ckpt.pt'), map_location='cpu', weights_only=False)
-        cfg = ViTConfig(**{k: v for k, v in ckpt['config'].items() if k in ViTConfig.__dataclass_fields__})
+        ckpt, cfg = load_checkpoint(r['dir'])
         state = {k: v for k, v in ckpt['model'].items() if '.grf_' not in k}  # keep the walks a new model samples
-        val = data.load(ckpt['config']['dataset'], data_dir, cfg.image_size, 1000).val
+        d = data.load(ckpt['config']['dataset'], data_dir, cfg.image_size, 1000)
         def top1(**change):
             model = ViT(replace(cfg, **change))
             missing, unexpected = model.load_state_dict(state, strict=False)
             assert not unexpected and all('.grf_' in k for k in missing), (missing, unexpected)
             model.eval()
-            return 100 * sum((model(x).argmax(1) == y).sum().item() for x, y in val) / sum(len(y) for _, y in val)
+            return 100 * sum((model(x).argmax(1) == y).sum().item() for x, y in d.val) / d.num_val
         cells = []
         for n in walks:
             acc = [top1(attn='grf', grf_walks=n, mask_seed=1000 + s) for s in range(walk_seeds)]
