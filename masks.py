@@ -72,29 +72,68 @@ def topo_mask(W_powers, f):
 # -----------------------------------------------------------------------------
 # graph random features
 
-def sample_grf_walks(h, w, n_walks, p_halt, max_len, generator=None):
+COUPLINGS = ('iid', 'antithetic', 'repelling', 'repelling_antithetic')
+
+def _halts(slot, N, n_walks, p_halt, antithetic, generator):
+    """Which of the alive walkers halt at this step. i.i.d.: one U(0,1) draw each, halting below p_halt.
+    Antithetic: walker j < n/2 of a start node draws u, its partner j + n/2 uses (u + 1/2) mod 1."""
+    if not antithetic:
+        return torch.rand(slot.shape[0], generator=generator, dtype=torch.float64) < p_halt
+    u = torch.rand(N, n_walks // 2, generator=generator, dtype=torch.float64)
+    u = torch.cat([u, (u + 0.5) % 1], 1)  # [N, n]: walker j of start node i draws u[i, j]
+    return u.flatten()[slot] < p_halt
+
+def _repelling_picks(start, node, d, N, generator):
+    """Neighbour slots for walkers sent out together: the k walkers of one start node standing on one node of
+    degree d share one U ~ U(0,1); the j-th of them takes slot floor(((j/k + U) mod 1) d), so while k <= d no
+    two take the same neighbour. Each walker's slot is still uniform. O(M log M) for M walkers (one sort)."""
+    key = start * N + node
+    key, order = torch.sort(key, stable=True)
+    _, group, count = torch.unique_consecutive(key, return_inverse=True, return_counts=True)
+    first = torch.cumsum(count, 0) - count
+    j = torch.arange(key.shape[0]) - first[group]
+    U = torch.rand(count.shape[0], generator=generator, dtype=torch.float64)
+    frac = (j.double() / count[group] + U[group]) % 1
+    pick = torch.empty_like(node)
+    pick[order] = (frac * d[order]).long().clamp(max=d[order] - 1)
+    return pick
+
+def sample_grf_walks(h, w, n_walks, p_halt, max_len, generator=None, coupling='iid'):
     """n_walks random walks from every node of the h x w grid, vectorised over all N*n walks.
     A walk starts at its node with load 1; at step t at node u it records (t, start, u, load), then halts
     with probability p_halt (or when t = max_len), else hops to a uniform neighbour u' and multiplies its
     load by W[u,u'] deg(u) / (1 - p_halt). Records are summed per (t, start, u) and divided by n_walks,
     so that C_t[start, u] = load sum / n and E[sum_t f_t C_t] = sum_t f_t W^t.
-    Returns (step, start, node, load), 1-D tensors of length nnz <= N n (max_len+1). O(N n max_len)."""
+    coupling (COUPLINGS) correlates the n walks of one start node without changing any walk's law:
+    'antithetic' pairs their halting draws, 'repelling' spreads walkers that meet on a node over its
+    neighbours (Reid et al., "Repelling Random Walks", ICLR 2024); walks of different start nodes stay
+    independent, so Phi_hat and the off-diagonal of Phi_hat Phi_hat^T stay unbiased.
+    Returns (step, start, node, load), 1-D tensors of length nnz <= N n (max_len+1). O(N n max_len)
+    (repelling: times log(N n), one sort per step)."""
+    if coupling not in COUPLINGS:
+        raise ValueError(f"coupling={coupling!r} is invalid; valid: {', '.join(COUPLINGS)}")
+    antithetic = coupling.endswith('antithetic')
+    if antithetic and n_walks % 2:
+        raise ValueError(f"n_walks={n_walks} is invalid for coupling={coupling!r}; valid: an even number (walkers come in pairs)")
     nbr, deg = grid_neighbors(h, w)
     N = h * w
     start = torch.arange(N).repeat_interleave(n_walks)
+    slot = torch.arange(N * n_walks)  # walker j of start node i sits in slot i*n + j
     node, load = start.clone(), torch.ones(N * n_walks, dtype=torch.float64)
     recs = []
     for t in range(max_len + 1):
         recs.append((torch.full_like(node, t), start, node, load))
         if t == max_len or deg.max() == 0:
             break
-        go = torch.rand(node.shape[0], generator=generator, dtype=torch.float64) >= p_halt
-        go &= deg[node] > 0
-        start, node, load = start[go], node[go], load[go]
+        go = ~_halts(slot, N, n_walks, p_halt, antithetic, generator) & (deg[node] > 0)
+        start, node, load, slot = start[go], node[go], load[go], slot[go]
         if node.numel() == 0:
             break
         d = deg[node]
-        pick = (torch.rand(node.shape[0], generator=generator, dtype=torch.float64) * d).long().clamp(max=d - 1)
+        if coupling.startswith('repelling'):
+            pick = _repelling_picks(start, node, d, N, generator)
+        else:
+            pick = (torch.rand(node.shape[0], generator=generator, dtype=torch.float64) * d).long().clamp(max=d - 1)
         nxt = nbr[node, pick]
         load = load * (d.double() / deg[nxt].double()).sqrt() / (1 - p_halt)  # W[u,u'] deg(u) = sqrt(deg u / deg u')
         node = nxt

@@ -39,6 +39,7 @@ class ViTConfig:
     attn_impl: str = 'auto'      # auto | dense | fast (toeplitz and grf have both; the others one path)
     grf_walks: int = 20          # n, random walks per node
     grf_p_halt: float = 0.1      # probability that a walk halts at each step
+    grf_coupling: str = 'repelling' # how the n walks of a node are drawn together: one of masks.COUPLINGS
     mask_max_len: int = 10       # K: highest power of W in the topological mask / longest walk
     mask_seed: int = 0           # GRF walks are sampled from (mask_seed, layer, head): same on every process
     mask_init_decay: float = 0.5 # f_k = decay^k at initialisation (a locality bias)
@@ -54,18 +55,30 @@ def check_config(c):
     if c.dim % c.heads: bad('dim', c.dim, f"a multiple of heads={c.heads}")
     if not 0 < c.grf_p_halt <= 1: bad('grf_p_halt', c.grf_p_halt, "0 < p_halt <= 1")
     if c.grf_walks < 1: bad('grf_walks', c.grf_walks, "an integer >= 1")
+    if c.grf_coupling not in masks.COUPLINGS: bad('grf_coupling', c.grf_coupling, ', '.join(masks.COUPLINGS))
+    if c.grf_coupling.endswith('antithetic') and c.grf_walks % 2:
+        bad('grf_walks', c.grf_walks, f"an even number with grf_coupling={c.grf_coupling!r}")
     if c.mask_max_len < 0: bad('mask_max_len', c.mask_max_len, "an integer >= 0")
     if not c.mask_init_decay > 0: bad('mask_init_decay', c.mask_init_decay, "a number > 0")
     if not c.table_init_decay > 0: bad('table_init_decay', c.table_init_decay, "a number > 0")
 
-def grf_walk_buffers(h, w, heads, n_walks, p_halt, max_len, seed):
+# settings added after checkpoints were saved without them, with the value those checkpoints ran with
+PREDATES = {'grf_coupling': 'iid'}
+
+def saved_config(saved):
+    """ViTConfig of a saved run's config dict: a setting the run predates takes the value it ran with
+    (PREDATES), else its default; keys that are not model settings are ignored."""
+    known = {k: v for k, v in saved.items() if k in ViTConfig.__dataclass_fields__}
+    return ViTConfig(**{**{k: v for k, v in PREDATES.items() if k not in saved}, **known})
+
+def grf_walk_buffers(h, w, heads, n_walks, p_halt, max_len, seed, coupling):
     """Sample one walk ensemble per head (seeded by `seed` and the head) and lay them out for masks.py:
     cols [H, N, R]; per record its flat slot h*N*R + i*R + r, its flat coefficient index h*(K+1) + t, its load."""
     N, K1 = h * w, max_len + 1
     per_head = []
     for hd in range(heads):
         g = torch.Generator().manual_seed(seed * 1_000_003 + hd)
-        step, start, node, load = masks.sample_grf_walks(h, w, n_walks, p_halt, max_len, g)
+        step, start, node, load = masks.sample_grf_walks(h, w, n_walks, p_halt, max_len, g, coupling)
         cols, slot = masks.grf_layout(start, node, N)
         per_head.append((cols, slot, step, load))
     R = max(c.shape[1] for c, *_ in per_head)
@@ -101,7 +114,7 @@ class Attention(nn.Module):
             self.register_buffer('W_powers', masks.matrix_powers(W, 2 * K).float(), persistent=False)
         if c.attn == 'grf':
             bufs = grf_walk_buffers(self.h, self.w, c.heads, c.grf_walks, c.grf_p_halt, K,
-                                    seed=c.mask_seed * 10_007 + layer)
+                                    seed=c.mask_seed * 10_007 + layer, coupling=c.grf_coupling)
             for name, b in zip(self.GRF_BUFFERS, bufs):
                 self.register_buffer(name, b)
 

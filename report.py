@@ -19,7 +19,7 @@ import torch
 
 import data
 import masks
-from model import ATTNS, ViT, ViTConfig
+from model import ATTNS, ViT, saved_config
 
 SEED_RESULT = {'softmax': 86.54, 'toeplitz': 88.03, 'topo': 87.21, 'grf': 86.99, 'linear': 86.36}
 
@@ -34,13 +34,13 @@ def load_runs(root):
 
 # mask settings, and the variants they act on: a column when they vary
 KNOBS = {'mask_lr_mult': ('toeplitz', 'topo', 'grf'), 'mask_init_decay': ('topo', 'grf'), 'table_init_decay': ('toeplitz',),
-         'grf_walks': ('grf',), 'grf_p_halt': ('grf',)}
+         'grf_walks': ('grf',), 'grf_p_halt': ('grf',), 'grf_coupling': ('grf',)}
 
 def knob(r, k):
     """The run's setting k, None where it does not act; runs from before a knob existed ran at its default."""
     if r['config']['attn'] not in KNOBS[k]:
         return None
-    return r['config'][k] if k in r['config'] else ViTConfig.__dataclass_fields__[k].default
+    return r['config'][k] if k in r['config'] else getattr(saved_config(r['config']), k)
 
 def table(runs):
     knobs = [k for k in KNOBS if len({knob(r, k) for r in runs} - {None}) > 1]
@@ -56,7 +56,7 @@ def table(runs):
             std = statistics.stdev(acc) if len(acc) > 1 else float('nan')
             eps = sorted({r['config']['epochs'] for r in rs})
             ips = statistics.median(r['images_per_s'] for r in rs)
-            settings = ''.join('– | ' if v is None else f"{v:g} | " for v in values)
+            settings = ''.join('– | ' if v is None else f"{v} | " if isinstance(v, str) else f"{v:g} | " for v in values)
             rows.append(f"| {attn} | {settings}{statistics.mean(acc):.2f} ± {std:.2f} | {len(acc)} "
                         f"| {','.join(map(str, eps))} | {ips:,.0f} | {SEED_RESULT.get(attn, '')} |")
     return '\n'.join(rows)
@@ -82,7 +82,7 @@ def curves(runs, path):
 def load_checkpoint(run_dir):
     """The run's ckpt.pt and its model config (settings it predates take their defaults)."""
     ckpt = torch.load(os.path.join(run_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
-    return ckpt, ViTConfig(**{k: v for k, v in ckpt['config'].items() if k in ViTConfig.__dataclass_fields__})
+    return ckpt, saved_config(ckpt['config'])
 
 def load_model(run_dir):
     ckpt, cfg = load_checkpoint(run_dir)

@@ -21,7 +21,8 @@ jobs = 1                   # trainings at a time
 threads = 0                # CPU threads per training (0 = the cores split between the jobs)
 config_file = 'configs/fmnist.py'
 out_root = 'out/sweep'     # one folder per run: <out_root>/<attn>-s<seed>
-args = ''                  # more train.py arguments, space-separated, e.g. '--data_dir=../shared/data'
+args = ''                  # more train.py arguments, space-separated; {seed} stands for the run's seed, e.g.
+                           # '--data_dir=../shared/data --mask_seed={seed}'
 # -----------------------------------------------------------------------------
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, str))}
 configure(config, sys.argv[1:])
@@ -37,7 +38,7 @@ for attn, seed in runs:
         continue
     resume = os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
     cmd = [sys.executable, 'train.py', config_file, f'--attn={attn}', f'--seed={seed}', f'--epochs={epochs}',
-           f'--out_dir={out_dir}'] + (['--init_from=resume'] if resume else []) + args.split()
+           f'--out_dir={out_dir}'] + (['--init_from=resume'] if resume else []) + args.replace('{seed}', str(seed)).split()
     pending.append((out_dir, cmd))
 
 t0 = time.time()

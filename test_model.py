@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import masks
-from model import ATTNS, ViT, ViTConfig
+from model import ATTNS, ViT, ViTConfig, saved_config
 
 def tiny(**kw):
     return ViTConfig(**{**dict(image_size=16, patch_size=4, in_channels=3, num_classes=5, dim=32, depth=2,
@@ -91,6 +91,21 @@ def test_layers_heads_and_seeds_get_different_walks():
     assert not torch.allclose(l0, l1)        # layers
     assert not torch.allclose(l0, phi_hat(other.blocks[0].attn))  # seeds
 
+@pytest.mark.parametrize("coupling", masks.COUPLINGS)
+def test_grf_model_walks_are_drawn_with_its_coupling(coupling):
+    """Layer 0, head 0 holds the walks masks.sample_grf_walks draws with the model's coupling and seed."""
+    attn = ViT(tiny(attn="grf", grf_coupling=coupling, mask_seed=3)).blocks[0].attn
+    g = torch.Generator().manual_seed((3 * 10_007 + 0) * 1_000_003 + 0)
+    step, start, node, load = masks.sample_grf_walks(4, 4, 4, 0.1, 4, g, coupling)
+    f = attn.f_logits.exp().detach()[0]
+    want = torch.zeros(16, 16).index_put_((start, node), f[step] * load, accumulate=True)
+    torch.testing.assert_close(phi_hat(attn)[0], want)
+
+def test_settings_a_saved_run_predates_take_the_value_it_ran_with():
+    assert saved_config({"attn": "grf", "epochs": 3}).grf_coupling == "iid"  # walks were i.i.d. before the setting
+    assert saved_config({"attn": "grf", "grf_coupling": "repelling"}).grf_coupling == "repelling"
+    assert saved_config({"attn": "grf"}).table_init_decay == ViTConfig().table_init_decay
+
 def test_state_dict_round_trip_restores_walks_and_outputs(tmp_path):
     torch.manual_seed(0)
     model = ViT(tiny(attn="grf", mask_seed=0)).eval()
@@ -131,6 +146,8 @@ def test_param_groups_cover_every_parameter_once():
     (dict(attn="grf", grf_walks=-3), ["-3", ">= 1"]),
     (dict(dim=30, heads=4), ["30", "heads=4"]),
     (dict(attn="toeplitz", table_init_decay=0.0), ["table_init_decay=0.0", "> 0"]),
+    (dict(attn="grf", grf_coupling="lazy"), ["grf_coupling='lazy'", "iid", "repelling_antithetic"]),
+    (dict(attn="grf", grf_coupling="antithetic", grf_walks=5), ["grf_walks=5", "even"]),
 ])
 def test_bad_config_raises_value_error_naming_value_and_valid_ones(kw, words):
     with pytest.raises(ValueError) as e:

@@ -55,8 +55,9 @@ def test_sweep_skips_finished_runs_resumes_an_interrupted_one_and_runs_the_rest(
     assert p.returncode == 0, p.stderr[-3000:]
     os.remove(os.path.join(root, 'linear-s1', 'result.json'))
     out = sweep('--attns=linear', '--seeds=3', '--epochs=2', '--jobs=2', '--threads=1', f'--out_root={root}',
-                f'--args={SYNTHETIC}')
+                f'--args={SYNTHETIC} --mask_seed={{seed}}')
     assert f'{root}/linear-s0: done, skipped' in out
+    assert '--mask_seed=2' in next(l for l in out.splitlines() if 'start' in l and '--seed=2' in l)
     assert '--init_from=resume' in next(l for l in out.splitlines() if 'start' in l and '--seed=1' in l)
     assert '--init_from=resume' not in next(l for l in out.splitlines() if 'start' in l and '--seed=2' in l)
     runs = {os.path.basename(r['dir']): r for r in report.load_runs(root)}

@@ -189,12 +189,15 @@ def test_eval_only_reproduces_the_recorded_top1(first_epoch):
     assert again['top1'] == result(first_epoch)['final']['top1'] and again['loss'] == pytest.approx(result(first_epoch)['final']['loss'])
 
 def test_a_checkpoint_saved_before_a_model_setting_existed_still_resumes(first_epoch, tmp_path):
-    """Model settings added later (here table_init_decay) take their defaults when an older checkpoint lacks them."""
+    """Model settings added later take their defaults when an older checkpoint lacks them (table_init_decay), or the
+    value such checkpoints ran with (grf_coupling: 'iid'); the walks are the checkpoint's either way."""
     run = copy_of(first_epoch, tmp_path)
     old = checkpoint(run)
-    del old['config']['table_init_decay']
+    del old['config']['table_init_decay'], old['config']['grf_coupling']
     torch.save(old, os.path.join(run, 'ckpt.pt'))
     p = train(*SYNTHETIC, '--init_from=resume', '--eval_only=True', out=run)
     assert json.loads(p.stdout.strip().splitlines()[-1])['top1'] == result(first_epoch)['final']['top1']
     train(*SYNTHETIC, '--init_from=resume', f'--max_steps={STEPS_PER_EPOCH + 2}', out=run)
-    assert checkpoint(run)['step'] == STEPS_PER_EPOCH + 2
+    new = checkpoint(run)
+    assert new['step'] == STEPS_PER_EPOCH + 2 and new['config']['grf_coupling'] == 'iid'
+    assert all(torch.equal(new['model'][k], old['model'][k]) for k in old['model'] if '.grf_' in k)

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from configurator import configure, fail
-from model import ViT, ViTConfig
+from model import ViT, ViTConfig, saved_config
 
 # I/O
 out_dir = ''               # ckpt.pt, metrics.jsonl and result.json go here ('' = out/<dataset>-<attn>)
@@ -54,6 +54,7 @@ attn = 'softmax'           # softmax | linear | toeplitz | topo | grf
 attn_impl = 'auto'         # auto | dense | fast: how toeplitz and grf are evaluated
 grf_walks = 20             # grf: random walks per node (n)
 grf_p_halt = 0.1           # grf: probability that a walk halts at each step
+grf_coupling = 'repelling' # grf: iid | antithetic | repelling | repelling_antithetic (the reference: repelling)
 mask_max_len = 10          # topo, grf: highest power of the grid's W in the mask (K)
 mask_seed = 0              # grf: seed of the frozen walks (identical on every rank)
 mask_init_decay = 0.5      # topo, grf: f_k = decay^k at initialisation
@@ -123,7 +124,7 @@ if init_from != 'scratch':
     if not os.path.isfile(src):
         fail(f"init_from={init_from!r}: no checkpoint at {src}")
     ckpt = torch.load(src, map_location='cpu', weights_only=False)
-    ckpt['config'] = {**asdict(ViTConfig()), **ckpt['config']}  # model settings added since it was saved: defaults
+    ckpt['config'] = {**ckpt['config'], **asdict(saved_config(ckpt['config']))}  # settings it predates: as it ran
 elif eval_only:
     fail("eval_only=True needs init_from='resume' or the path of a checkpoint")
 model_keys = [f.name for f in fields(ViTConfig)]
