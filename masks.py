@@ -55,19 +55,34 @@ def matrix_powers(W, n):
 # -----------------------------------------------------------------------------
 # the exact topological mask
 
-def topo_features(W_powers, f):
-    """Phi_G = sum_k f_k W^k for f [..., K+1] -> [..., N, N]; uses W_powers[:K+1]. O(K N^2)."""
-    return torch.einsum('...k,kij->...ij', f, W_powers[:f.shape[-1]])
+def power_series(W_powers, coeffs):
+    """sum_k c_k W^k for coeffs [..., K+1] -> [..., N, N]; uses W_powers[:K+1]. O(K N^2).
+    With c = alpha it is the paper's M_alpha(G); with c = f it is the features Phi_G."""
+    return torch.einsum('...k,kij->...ij', coeffs, W_powers[:coeffs.shape[-1]])
+
+topo_features = power_series  # Phi_G = sum_k f_k W^k
 
 def self_convolution(f):
-    """alpha = f * f, the discrete self-convolution over the last dim: alpha_m = sum_{k+l=m} f_k f_l, [..., 2K+1]."""
+    """alpha = f * f, the discrete self-convolution over the last dim: alpha_m = sum_{k+l=m} f_k f_l, [..., 2K+1].
+    One outer product scattered onto the anti-diagonals k + l = m (no loop over k)."""
     K1 = f.shape[-1]
-    return sum(F.pad(f[..., k:k + 1] * f, (k, K1 - 1 - k)) for k in range(K1))
+    k = torch.arange(K1, device=f.device)
+    outer = (f[..., :, None] * f[..., None, :]).flatten(-2)
+    return torch.zeros(*f.shape[:-1], 2 * K1 - 1, dtype=f.dtype, device=f.device).index_add(-1, (k[:, None] + k).flatten(), outer)
+
+def deconvolution(alpha):
+    """The f with (f * f)_m = alpha_m for m = 0 .. K (alpha [..., K+1]): f_0 = sqrt(alpha_0),
+    f_k = (alpha_k - sum_{p=1}^{k-1} f_p f_{k-p}) / (2 f_0). f may come out negative; (f * f)_m for m > K
+    is whatever it is. O(K^2)."""
+    f = [alpha[..., 0].sqrt()]
+    for k in range(1, alpha.shape[-1]):
+        f.append((alpha[..., k] - sum(f[p] * f[k - p] for p in range(1, k))) / (2 * f[0]))
+    return torch.stack(f, -1)
 
 def topo_mask(W_powers, f):
     """M = Phi_G Phi_G^T = sum_m alpha_m W^m with alpha = f * f (W symmetric, so its powers commute).
     Needs W_powers up to 2K: O(K N^2) per call instead of the O(N^3) product."""
-    return topo_features(W_powers, self_convolution(f))
+    return power_series(W_powers, self_convolution(f))
 
 # -----------------------------------------------------------------------------
 # graph random features

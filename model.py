@@ -3,7 +3,8 @@ A Vision Transformer whose attention is one of five token mixers (the math is in
   softmax   softmax(q k^T / sqrt(d)) v, via F.scaled_dot_product_attention          O(N^2)
   linear    phi(q) (phi(k)^T v), phi = relu                                         O(N)
   toeplitz  linear attention masked by a learnable table of 2-D relative offsets      O(N log N) (FFT)
-  topo      linear attention masked by M = Phi Phi^T, Phi = sum_k f_k W^k (exact)    O(N^2)
+  topo      linear attention masked by M = sum_k alpha_k W^k (exact; the paper's M_alpha(G)),   O(N^2)
+            or by M = Phi Phi^T, Phi = sum_k f_k W^k (topo_form='features', what grf estimates)
   grf       the same mask estimated with graph random features (sparse Phi_hat)      O(N)
 Patches are nodes of the h x w grid; learned absolute positions; global average pooling; no CLS token.
 """
@@ -18,6 +19,7 @@ import masks
 
 ATTNS = ('softmax', 'linear', 'toeplitz', 'topo', 'grf')
 IMPLS = ('auto', 'dense', 'fast')
+TOPO_FORMS = ('alpha', 'features')
 # attn_impl='auto' runs the dense O(N^2) path up to this many tokens and the efficient path above it.
 # Measured with `python bench.py --mode=attention --threads=1` (forward + backward, batch 2, 2 heads, head dim 16,
 # 20 walks, p_halt 0.1, K 10, 2-core CPU): toeplitz dense 82 ms vs FFT 127 ms at N = 1024, FFT ahead from 2025
@@ -42,7 +44,8 @@ class ViTConfig:
     grf_coupling: str = 'repelling' # how the n walks of a node are drawn together: one of masks.COUPLINGS
     mask_max_len: int = 10       # K: highest power of W in the topological mask / longest walk
     mask_seed: int = 0           # GRF walks are sampled from (mask_seed, layer, head): same on every process
-    mask_init_decay: float = 0.5 # f_k = decay^k at initialisation (a locality bias)
+    topo_form: str = 'alpha'     # topo: 'alpha' learns M = sum_k alpha_k W^k (the reference); 'features' M = Phi Phi^T
+    mask_init_decay: float = 0.5 # alpha_k (topo) or f_k (topo features, grf) = decay^k at initialisation
     table_init_decay: float = 1.0 # toeplitz: t[dr, dc] = decay^(|dr| + |dc|) at initialisation (1: unmasked)
 
 def check_config(c):
@@ -54,6 +57,7 @@ def check_config(c):
     if c.patch_size < 1 or c.image_size % c.patch_size: bad('image_size', c.image_size, f"a multiple of patch_size={c.patch_size}")
     if c.dim % c.heads: bad('dim', c.dim, f"a multiple of heads={c.heads}")
     if not 0 < c.grf_p_halt <= 1: bad('grf_p_halt', c.grf_p_halt, "0 < p_halt <= 1")
+    if c.topo_form not in TOPO_FORMS: bad('topo_form', c.topo_form, ', '.join(TOPO_FORMS))
     if c.grf_walks < 1: bad('grf_walks', c.grf_walks, "an integer >= 1")
     if c.grf_coupling not in masks.COUPLINGS: bad('grf_coupling', c.grf_coupling, ', '.join(masks.COUPLINGS))
     if c.grf_coupling.endswith('antithetic') and c.grf_walks % 2:
@@ -63,7 +67,7 @@ def check_config(c):
     if not c.table_init_decay > 0: bad('table_init_decay', c.table_init_decay, "a number > 0")
 
 # settings added after checkpoints were saved without them, with the value those checkpoints ran with
-PREDATES = {'grf_coupling': 'iid'}
+PREDATES = {'grf_coupling': 'iid', 'topo_form': 'features'}
 
 def saved_config(saved):
     """ViTConfig of a saved run's config dict: a setting the run predates takes the value it ran with
@@ -107,11 +111,15 @@ class Attention(nn.Module):
             dr, dc = torch.arange(1 - self.h, self.h).abs(), torch.arange(1 - self.w, self.w).abs()
             hops = (dr[:, None] + dc[None, :]).float()
             self.table_logits = nn.Parameter(hops.mul(math.log(c.table_init_decay)).repeat(c.heads, 1, 1))
-        if c.attn in ('topo', 'grf'):  # f = exp(logits) >= 0, starts at decay^k
-            self.f_logits = nn.Parameter(torch.arange(K + 1.0).mul(math.log(c.mask_init_decay)).repeat(c.heads, 1))
-        if c.attn == 'topo':  # W^0 .. W^2K, fixed: M = sum_m (f*f)_m W^m
+        start = torch.arange(K + 1.0).mul(math.log(c.mask_init_decay)).repeat(c.heads, 1)  # decay^k, as logits
+        self.alpha_form = c.attn == 'topo' and c.topo_form == 'alpha'
+        if self.alpha_form:  # alpha = exp(logits) >= 0, so M >= 0 entry-wise; W^0 .. W^K
+            self.alpha_logits = nn.Parameter(start)
+        elif c.attn in ('topo', 'grf'):  # f = exp(logits) >= 0; M = Phi Phi^T = sum_m (f*f)_m W^m needs W^0 .. W^2K
+            self.f_logits = nn.Parameter(start)
+        if c.attn == 'topo':
             W = masks.grid_adjacency(self.h, self.w).double()
-            self.register_buffer('W_powers', masks.matrix_powers(W, 2 * K).float(), persistent=False)
+            self.register_buffer('W_powers', masks.matrix_powers(W, K if self.alpha_form else 2 * K).float(), persistent=False)
         if c.attn == 'grf':
             bufs = grf_walk_buffers(self.h, self.w, c.heads, c.grf_walks, c.grf_p_halt, K,
                                     seed=c.mask_seed * 10_007 + layer, coupling=c.grf_coupling)
@@ -136,6 +144,8 @@ class Attention(nn.Module):
         """The dense N x N mask per head, [H, N, N] (for the dense path, and for inspection)."""
         if self.attn == 'toeplitz':
             return masks.toeplitz_mask(self.table_logits.exp(), self.h, self.w)
+        if self.alpha_form:
+            return masks.power_series(self.W_powers, self.alpha_logits.exp())
         if self.attn == 'topo':
             return masks.topo_mask(self.W_powers, self.f_logits.exp())
         if self.attn == 'grf':
@@ -211,12 +221,18 @@ class ViT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def mask_parameters(self):
+        """The mask's own parameters (f, alpha, Toeplitz tables): those an Attention holds itself, beside its
+        qkv and output projections."""
+        return [p for m in self.modules() if isinstance(m, Attention) for p in m.parameters(recurse=False)]
+
     def param_groups(self, weight_decay, mask_lr_mult=1.0):
         """AdamW groups: matrices decay; biases, norms and positions do not; the few mask parameters
-        (f, Toeplitz tables) get no decay and their own learning-rate multiplier."""
+        get no decay and their own learning-rate multiplier."""
         groups = {'decay': [], 'no_decay': [], 'mask': []}
+        mask = {id(p) for p in self.mask_parameters()}
         for name, p in self.named_parameters():
-            if name.endswith(('f_logits', 'table_logits')):
+            if id(p) in mask:
                 groups['mask'].append(p)
             elif p.dim() >= 2 and name != 'pos_embed':
                 groups['decay'].append(p)

@@ -90,6 +90,15 @@ def test_topo_features_equal_loop_of_matrix_powers_and_mask_is_f_self_convolutio
     alpha = [sum(f[a] * f[m - a] for a in range(K + 1) if 0 <= m - a <= K) for m in range(2 * K + 1)]
     torch.testing.assert_close(M, sum(a * torch.linalg.matrix_power(W, m) for m, a in enumerate(alpha)))
 
+def test_self_convolution_equals_a_double_loop_and_deconvolution_inverts_it():
+    f = torch.rand(3, 7, dtype=torch.float64)
+    ref = torch.zeros(3, 13, dtype=torch.float64)
+    for k in range(7):
+        for l in range(7):
+            ref[:, k + l] += f[:, k] * f[:, l]
+    torch.testing.assert_close(masks.self_convolution(f), ref)
+    torch.testing.assert_close(masks.deconvolution(ref[:, :7]), f)
+
 # --- 4. graph random features are unbiased -----------------------------------------------------
 
 @pytest.mark.parametrize("coupling", masks.COUPLINGS)

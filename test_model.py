@@ -47,8 +47,10 @@ def test_mask_parameters_start_as_documented():
     for dr in range(-3, 4):  # the table holds offsets -3 .. 3 on the 4x4 grid; decay^(Manhattan distance)
         for dc in range(-3, 4):
             assert local.table_logits[1, dr + 3, dc + 3].exp().item() == pytest.approx(0.5 ** (abs(dr) + abs(dc)))
-    topo = ViT(tiny(attn="topo", mask_init_decay=0.5))
+    topo = ViT(tiny(attn="topo", mask_init_decay=0.5, topo_form="features"))
     torch.testing.assert_close(topo.blocks[1].attn.f_logits.exp(), (0.5 ** torch.arange(5.0)).repeat(2, 1))
+    alpha = ViT(tiny(attn="topo", mask_init_decay=0.99)).blocks[0].attn
+    torch.testing.assert_close(alpha.alpha_logits.exp(), (0.99 ** torch.arange(5.0)).repeat(2, 1))
 
 def test_toeplitz_model_starts_as_plain_linear_attention():
     torch.manual_seed(0)
@@ -56,8 +58,23 @@ def test_toeplitz_model_starts_as_plain_linear_attention():
     toep.load_state_dict(lin.state_dict(), strict=False)
     torch.testing.assert_close(toep(IMAGES), lin(IMAGES), rtol=1e-4, atol=1e-5)
 
+def test_topo_model_mask_is_the_power_series_of_its_alpha_and_every_alpha_gets_a_gradient():
+    torch.manual_seed(0)
+    model = ViT(tiny(attn="topo", mask_max_len=6))
+    attn = model.blocks[0].attn
+    assert attn.W_powers.shape[0] == 7  # W^0 .. W^K: half the powers of the features form
+    with torch.no_grad():
+        attn.alpha_logits.add_(torch.randn_like(attn.alpha_logits))
+    alpha = attn.alpha_logits.exp().detach().double()
+    W = masks.grid_adjacency(4, 4).double()
+    M = sum(alpha[:, k, None, None] * torch.linalg.matrix_power(W, k) for k in range(7))
+    torch.testing.assert_close(attn.mask().double(), M, rtol=1e-5, atol=1e-6)
+    assert (attn.mask() >= 0).all()
+    model(IMAGES).logsumexp(-1).sum().backward()
+    assert (attn.alpha_logits.grad.abs() > 0).all()
+
 def test_topo_model_mask_is_phi_phi_transpose_of_its_f():
-    model = ViT(tiny(attn="topo"))
+    model = ViT(tiny(attn="topo", topo_form="features"))
     attn = model.blocks[0].attn
     f = attn.f_logits.exp().detach()
     W = masks.grid_adjacency(4, 4)
@@ -67,7 +84,7 @@ def test_topo_model_mask_is_phi_phi_transpose_of_its_f():
 def test_grf_model_mask_estimates_topo_mask():
     """With many walks the GRF model's mask approaches the exact mask of the same f."""
     grf = ViT(tiny(attn="grf", grf_walks=2000, depth=1, heads=1))
-    topo = ViT(tiny(attn="topo", depth=1, heads=1))
+    topo = ViT(tiny(attn="topo", depth=1, heads=1, topo_form="features"))
     exact, est = topo.blocks[0].attn.mask().detach()[0], grf.blocks[0].attn.mask().detach()[0]
     off = ~torch.eye(16, dtype=torch.bool)
     assert ((est - exact)[off].norm() / exact[off].norm()) < 0.05
@@ -104,6 +121,7 @@ def test_grf_model_walks_are_drawn_with_its_coupling(coupling):
 def test_settings_a_saved_run_predates_take_the_value_it_ran_with():
     assert saved_config({"attn": "grf", "epochs": 3}).grf_coupling == "iid"  # walks were i.i.d. before the setting
     assert saved_config({"attn": "grf", "grf_coupling": "repelling"}).grf_coupling == "repelling"
+    assert saved_config({"attn": "topo"}).topo_form == "features"  # topo learned f before the setting
     assert saved_config({"attn": "grf"}).table_init_decay == ViTConfig().table_init_decay
 
 def test_state_dict_round_trip_restores_walks_and_outputs(tmp_path):
@@ -124,13 +142,15 @@ def test_grf_model_holds_no_dense_heads_by_n_by_n_tensor():
     attn = model.blocks[0].attn
     assert attn.grf_load.numel() <= cfg.heads * N * cfg.grf_walks * (cfg.mask_max_len + 1)
 
-def test_param_groups_cover_every_parameter_once():
-    model = ViT(tiny(attn="grf"))
+@pytest.mark.parametrize("attn", ["grf", "topo", "toeplitz"])
+def test_param_groups_cover_every_parameter_once(attn):
+    model = ViT(tiny(attn=attn))
     groups = model.param_groups(weight_decay=0.05, mask_lr_mult=10)
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())
     mask = [g for g in groups if g["lr_mult"] == 10]
-    assert len(mask) == 1 and mask[0]["weight_decay"] == 0 and len(mask[0]["params"]) == 2  # f of 2 layers
+    assert len(mask) == 1 and mask[0]["weight_decay"] == 0 and len(mask[0]["params"]) == 2  # one per layer
+    assert {p.shape[-1] for p in mask[0]["params"]} == {5 if attn != "toeplitz" else 7}  # K + 1 coefficients, or 2w-1
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     assert id(model.pos_embed) not in decayed and id(model.head.bias) not in decayed
     assert id(model.head.weight) in decayed
@@ -146,6 +166,7 @@ def test_param_groups_cover_every_parameter_once():
     (dict(attn="grf", grf_walks=-3), ["-3", ">= 1"]),
     (dict(dim=30, heads=4), ["30", "heads=4"]),
     (dict(attn="toeplitz", table_init_decay=0.0), ["table_init_decay=0.0", "> 0"]),
+    (dict(attn="topo", topo_form="beta"), ["topo_form='beta'", "alpha", "features"]),
     (dict(attn="grf", grf_coupling="lazy"), ["grf_coupling='lazy'", "iid", "repelling_antithetic"]),
     (dict(attn="grf", grf_coupling="antithetic", grf_walks=5), ["grf_walks=5", "even"]),
 ])

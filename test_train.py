@@ -201,3 +201,13 @@ def test_a_checkpoint_saved_before_a_model_setting_existed_still_resumes(first_e
     new = checkpoint(run)
     assert new['step'] == STEPS_PER_EPOCH + 2 and new['config']['grf_coupling'] == 'iid'
     assert all(torch.equal(new['model'][k], old['model'][k]) for k in old['model'] if '.grf_' in k)
+
+def test_a_topo_checkpoint_from_before_topo_form_loads_as_features_and_scores_its_recorded_top1(tmp_path):
+    args = [*SYNTHETIC, '--attn=topo', '--topo_form=features', '--epochs=1', '--max_steps=6']
+    train(*args, out=tmp_path)
+    old = checkpoint(tmp_path)
+    del old['config']['topo_form']
+    torch.save(old, os.path.join(tmp_path, 'ckpt.pt'))
+    p = train(*SYNTHETIC, '--attn=topo', '--init_from=resume', '--eval_only=True', out=tmp_path)
+    assert json.loads(p.stdout.strip().splitlines()[-1])['top1'] == result(tmp_path)['final']['top1']
+    assert "'topo_form': 'features'" in p.stdout  # the checkpoint's form wins over this run's default

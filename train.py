@@ -57,7 +57,8 @@ grf_p_halt = 0.1           # grf: probability that a walk halts at each step
 grf_coupling = 'repelling' # grf: iid | antithetic | repelling | repelling_antithetic (the reference: repelling)
 mask_max_len = 10          # topo, grf: highest power of the grid's W in the mask (K)
 mask_seed = 0              # grf: seed of the frozen walks (identical on every rank)
-mask_init_decay = 0.5      # topo, grf: f_k = decay^k at initialisation
+topo_form = 'alpha'        # topo: 'alpha' learns M = sum_k alpha_k W^k (the reference); 'features' M = Phi Phi^T
+mask_init_decay = 0.5      # topo, grf: alpha_k or f_k = decay^k at initialisation (the reference: exp(-0.01))
 table_init_decay = 1.0     # toeplitz: t[dr, dc] = decay^(|dr| + |dc|) at initialisation (1: unmasked)
 # optimisation
 epochs = 30                # the run's length: the learning-rate schedule ends with the last step of the last epoch
