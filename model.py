@@ -75,7 +75,7 @@ def saved_config(saved):
     known = {k: v for k, v in saved.items() if k in ViTConfig.__dataclass_fields__}
     return ViTConfig(**{**{k: v for k, v in PREDATES.items() if k not in saved}, **known})
 
-def grf_walk_buffers(h, w, heads, n_walks, p_halt, max_len, seed, coupling):
+def grf_walk_buffers(h, w, heads, n_walks, p_halt, max_len, coupling, seed):
     """Sample one walk ensemble per head (seeded by `seed` and the head) and lay them out for masks.py:
     cols [H, N, R]; per record its flat slot h*N*R + i*R + r, its flat coefficient index h*(K+1) + t, its load."""
     N, K1 = h * w, max_len + 1
@@ -121,10 +121,17 @@ class Attention(nn.Module):
             W = masks.grid_adjacency(self.h, self.w).double()
             self.register_buffer('W_powers', masks.matrix_powers(W, K if self.alpha_form else 2 * K).float(), persistent=False)
         if c.attn == 'grf':
-            bufs = grf_walk_buffers(self.h, self.w, c.heads, c.grf_walks, c.grf_p_halt, K,
-                                    seed=c.mask_seed * 10_007 + layer, coupling=c.grf_coupling)
-            for name, b in zip(self.GRF_BUFFERS, bufs):
-                self.register_buffer(name, b)
+            self.walk_settings = dict(n_walks=c.grf_walks, p_halt=c.grf_p_halt, max_len=K, coupling=c.grf_coupling)
+            self.walk_seed = c.mask_seed * 10_007 + layer
+            self.sample_walks()
+
+    def sample_walks(self, draw=0):
+        """(Re)draw the GRF walks of every head: draw r of this layer is seeded by (mask_seed, layer, r) alone,
+        so every rank draws the same walks and a resumed run the same as an uninterrupted one."""
+        seed = self.walk_seed if draw == 0 else hash((self.walk_seed, draw)) % 2 ** 31  # int hashes: fixed
+        bufs = grf_walk_buffers(self.h, self.w, self.heads, seed=seed, **self.walk_settings)
+        for name, b in zip(self.GRF_BUFFERS, bufs):
+            self.register_buffer(name, b.to(self.f_logits.device))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # walk buffers are as long as the walks sampled: take the saved shapes before loading

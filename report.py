@@ -34,13 +34,16 @@ def load_runs(root):
 
 # mask settings, and the variants they act on: a column when they vary
 KNOBS = {'mask_lr_mult': ('toeplitz', 'topo', 'grf'), 'mask_init_decay': ('topo', 'grf'), 'table_init_decay': ('toeplitz',),
-         'grf_walks': ('grf',), 'grf_p_halt': ('grf',), 'grf_coupling': ('grf',)}
+         'grf_walks': ('grf',), 'grf_p_halt': ('grf',), 'grf_coupling': ('grf',), 'grf_resample_every': ('grf',),
+         'topo_form': ('topo',)}
 
 def knob(r, k):
     """The run's setting k, None where it does not act; runs from before a knob existed ran at its default."""
     if r['config']['attn'] not in KNOBS[k]:
         return None
-    return r['config'][k] if k in r['config'] else getattr(saved_config(r['config']), k)
+    if k in r['config']:
+        return r['config'][k]
+    return getattr(saved_config(r['config']), k, 0)  # a training setting the run predates was off
 
 def table(runs):
     knobs = [k for k in KNOBS if len({knob(r, k) for r in runs} - {None}) > 1]

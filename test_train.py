@@ -211,3 +211,17 @@ def test_a_topo_checkpoint_from_before_topo_form_loads_as_features_and_scores_it
     p = train(*SYNTHETIC, '--attn=topo', '--init_from=resume', '--eval_only=True', out=tmp_path)
     assert json.loads(p.stdout.strip().splitlines()[-1])['top1'] == result(tmp_path)['final']['top1']
     assert "'topo_form': 'features'" in p.stdout  # the checkpoint's form wins over this run's default
+
+def test_resampled_walks_change_during_training_and_resume_exactly(tmp_path):
+    """--grf_resample_every=3: the walks of step 9 are not the initial ones, and a run stopped at step 7 and
+    resumed ends with the same walks and weights as one that ran straight through to step 10."""
+    args = [*SYNTHETIC, '--grf_resample_every=3']
+    straight, resumed, frozen = (str(tmp_path / name) for name in ('straight', 'resumed', 'frozen'))
+    train(*args, '--max_steps=10', out=straight)
+    train(*args, '--max_steps=7', out=resumed)
+    train(*args, '--init_from=resume', '--max_steps=10', out=resumed)
+    train(*SYNTHETIC, '--max_steps=1', out=frozen)
+    a, b = checkpoint(straight)['model'], checkpoint(resumed)['model']
+    assert_same_model(a, b)
+    walks = [k for k in a if k.endswith('grf_load')]
+    assert walks and all(not torch.equal(a[k], checkpoint(frozen)['model'][k]) for k in walks)

@@ -57,6 +57,7 @@ grf_p_halt = 0.1           # grf: probability that a walk halts at each step
 grf_coupling = 'repelling' # grf: iid | antithetic | repelling | repelling_antithetic (the reference: repelling)
 mask_max_len = 10          # topo, grf: highest power of the grid's W in the mask (K)
 mask_seed = 0              # grf: seed of the frozen walks (identical on every rank)
+grf_resample_every = 0     # grf: draw fresh walks every this many optimizer steps (0 = frozen walks, as the reference)
 topo_form = 'alpha'        # topo: 'alpha' learns M = sum_k alpha_k W^k (the reference); 'features' M = Phi Phi^T
 mask_init_decay = 0.5      # topo, grf: alpha_k or f_k = decay^k at initialisation (the reference: exp(-0.01))
 table_init_decay = 1.0     # toeplitz: t[dr, dc] = decay^(|dr| + |dc|) at initialisation (1: unmasked)
@@ -279,6 +280,10 @@ while step < stop_step:
     d.sampler.set_epoch(epoch, step % steps_per_epoch)
     batches, t0, last_step = iter(d.train), time.time(), step
     while True:
+        if grf_resample_every and step % grf_resample_every == 0:  # draw r is seeded by (mask_seed, layer, r)
+            for m in raw_model.modules():
+                if hasattr(m, 'sample_walks'):
+                    m.sample_walks(draw=step // grf_resample_every)
         lr_now = get_lr(step)
         for group in optimizer.param_groups:
             group['lr'] = lr_now * group['lr_mult']
