@@ -7,6 +7,7 @@ beside the seed's FashionMNIST numbers), and draws the test-accuracy curves and 
     python report.py out/sweep --no_plots      # the table alone
     python report.py out/a out/b --no_plots    # several folders: a row per variant and per mask setting that differs
     python report.py out/sweep --no_plots --mask_swap=DATA_DIR   # + the topo/grf models with their masks swapped
+    python report.py out/sweep --no_plots --walk_error   # + the GRF mask's error per walk coupling and walk count
 """
 import glob
 import json
@@ -165,6 +166,44 @@ def mask_swap(runs, data_dir, walks=(20, 100, 1000), walk_seeds=3):
                     + ''.join(cells))
     return '\n'.join(rows)
 
+def grf_mask(h, w, f, n_walks, p_halt, coupling, generator):
+    """One GRF estimate M_hat = Phi_hat Phi_hat^T per row of f [H, K+1] (a fresh walk ensemble each), [H, N, N]."""
+    N, P = h * w, []
+    for fh in f:
+        step, start, node, load = masks.sample_grf_walks(h, w, n_walks, p_halt, f.shape[1] - 1, generator, coupling)
+        cols, slot = masks.grf_layout(start, node, N)
+        P.append(masks.ell_to_dense(cols, masks.grf_features(slot, step, load.double(), fh, N, cols.shape[1]), N))
+    P = torch.stack(P)
+    return P @ P.transpose(1, 2)
+
+@torch.no_grad()
+def walk_errors(runs, walks=(5, 20, 100), ensembles=20):
+    """Mean ||M_hat - M|| / ||M|| (norms over all heads) of GRF masks per walk coupling and number of walks,
+    M = Phi Phi^T exact: f = 0.5^k on the 14x14 grid (K 10, p_halt 0.1), and the learned f of each layer of
+    the first grf model among the runs, on its own grid."""
+    cases = [('0.5^k (14x14 grid)', 14, 14, 0.5 ** torch.arange(11.0, dtype=torch.float64)[None], 0.1)]
+    r = next((r for r in runs if r['config']['attn'] == 'grf'), None)
+    if r is not None:
+        model = load_model(r['dir'])
+        for layer, block in enumerate(model.blocks):
+            a = block.attn
+            cases.append((f"learned, layer {layer} ({r['dir']}, {a.h}x{a.w})", a.h, a.w, a.f_logits.exp().double(),
+                          a.walk_settings['p_halt']))
+    rows = ["| f | walks |" + ''.join(f" {c} |" for c in masks.COUPLINGS), "|---|---|" + "---|" * len(masks.COUPLINGS)]
+    for title, h, w, f, p_halt in cases:
+        M = masks.topo_mask(masks.matrix_powers(masks.grid_adjacency(h, w).double(), 2 * f.shape[1] - 2), f)
+        for n in walks:
+            cells = []
+            for coupling in masks.COUPLINGS:
+                if coupling.endswith('antithetic') and n % 2:
+                    cells.append(" – |")  # antithetic walkers come in pairs
+                    continue
+                g = torch.Generator().manual_seed(0)
+                errs = [((grf_mask(h, w, f, n, p_halt, coupling, g) - M).norm() / M.norm()).item() for _ in range(ensembles)]
+                cells.append(f" {statistics.mean(errs):.3f} |")
+            rows.append(f"| {title} | {n} |" + ''.join(cells))
+    return '\n'.join(rows)
+
 if __name__ == '__main__':
     roots = [a for a in sys.argv[1:] if not a.startswith('--')] or ['out/sweep']
     runs = [r for root in roots for r in load_runs(root)]
@@ -176,6 +215,8 @@ if __name__ == '__main__':
         curves(runs, 'assets/fmnist_curves.png')
         mask_pictures(runs, 'assets/fmnist_masks.png')
         print("wrote assets/fmnist_curves.png, assets/fmnist_masks.png")
+    if '--walk_error' in sys.argv:
+        print(walk_errors(runs))
     data_dir = next((a.split('=', 1)[1] for a in sys.argv[1:] if a.startswith('--mask_swap=')), None)
     if data_dir:
         print(mask_swap(runs, data_dir))

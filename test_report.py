@@ -85,3 +85,10 @@ def test_mask_swap_gives_the_trained_accuracy_back_with_the_exact_mask(tmp_path)
     assert topo[0] == 'topo (topo-s0)' and topo[1] == topo[2] == f"{runs[1]['final']['top1']:.2f}"
     assert abs(float(topo[4].split(' ± ')[0]) - float(topo[2])) < 1.5  # 4000 walks: close to the exact mask
     assert grf[0] == 'grf (grf-s0)' and grf[1] == f"{runs[0]['final']['top1']:.2f}"
+
+def test_walk_error_table_shows_repelling_walks_closer_to_the_exact_mask():
+    """report.walk_errors against the exact M from matrix powers: a row per walk count, a column per coupling."""
+    rows_ = rows(report.walk_errors([], walks=(20,), ensembles=3))
+    assert len(rows_) == 1 and rows_[0][:2] == ['0.5^k (14x14 grid)', '20']
+    err = dict(zip(report.masks.COUPLINGS, map(float, rows_[0][2:])))
+    assert 0.1 < err['iid'] < 0.2 and err['repelling'] < 0.6 * err['iid']  # 0.15 and 0.07 over 40 ensembles
