@@ -6,9 +6,11 @@ Datasets as iterables of (images, labels) batches, sharded over DDP ranks by one
   places365                    torchvision Places365, small (256x256) images, train-standard / val
 """
 import os
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
@@ -42,17 +44,28 @@ class ShardedBatches:
                 i = s * B + (a * self.world + self.rank) * self.micro
                 yield perm[i:i + self.micro].tolist()
 
+class Normalised:
+    """uint8 image batches [B, C, H, W] from `batches`, moved to the device and normalised there: a quarter of
+    float32's bytes cross from the loader workers and over the bus, and no worker spends time on arithmetic."""
+    def __init__(self, batches, device, mean, std):
+        self.batches, self.device = batches, device
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+
+    def __iter__(self):
+        for x, y in self.batches:
+            x = x.to(self.device, non_blocking=True)
+            yield (x.float() - self.mean) / self.std, y.to(self.device, non_blocking=True)
+
 class TensorBatches:
     """A split held whole on the device as uint8 [N, C, H, W]: batches are index lookups, no per-sample work."""
-    def __init__(self, x, y, sampler, mean, std):
+    def __init__(self, x, y, sampler):
         self.x, self.y, self.batch_sampler = x, y, sampler
-        self.mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255
 
     def __iter__(self):
         for idx in self.batch_sampler:
             idx = torch.tensor(idx).to(self.x.device, non_blocking=True)  # no wait for the GPU's queue
-            yield (self.x[idx].float() - self.mean) / self.std, self.y[idx]
+            yield self.x[idx], self.y[idx]
 
 def resized(x, size):
     """uint8 [N, C, h, w] -> uint8 [N, C, size, size], bilinear (antialiased when shrinking), once up front."""
@@ -62,12 +75,32 @@ def resized(x, size):
            for c in x.split(8192)]
     return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
 
+@contextmanager
+def rank_zero_first(rank, world):
+    """Rank 0 runs the block first (and downloads what is missing), the other ranks once it is done: no two
+    processes write one folder at once."""
+    if world > 1 and rank > 0:
+        dist.barrier()
+    yield
+    if world > 1 and rank == 0:
+        dist.barrier()
+
+def downloaded(make, name, data_dir, layout):
+    """make() (a torchvision dataset that downloads itself), or one line that says where it looked and what it expects."""
+    try:
+        return make()
+    except (RuntimeError, OSError) as e:  # torchvision's 'Dataset not found', or a failed download (URLError)
+        raise SystemExit(f"{name} is not in {data_dir} and could not be downloaded ({type(e).__name__}: {e}). "
+                         f"Expected {layout.replace('data_dir', data_dir)}; point --data_dir at a folder that holds it.")
+
 def fmnist(data_dir, train, num_classes):
-    ds = torchvision.datasets.FashionMNIST(data_dir, train=train, download=True)
+    ds = downloaded(lambda: torchvision.datasets.FashionMNIST(data_dir, train=train, download=True), 'FashionMNIST',
+                    data_dir, "data_dir/FashionMNIST/raw/*-ubyte(.gz)")
     return ds.data[:, None], ds.targets, (0.2860,), (0.3530,)
 
 def cifar10(data_dir, train, num_classes):
-    ds = torchvision.datasets.CIFAR10(data_dir, train=train, download=True)
+    ds = downloaded(lambda: torchvision.datasets.CIFAR10(data_dir, train=train, download=True), 'CIFAR-10', data_dir,
+                    "data_dir/cifar-10-batches-py/")
     return torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.tensor(ds.targets), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 def synthetic(data_dir, train, num_classes, size=32):
@@ -83,9 +116,13 @@ def synthetic(data_dir, train, num_classes, size=32):
     return (x * 30 + 128).round().clamp(0, 255).to(torch.uint8), y, (0.5,), (0.25,)
 
 def image_files(dataset, data_dir, image_size, train):
-    tf = T.Compose(([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()] if train else
-                    [T.Resize(round(image_size / 0.875)), T.CenterCrop(image_size)]) +
-                   [T.ToTensor(), T.Normalize(*IMAGENET_STATS)])
+    """The decoded, cropped images as uint8 tensors (normalised later, on the device). Crops as the reference's
+    ImageNet input pipeline: random area 8-100% and aspect 3/4-4/3, bicubic, flipped; evaluation: the central
+    87.5% of the short side, bicubic."""
+    bicubic = T.InterpolationMode.BICUBIC
+    tf = T.Compose([T.RandomResizedCrop(image_size, interpolation=bicubic), T.RandomHorizontalFlip()] if train else
+                   [T.Resize(round(image_size / 0.875), interpolation=bicubic), T.CenterCrop(image_size)])
+    tf = T.Compose([tf, T.PILToTensor()])
     if dataset == 'imagenet':
         folder = os.path.join(data_dir, 'train' if train else 'val')
         if not os.path.isdir(folder):
@@ -94,10 +131,14 @@ def image_files(dataset, data_dir, image_size, train):
         ds = torchvision.datasets.ImageFolder(folder, tf)
         return ds, len(ds.classes)
     if dataset == 'inat2021':
-        ds = torchvision.datasets.INaturalist(data_dir, '2021_train' if train else '2021_valid', target_type='full',
-                                              transform=tf, download=True, loader=default_loader)
+        version = '2021_train' if train else '2021_valid'
+        ds = downloaded(lambda: torchvision.datasets.INaturalist(data_dir, version, target_type='full', transform=tf,
+                                                                 download=True, loader=default_loader),
+                        'iNaturalist 2021', data_dir, f"data_dir/{version}/<category folders>/*.jpg")
         return ds, len(ds.all_categories)
-    ds = torchvision.datasets.Places365(data_dir, 'train-standard' if train else 'val', small=True, download=True, transform=tf)
+    ds = downloaded(lambda: torchvision.datasets.Places365(data_dir, 'train-standard' if train else 'val', small=True,
+                                                           download=True, transform=tf),
+                    'Places365', data_dir, "data_dir/data_256_standard, data_dir/val_256 and the places365 file lists")
     return ds, len(ds.classes)
 
 TENSOR_SETS = {'fmnist': fmnist, 'cifar10': cifar10, 'synthetic': synthetic}
@@ -112,22 +153,27 @@ def load(dataset, data_dir, image_size, micro_batch, grad_accum=1, rank=0, world
     if dataset in TENSOR_SETS:
         splits = []
         for train in (True, False):
-            x, y, mean, std = TENSOR_SETS[dataset](data_dir, train, num_classes)
+            with rank_zero_first(rank, world):
+                x, y, mean, std = TENSOR_SETS[dataset](data_dir, train, num_classes)
             x, y = resized(x, image_size).to(device), y.to(device)
-            splits.append(TensorBatches(x, y, shard(len(y), train), mean, std))
+            splits.append(TensorBatches(x, y, shard(len(y), train)))
         train, val = splits
         channels, num_classes, num_val = train.x.shape[1], int(train.y.max()) + 1, len(val.y)
+        sampler = train.batch_sampler
     elif dataset in FILE_SETS:
         loaders = []
         for is_train in (True, False):
-            ds, num_classes = image_files(dataset, data_dir, image_size, is_train)
+            with rank_zero_first(rank, world):
+                ds, num_classes = image_files(dataset, data_dir, image_size, is_train)
             loaders.append(torch.utils.data.DataLoader(ds, batch_sampler=shard(len(ds), is_train), num_workers=num_workers,
                                                        pin_memory=str(device).startswith('cuda'), persistent_workers=num_workers > 0))
         train, val = loaders
         channels, num_val = 3, len(val.dataset)
+        sampler = train.batch_sampler
+        mean, std = IMAGENET_STATS
     else:
         raise SystemExit(f"unknown dataset {dataset!r}; valid: {', '.join([*TENSOR_SETS, *FILE_SETS])}")
-    sampler = train.batch_sampler
+    train, val = Normalised(train, device, mean, std), Normalised(val, device, mean, std)
     if sampler.steps == 0:
         raise SystemExit(f"{dataset} has fewer training images than one global batch of {micro_batch * grad_accum * world}")
     return SimpleNamespace(train=train, val=val, sampler=sampler, steps_per_epoch=sampler.steps,

@@ -281,8 +281,9 @@ def _csr(P, flat_cols):
     return csr(rows, cols, vals), csr(cols[perm], rows[perm], vals[perm]), keep
 
 def _spmm(A, X):
-    """A @ X for a sparse CSR A, written straight into its result (A @ X fills and copies one first)."""
-    out = X.new_empty(A.shape[0], X.shape[1])
+    """A @ X for a sparse CSR A, written straight into its result (A @ X fills and copies one first). The result
+    starts zeroed: a sparse backend need not ignore it at beta = 0."""
+    out = X.new_zeros(A.shape[0], X.shape[1])
     return torch.addmm(out, A, X, beta=0.0, out=out)
 
 def _outer(x, y):

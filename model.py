@@ -37,6 +37,7 @@ class ViTConfig:
     heads: int = 4
     mlp_dim: int = 128
     dropout: float = 0.1
+    head_bias_init: float = 0.0  # the classifier's bias at the start (-10 with a sigmoid loss, as the reference)
     attn: str = 'softmax'        # one of ATTNS
     attn_impl: str = 'auto'      # auto | dense | fast (toeplitz and grf have both; the others one path)
     grf_walks: int = 20          # n, random walks per node
@@ -74,6 +75,13 @@ def saved_config(saved):
     (PREDATES), else its default; keys that are not model settings are ignored."""
     known = {k: v for k, v in saved.items() if k in ViTConfig.__dataclass_fields__}
     return ViTConfig(**{**{k: v for k, v in PREDATES.items() if k not in saved}, **known})
+
+def amp_dtype(device_type):
+    """The dtype to train in: bf16 on a CUDA GPU that computes it natively (Ampere on), fp16 (with a loss scaler)
+    on older GPUs, which report bf16 as supported only by emulation; float32 on CPU and MPS."""
+    if device_type != 'cuda':
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 def grf_walk_buffers(h, w, heads, n_walks, p_halt, max_len, coupling, seed):
     """Sample one walk ensemble per head (seeded by `seed` and the head) and lay them out for masks.py:
@@ -148,16 +156,17 @@ class Attention(nn.Module):
         return masks.grf_features(self.grf_slot, self.grf_fidx, self.grf_load, f, H * N, R).view(H, N, R)
 
     def mask(self):
-        """The dense N x N mask per head, [H, N, N] (for the dense path, and for inspection)."""
-        if self.attn == 'toeplitz':
-            return masks.toeplitz_mask(self.table_logits.exp(), self.h, self.w)
-        if self.alpha_form:
-            return masks.power_series(self.W_powers, self.alpha_logits.exp())
-        if self.attn == 'topo':
-            return masks.topo_mask(self.W_powers, self.f_logits.exp())
-        if self.attn == 'grf':
-            P = masks.ell_to_dense(self.grf_cols, self.grf_values(), self.h * self.w)
-            return P @ P.transpose(-2, -1)
+        """The dense N x N mask per head, [H, N, N], in float32 under any autocast (for the dense path, and to look at)."""
+        with torch.autocast(self.qkv.weight.device.type, enabled=False):
+            if self.attn == 'toeplitz':
+                return masks.toeplitz_mask(self.table_logits.exp(), self.h, self.w)
+            if self.alpha_form:
+                return masks.power_series(self.W_powers, self.alpha_logits.exp())
+            if self.attn == 'topo':
+                return masks.topo_mask(self.W_powers, self.f_logits.exp())
+            if self.attn == 'grf':
+                P = masks.ell_to_dense(self.grf_cols, self.grf_values(), self.h * self.w)
+                return P @ P.transpose(-2, -1)
         raise ValueError(f"attn={self.attn!r} has no mask")
 
     def mix(self, q, k, v):
@@ -217,6 +226,7 @@ class ViT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+        nn.init.constant_(self.head.bias, c.head_bias_init)
 
     def forward(self, images):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, N, dim], node i = row*w + col
@@ -227,6 +237,36 @@ class ViT(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+    def load_for_fine_tuning(self, state, src):
+        """Take the tensors of a saved model (state, its ViTConfig src) that still mean the same thing here: the
+        shared weights; the head if the class count is the same; the mask parameters if the variant is (their first
+        min(K, K') + 1 coefficients if K changed; the Toeplitz table if the grid is the same); the walks if the walk
+        settings are. The rest keeps its initialisation. -> {'loaded': [...], 'truncated': [...], 'fresh': [...]}"""
+        c = self.config
+        same_mask = src.attn == c.attn and (c.attn != 'topo' or src.topo_form == c.topo_form)
+        walk_keys = ('image_size', 'patch_size', 'grf_walks', 'grf_p_halt', 'mask_max_len', 'mask_seed', 'grf_coupling')
+        same_walks = same_mask and all(getattr(src, k) == getattr(c, k) for k in walk_keys)
+        mask = {n for n, p in self.named_parameters() if any(p is q for q in self.mask_parameters())}
+        walks = {n for n, _ in self.named_buffers() if n.rsplit('.', 1)[-1] in Attention.GRF_BUFFERS}
+        new, done = {}, {'loaded': [], 'truncated': [], 'fresh': []}
+        for k, own in self.state_dict().items():
+            saved = state.get(k)
+            if (saved is None or k.startswith('head.') and src.num_classes != c.num_classes
+                    or k in mask and not same_mask or k in walks and not same_walks
+                    or k in mask and saved.dim() == 3 and saved.shape != own.shape):  # a Toeplitz table of another grid
+                done['fresh'].append(k)
+            elif k in walks or saved.shape == own.shape:
+                new[k] = saved
+                done['loaded'].append(k)
+            elif k in mask and saved.shape[:-1] == own.shape[:-1]:  # coefficients 0 .. K of another K
+                n = min(saved.shape[-1], own.shape[-1])
+                new[k] = torch.cat([saved[..., :n], own[..., n:]], -1)
+                done['truncated'].append(k)
+            else:
+                raise ValueError(f"{k} of shape {tuple(saved.shape)} does not fit this model's {tuple(own.shape)}")
+        self.load_state_dict(new, strict=False)
+        return done
 
     def mask_parameters(self):
         """The mask's own parameters (f, alpha, Toeplitz tables): those an Attention holds itself, beside its

@@ -51,17 +51,21 @@ def test_synthetic_task_batches():
 def test_fmnist_is_resized_once_and_normalised():
     need('FashionMNIST', 'raw')
     d = data.load('fmnist', DATA_DIR, image_size=32, micro_batch=1000)
-    assert d.train.x.shape == (60_000, 1, 32, 32) and d.train.x.dtype == torch.uint8 and d.num_val == 10_000
+    assert d.train.batches.x.shape == (60_000, 1, 32, 32) and d.train.batches.x.dtype == torch.uint8 and d.num_val == 10_000
     x = torch.cat([x for x, _ in d.val])
     assert x.shape == (10_000, 1, 32, 32)
     assert abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.05  # test set, with the train set's stats
-    assert torch.bincount(d.val.y).tolist() == [1000] * 10
+    assert torch.bincount(d.val.batches.y).tolist() == [1000] * 10
 
 def test_imagenet_folder_batches_real_jpegs():
     root = need('imagenette-mini')
     d = data.load('imagenet', root, image_size=64, micro_batch=16, num_workers=0)
     x, y = next(iter(d.train))
     assert x.shape == (16, 3, 64, 64) and (d.num_classes, d.num_val, d.steps_per_epoch) == (10, 200, 500 // 16)
+    raw, _ = next(iter(d.val.batches))  # the workers hand uint8; the normalising happens on the device
+    x, _ = next(iter(d.val))
+    mean, std = (torch.tensor(s).view(1, 3, 1, 1) * 255 for s in data.IMAGENET_STATS)
+    assert raw.dtype == torch.uint8 and torch.allclose(x, (raw.float() - mean) / std)
 
 def test_missing_imagenet_names_the_expected_layout(tmp_path):
     with pytest.raises(SystemExit) as e:
@@ -82,3 +86,26 @@ def test_inat2021_reads_torchvision_layout(tmp_path):
     x, y = next(iter(d.train))
     assert x.shape == (4, 3, 32, 32) and (d.num_classes, d.num_val, d.steps_per_epoch) == (2, 8, 2)
     assert sorted(torch.cat([y for _, y in d.val]).tolist()) == [0] * 4 + [1] * 4
+
+def test_a_failed_download_is_one_line_naming_the_folder_the_layout_and_data_dir(tmp_path, monkeypatch):
+    import urllib.error
+    import torchvision
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError('no network')
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, 'download', offline)
+    with pytest.raises(SystemExit) as e:
+        data.load('fmnist', str(tmp_path), 32, 8)
+    msg = str(e.value)
+    assert '\n' not in msg and str(tmp_path) in msg and 'FashionMNIST/raw' in msg and '--data_dir' in msg and 'no network' in msg
+
+@pytest.mark.parametrize('rank', [0, 1])
+def test_rank_zero_builds_and_downloads_before_the_other_ranks(rank, monkeypatch):
+    """Rank 0 builds the dataset, then meets the others at a barrier; they wait there before building theirs."""
+    events = []
+    monkeypatch.setattr(data.dist, 'barrier', lambda: events.append('barrier'))
+    def make(data_dir, train, num_classes):
+        events.append('build')
+        return data.synthetic(data_dir, train, num_classes)
+    monkeypatch.setitem(data.TENSOR_SETS, 'synthetic', make)
+    data.load('synthetic', 'unused', 32, 8, rank=rank, world=2)
+    assert events == (['build', 'barrier'] * 2 if rank == 0 else ['barrier', 'build'] * 2)

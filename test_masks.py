@@ -312,3 +312,18 @@ def test_grf_fast_path_never_allocates_an_n_by_n_tensor():
         vals = masks.grf_features(slot, step, load, f, N, cols.shape[1])
         masks.grf_linear_attention(q, k, v, cols[None], vals[None]).sum().backward()
     assert Largest.biggest < N * N / 8, Largest.biggest
+
+def test_self_convolution_is_a_handful_of_ops_whatever_k():
+    """No Python loop over the K + 1 coefficients (torch.compile would unroll one into hundreds of ops)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    f = torch.rand(12, 101)
+    with Count():
+        alpha = masks.self_convolution(f)
+    assert alpha.shape == (12, 201) and Count.ops <= 12, Count.ops

@@ -175,3 +175,75 @@ def test_bad_config_raises_value_error_naming_value_and_valid_ones(kw, words):
         ViT(tiny(**kw))
     for word in words:
         assert word in str(e.value)
+
+# --- precision, fine-tuning ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("attn,form", [("toeplitz", "alpha"), ("topo", "alpha"), ("topo", "features"), ("grf", "alpha")])
+def test_every_mask_is_float32_under_bf16_autocast(attn, form):
+    torch.manual_seed(0)
+    a = ViT(tiny(attn=attn, topo_form=form, mask_max_len=6)).blocks[0].attn
+    with torch.no_grad():
+        for p in a.parameters(recurse=False):
+            p.add_(0.3 * torch.randn_like(p))
+    exact = a.mask()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = a.mask()
+    assert mixed.dtype == torch.float32 and ((mixed - exact).norm() / exact.norm()) < 1e-6
+
+def test_training_dtype_is_bf16_only_where_the_gpu_computes_it(monkeypatch):
+    from model import amp_dtype
+    assert amp_dtype("cpu") == amp_dtype("mps") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert amp_dtype("cuda") == torch.float16  # a pre-Ampere GPU: bf16 by emulation only
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert amp_dtype("cuda") == torch.bfloat16
+
+def fine_tuned(src_kw, kw):
+    torch.manual_seed(0)
+    src = ViT(tiny(**src_kw))
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p))
+    torch.manual_seed(1)
+    model = ViT(tiny(**kw))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    done = model.load_for_fine_tuning(src.state_dict(), src.config)
+    return src.state_dict(), init, model.state_dict(), done
+
+def test_fine_tuning_keeps_the_toeplitz_table_when_only_walk_settings_and_classes_change():
+    src, init, new, done = fine_tuned(dict(attn="toeplitz"), dict(attn="toeplitz", num_classes=7, grf_walks=8, mask_max_len=2))
+    tables = [k for k in new if k.endswith("table_logits")]
+    assert tables and all(torch.equal(new[k], src[k]) for k in tables) and set(tables) <= set(done["loaded"])
+    assert done["fresh"] == ["head.weight", "head.bias"] and torch.equal(new["head.weight"], init["head.weight"])
+
+@pytest.mark.parametrize("attn", ["topo", "grf"])
+@pytest.mark.parametrize("K", [2, 6])
+def test_fine_tuning_to_another_k_keeps_the_first_coefficients_and_redraws_the_walks(attn, K):
+    src, init, new, done = fine_tuned(dict(attn=attn), dict(attn=attn, mask_max_len=K))
+    coef = [k for k in new if k.endswith(("f_logits", "alpha_logits"))]
+    n = min(K, 4) + 1
+    for k in coef:
+        assert torch.equal(new[k][:, :n], src[k][:, :n]) and torch.equal(new[k][:, n:], init[k][:, n:])
+    assert set(coef) == set(done["truncated"]) and torch.equal(new["head.weight"], src["head.weight"])
+    walks = [k for k in new if ".grf_" in k]
+    assert all(k in done["fresh"] and torch.equal(new[k], init[k]) for k in walks)
+
+def test_fine_tuning_with_the_same_walk_settings_keeps_the_walks_and_another_variant_starts_its_mask_afresh():
+    src, init, new, done = fine_tuned(dict(attn="grf", mask_seed=5), dict(attn="grf", mask_seed=5, num_classes=9))
+    walks = [k for k in new if ".grf_" in k]
+    assert walks and all(torch.equal(new[k], src[k]) for k in walks)
+    src, init, new, done = fine_tuned(dict(attn="topo"), dict(attn="topo", topo_form="features"))
+    assert all(torch.equal(new[k], init[k]) for k in new if k.endswith("f_logits"))
+    assert torch.equal(new["blocks.0.attn.qkv.weight"], src["blocks.0.attn.qkv.weight"])
+
+def test_imagenet_config_states_the_flops_that_torch_counts():
+    """configs/imagenet.py's 'about X GFLOP per image, forward and backward' against FlopCounterMode on ViT-B/16."""
+    import re
+    from torch.utils.flop_counter import FlopCounterMode
+    stated = float(re.search(r"about (\d+) GFLOP per image", open("configs/imagenet.py").read()).group(1))
+    with torch.device("meta"):  # counts without computing
+        model = ViT(ViTConfig(image_size=224, patch_size=16, in_channels=3, num_classes=1000, dim=768, depth=12,
+                              heads=12, mlp_dim=3072))
+        with FlopCounterMode(display=False) as counter:
+            model(torch.randn(2, 3, 224, 224)).sum().backward()
+    assert abs(counter.get_total_flops() / 2 / 1e9 - stated) < 0.1 * stated

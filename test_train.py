@@ -156,18 +156,37 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(firs
 
 @pytest.mark.parametrize('mask_max_len', [4, 2])
 def test_fine_tuning_to_a_different_class_count(first_epoch, mask_max_len, tmp_path):
-    """10 classes -> 4: a fresh head; the rest loaded. With other mask settings the mask starts afresh too.
-    lr = 0 keeps the loaded weights as they are, to compare."""
+    """10 classes -> 4: a fresh head; the rest loaded; with another K, f's first K + 1 coefficients and fresh walks.
+    The checkpoint is named through the {attn} placeholder. lr = 0 keeps the loaded weights as they are, to compare."""
     src = checkpoint(first_epoch)
-    p = train(*SYNTHETIC, '--num_classes=4', f'--mask_max_len={mask_max_len}', f'--init_from={first_epoch}/ckpt.pt',
-              '--lr=0', '--min_lr=0', '--max_steps=2', out=tmp_path)
-    assert 'fine-tuning from' in p.stdout
+    os.rename(first_epoch, os.path.join(os.path.dirname(first_epoch), 'run-grf'))
+    try:
+        p = train(*SYNTHETIC, '--num_classes=4', f'--mask_max_len={mask_max_len}',
+                  f"--init_from={os.path.dirname(first_epoch)}/run-{{attn}}/ckpt.pt",
+                  '--lr=0', '--min_lr=0', '--max_steps=2', out=tmp_path)
+    finally:
+        os.rename(os.path.join(os.path.dirname(first_epoch), 'run-grf'), first_epoch)
+    assert 'fine-tuning from' in p.stdout and 'run-grf/ckpt.pt' in p.stdout and "'head.weight'" in p.stdout
     new, r = checkpoint(tmp_path)['model'], result(tmp_path)
     assert new['head.weight'].shape == (4, 32) and r['final']['count'] == 2048 and r['config']['num_classes'] == 4
     shared = [k for k in new if not k.startswith('head.') and 'grf_' not in k and 'logits' not in k]
     assert len(shared) > 10 and all(torch.equal(new[k], src['model'][k]) for k in shared)
     f = [k for k in new if k.endswith('f_logits')]
-    assert f and all(torch.equal(new[k], src['model'][k]) == (mask_max_len == 4) for k in f)
+    n = mask_max_len + 1
+    assert f and all(torch.equal(new[k][:, :n], src['model'][k][:, :n]) for k in f)
+    walks = [k for k in new if k.endswith('grf_load')]
+    assert all(torch.equal(new[k], src['model'][k]) == (mask_max_len == 4) for k in walks)
+
+def test_resuming_takes_this_runs_mask_learning_rate_multiplier(first_epoch, tmp_path):
+    run = copy_of(first_epoch, tmp_path)
+    train(*SYNTHETIC, '--init_from=resume', '--mask_lr_mult=3', f'--max_steps={STEPS_PER_EPOCH + 1}', out=run)
+    groups = checkpoint(run)['optimizer']['param_groups']
+    assert sorted(g['lr_mult'] for g in groups) == [1.0, 1.0, 3.0] and result(run)['config']['mask_lr_mult'] == 3
+
+def test_a_bad_model_setting_fails_before_any_data_is_read(tmp_path):
+    p = train('configs/fmnist.py', '--attn=nonsense', f'--data_dir={tmp_path}/nowhere', out=tmp_path, ok=False)
+    assert p.returncode == 2 and p.stderr.count('\n') == 1 and "attn='nonsense'" in p.stderr
+    assert not os.path.exists(tmp_path / 'nowhere')  # no download was started
 
 def test_imagenet_config_end_to_end_on_real_jpegs_and_eval_only_reproduces_it(tmp_path, capsys):
     root = need('imagenette-mini')
@@ -225,3 +244,12 @@ def test_resampled_walks_change_during_training_and_resume_exactly(tmp_path):
     assert_same_model(a, b)
     walks = [k for k in a if k.endswith('grf_load')]
     assert walks and all(not torch.equal(a[k], checkpoint(frozen)['model'][k]) for k in walks)
+
+def test_the_sigmoid_loss_starts_near_the_head_bias_and_learns(tmp_path):
+    """With the head's bias at -10 every class's logit starts near -10: the summed binary cross-entropy of an image
+    is about -log(sigmoid(-10)) = 10 for its class and about 9 x 4.5e-5 for the others."""
+    args = [*SYNTHETIC, '--loss=sigmoid', '--head_bias_init=-10.0', '--epochs=1']
+    train(*args, '--lr=0', '--min_lr=0', '--max_steps=1', '--log_interval=1', out=tmp_path / 'start')
+    assert abs(records(tmp_path / 'start', 'train')[0]['loss'] - 10.0) < 0.3
+    train(*args, '--lr=1e-2', out=tmp_path / 'learn')
+    assert result(tmp_path / 'learn')['final']['top1'] > 50

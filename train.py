@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields
 
 import torch
 import torch.distributed as dist
@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from configurator import configure, fail
-from model import ViT, ViTConfig, saved_config
+from model import ViT, ViTConfig, amp_dtype, check_config, saved_config
 
 # I/O
 out_dir = ''               # ckpt.pt, metrics.jsonl and result.json go here ('' = out/<dataset>-<attn>)
@@ -50,6 +50,7 @@ depth = 2
 heads = 4
 mlp_dim = 128
 dropout = 0.1
+head_bias_init = 0.0       # the classifier's bias at the start (the reference's ImageNet recipe: -10 with loss='sigmoid')
 attn = 'softmax'           # softmax | linear | toeplitz | topo | grf
 attn_impl = 'auto'         # auto | dense | fast: how toeplitz and grf are evaluated
 grf_walks = 20             # grf: random walks per node (n)
@@ -74,7 +75,8 @@ mask_lr_mult = 10.0        # lr multiplier of the mask parameters (f, Toeplitz t
 beta1 = 0.9
 beta2 = 0.999
 grad_clip = 1.0            # clip the global gradient norm (0 = off)
-label_smoothing = 0.0      # cross-entropy label smoothing
+loss = 'softmax'           # softmax (cross-entropy) | sigmoid (binary cross-entropy per class, the reference's ImageNet loss)
+label_smoothing = 0.0      # softmax cross-entropy: label smoothing
 mixup = 0.0                # mixup with lambda ~ Beta(mixup, mixup) (0 = off)
 seed = 0                   # model init and data order; dropout on rank r uses seed + r
 # system
@@ -103,65 +105,77 @@ print0 = print if master else (lambda *args, **kwargs: None)
 if batch_size % (world * grad_accum):
     fail(f"batch_size={batch_size} is not divisible by world size {world} x grad_accum {grad_accum}")
 micro_batch = batch_size // (world * grad_accum)
-if device_type == 'cuda':  # bf16 where the GPU has it, else fp16 with a loss scaler; fp32 on CPU and MPS
+ptdtype = amp_dtype(device_type)  # bf16 where the GPU has it, else fp16 with a loss scaler; fp32 on CPU and MPS
+if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    ptdtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    autocast = torch.autocast('cuda', dtype=ptdtype)
-else:
-    ptdtype, autocast = torch.float32, nullcontext()
+autocast = torch.autocast('cuda', dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
 scaler = torch.amp.GradScaler('cuda', enabled=ptdtype == torch.float16)
 
-# data
-d = data.load(dataset, data_dir, image_size, micro_batch, grad_accum, rank, world, seed, device, num_workers, num_classes)
-steps_per_epoch = d.steps_per_epoch
-total_steps = epochs * steps_per_epoch
-stop_step = min(total_steps, max_steps) if max_steps else total_steps
-
-# model and checkpoint
+# checkpoint: what the run starts from, settled before any data is read
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-whole = init_from == 'resume' or (eval_only and init_from != 'scratch')  # the checkpoint's model as it is
-ckpt = None
-if init_from != 'scratch':
-    src = ckpt_path if init_from == 'resume' else init_from
-    if not os.path.isfile(src):
-        fail(f"init_from={init_from!r}: no checkpoint at {src}")
-    ckpt = torch.load(src, map_location='cpu', weights_only=False)
-    ckpt['config'] = {**ckpt['config'], **asdict(saved_config(ckpt['config']))}  # settings it predates: as it ran
-elif eval_only:
-    fail("eval_only=True needs init_from='resume' or the path of a checkpoint")
 model_keys = [f.name for f in fields(ViTConfig)]
-if whole:  # the architecture is the checkpoint's
+init_from = config['init_from'] = init_from.replace('{attn}', attn)  # a config may name the variant's own checkpoint
+
+def read_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"init_from={init_from!r}: no checkpoint at {path}")
+    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    ckpt['config'] = {**ckpt['config'], **asdict(saved_config(ckpt['config']))}  # settings it predates: as it ran
+    return ckpt
+
+def adopt_model_settings(ckpt):
+    """The model is the checkpoint's as it is: its model settings win over this run's."""
     differ = {k: ckpt['config'][k] for k in model_keys if config[k] != ckpt['config'][k]
               and not (k in ('in_channels', 'num_classes') and config[k] == 0)}
     if differ:
         print0(f"the checkpoint's model settings win over this run's: {differ}")
     config.update({k: ckpt['config'][k] for k in model_keys})
-config['in_channels'] = config['in_channels'] or d.channels
-config['num_classes'] = config['num_classes'] or d.num_classes
+
+ckpt = None
+if init_from == 'scratch':  # a new model, initialised from seed
+    if eval_only:
+        fail("eval_only=True needs init_from='resume' or the path of a checkpoint")
+elif init_from == 'resume':  # continue out_dir/ckpt.pt exactly: model, optimizer, step, random streams
+    ckpt = read_checkpoint(ckpt_path)
+    adopt_model_settings(ckpt)
+else:  # fine-tune from another run's checkpoint: this run's model settings, the tensors that still fit
+    ckpt = read_checkpoint(init_from)
+    if eval_only:  # ... or evaluate that checkpoint as it is
+        adopt_model_settings(ckpt)
 globals().update({k: config[k] for k in model_keys})
+if loss not in ('softmax', 'sigmoid'):
+    fail(f"loss={loss!r} is invalid; valid: softmax, sigmoid")
+try:  # a bad model setting fails now, not after the dataset is loaded
+    check_config(ViTConfig(**{k: config[k] for k in model_keys}))
+except ValueError as e:
+    fail(str(e))
+
+# data
+d = data.load(dataset, data_dir, image_size, micro_batch, grad_accum=grad_accum, rank=rank, world=world, seed=seed,
+              device=device, num_workers=num_workers, num_classes=num_classes)
+steps_per_epoch = d.steps_per_epoch
+total_steps = epochs * steps_per_epoch
+stop_step = min(total_steps, max_steps) if max_steps else total_steps
+
+# model
+config['in_channels'] = in_channels = in_channels or d.channels
+config['num_classes'] = num_classes = num_classes or d.num_classes
 if (in_channels, num_classes) != (d.channels, d.num_classes):
     fail(f"the model has in_channels={in_channels}, num_classes={num_classes}; {dataset} has {d.channels}, {d.num_classes}")
 torch.manual_seed(seed)
-try:
-    model = ViT(ViTConfig(**{k: config[k] for k in model_keys}))
-except ValueError as e:
-    fail(str(e))
-if whole:
+model = ViT(ViTConfig(**{k: config[k] for k in model_keys}))
+if init_from == 'resume' or (eval_only and ckpt):
     model.load_state_dict(ckpt['model'])
-elif ckpt:  # fine-tune: take the checkpoint's weights that fit, keep the rest as initialised
-    own, src_config = model.state_dict(), ckpt['config']
-    state = {k: v for k, v in ckpt['model'].items() if k in own}
-    if src_config['num_classes'] != num_classes:  # a new task: a fresh classification head
-        state = {k: v for k, v in state.items() if not k.startswith('head.')}
-    if any(src_config[k] != config[k] for k in ('attn', 'grf_walks', 'grf_p_halt', 'mask_max_len', 'mask_seed')):
-        with torch.device('meta'):  # the keys every variant shares: all but the mask parameters and walks
-            shared = ViT(replace(model.config, attn='softmax')).state_dict()
-        state = {k: v for k, v in state.items() if k in shared}
-    misfit = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
-    if misfit:
-        fail(f"{init_from} does not fit this model: {'; '.join(misfit[:3])}")
-    model.load_state_dict(state, strict=False)
-    print0(f"fine-tuning from {init_from}: loaded {len(state)} tensors, initialised afresh: {sorted(set(own) - set(state))}")
+elif ckpt:
+    source = saved_config(ckpt['config'])
+    try:
+        done = model.load_for_fine_tuning(ckpt['model'], source)
+    except ValueError as e:
+        fail(f"{init_from} does not fit this model: {e}")
+    print0(f"fine-tuning from {init_from} (attn={source.attn}): loaded {len(done['loaded'])} tensors; "
+           f"kept the first coefficients of {done['truncated'] or 'none'}; started afresh: {done['fresh'] or 'none'}")
+    if source.attn != attn:
+        print0(f"note: the checkpoint was trained with attn={source.attn!r}, this run uses attn={attn!r}")
 model.to(device)
 raw_model = model  # saved without DDP's module. and compile's _orig_mod. prefixes
 optimizer = torch.optim.AdamW(model.param_groups(weight_decay, mask_lr_mult), lr=lr, betas=(beta1, beta2),
@@ -169,6 +183,8 @@ optimizer = torch.optim.AdamW(model.param_groups(weight_decay, mask_lr_mult), lr
 step, best, wall_before = 0, {'top1': 0.0, 'top5': 0.0}, 0.0
 if init_from == 'resume':
     optimizer.load_state_dict(ckpt['optimizer'])
+    for group, now in zip(optimizer.param_groups, model.param_groups(weight_decay, mask_lr_mult)):
+        group.update(weight_decay=now['weight_decay'], lr_mult=now['lr_mult'], betas=(beta1, beta2))  # this run's settings
     scaler.load_state_dict(ckpt['scaler'])
     step, best, wall_before = ckpt['step'], ckpt['best'], ckpt['wall_time']
     rng = ckpt['rng'][rank] if len(ckpt['rng']) == world else None
@@ -201,13 +217,23 @@ def get_lr(step):
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 def loss_fn(x, y):
-    if mixup > 0:  # lambda and the pairing come from the torch generator: restored on resume
+    """The loss of a batch, on images mixed pairwise when mixup > 0 (lambda and the pairing come from the torch
+    generator, which resuming restores)."""
+    lam, perm = 1.0, None
+    if mixup > 0:
         lam = float(torch.distributions.Beta(mixup, mixup).sample())
         perm = torch.randperm(len(x), device=x.device)
-        logits = model(lam * x + (1 - lam) * x[perm]).float()
-        return lam * F.cross_entropy(logits, y, label_smoothing=label_smoothing) + \
-            (1 - lam) * F.cross_entropy(logits, y[perm], label_smoothing=label_smoothing)
-    return F.cross_entropy(model(x).float(), y, label_smoothing=label_smoothing)
+        x = lam * x + (1 - lam) * x[perm]
+    logits = model(x).float()
+    if loss == 'sigmoid':  # one-vs-all: summed over classes, averaged over images
+        target = F.one_hot(y, logits.shape[1]).float()
+        if perm is not None:
+            target = lam * target + (1 - lam) * target[perm]
+        return F.binary_cross_entropy_with_logits(logits, target, reduction='sum') / len(x)
+    ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    if perm is not None:
+        ce = lam * ce + (1 - lam) * F.cross_entropy(logits, y[perm], label_smoothing=label_smoothing)
+    return ce
 
 @torch.no_grad()
 def evaluate():
