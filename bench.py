@@ -66,7 +66,7 @@ def train_defaults():
     return out
 
 # -----------------------------------------------------------------------------
-mode = 'attention'         # attention | train
+mode = 'attention'         # attention | train | walks (GRF walk sampling per coupling)
 device = 'auto'            # auto (cuda if available, else cpu) | cuda | cpu
 dtype = 'float32'          # float32 | bfloat16 (autocast; the linear forms accumulate in float32 anyway)
 threads = 0                # CPU threads (0 = torch's default)
@@ -363,5 +363,18 @@ def train_bench():
                    | {'threads': torch.get_num_threads(), 'keep_memory': kept, 'steps_per_epoch': d.steps_per_epoch}, 'results': out}, f, indent=1)
     print(f"wrote {path}")
 
+def walks_bench():
+    """Seconds to sample grf_walks walks per node of the largest grid in `sides`, K = mask_max_len, per coupling."""
+    import masks
+    side = int(sides.split(',')[-1])
+    base = None
+    print(f"sampling {grf_walks} walks per node on a {side}x{side} grid (N = {side * side:,}), p_halt {grf_p_halt}, K {mask_max_len}")
+    for coupling in masks.COUPLINGS:
+        g = torch.Generator().manual_seed(seed)
+        times = [timed(lambda: masks.sample_grf_walks(side, side, grf_walks, grf_p_halt, mask_max_len, g, coupling))
+                 for _ in range(repeats)]
+        base = base or statistics.median(times)
+        print(f"{coupling:22}{statistics.median(times):8.3f} s{statistics.median(times) / base:8.2f} x iid")
+
 if __name__ == '__main__':
-    {'attention': attention_bench, 'train': train_bench}[mode]()
+    {'attention': attention_bench, 'train': train_bench, 'walks': walks_bench}[mode]()

@@ -141,30 +141,47 @@ def mask_pictures(runs, path):
 
 @torch.no_grad()
 def mask_swap(runs, data_dir, walks=(20, 100, 1000), walk_seeds=3):
-    """The first topo and grf models evaluated with their mask swapped, the learned f kept: the exact mask, and GRF
-    estimates from n walks (walk_seeds fresh ensembles each). Tells how much the walks' noise costs in accuracy."""
+    """The first topo and grf models evaluated with their mask swapped, the learned coefficients kept: the exact mask,
+    and GRF estimates from n walks (walk_seeds fresh ensembles each, the model's coupling). Tells how much the walks'
+    noise costs in accuracy. A topo model of the alpha form gets GRF masks only if every head's deconvolution f of
+    alpha (f * f = alpha up to K) is non-negative; those estimate Phi Phi^T, which also has the terms beyond K."""
     rows = ["| trained as | its own mask | exact mask |" + ''.join(f" GRF, {n} walks |" for n in walks),
             "|---|---|---|" + "---|" * len(walks)]
+    notes = []
     for attn in ('topo', 'grf'):
         r = next((r for r in runs if r['config']['attn'] == attn), None)
         if r is None:
             continue
         ckpt, cfg = load_checkpoint(r['dir'])
         state = {k: v for k, v in ckpt['model'].items() if '.grf_' not in k}  # keep the walks a new model samples
+        features = state  # the state with f_logits, for the GRF models
+        alpha = {k: v for k, v in state.items() if k.endswith('alpha_logits')}
+        if alpha:
+            f = {k.replace('alpha_logits', 'f_logits'): masks.deconvolution(v.double().exp()) for k, v in alpha.items()}
+            positive = torch.cat([x.min(-1).values >= 0 for x in f.values()])
+            notes.append(f"{os.path.basename(r['dir'])}: alpha's deconvolution is non-negative in {int(positive.sum())} "
+                         f"of {len(positive)} heads")
+            features = None
+            if positive.all():
+                features = {**{k: v for k, v in state.items() if k not in alpha},
+                            **{k: x.clamp(min=1e-30).log().float() for k, x in f.items()}}
         d = data.load(ckpt['config']['dataset'], data_dir, cfg.image_size, 1000)
-        def top1(**change):
+        def top1(state, **change):
             model = ViT(replace(cfg, **change))
             missing, unexpected = model.load_state_dict(state, strict=False)
             assert not unexpected and all('.grf_' in k for k in missing), (missing, unexpected)
             model.eval()
             return 100 * sum((model(x).argmax(1) == y).sum().item() for x, y in d.val) / d.num_val
+        exact = top1(state, attn='topo') if attn == 'topo' else top1(state, attn='topo', topo_form='features')
         cells = []
         for n in walks:
-            acc = [top1(attn='grf', grf_walks=n, mask_seed=1000 + s) for s in range(walk_seeds)]
+            if features is None:
+                cells.append(" – |")
+                continue
+            acc = [top1(features, attn='grf', grf_walks=n, mask_seed=1000 + s) for s in range(walk_seeds)]
             cells.append(f" {statistics.mean(acc):.2f} ± {statistics.stdev(acc):.2f} |")
-        rows.append(f"| {attn} ({os.path.basename(r['dir'])}) | {r['final']['top1']:.2f} | {top1(attn='topo'):.2f} |"
-                    + ''.join(cells))
-    return '\n'.join(rows)
+        rows.append(f"| {attn} ({os.path.basename(r['dir'])}) | {r['final']['top1']:.2f} | {exact:.2f} |" + ''.join(cells))
+    return '\n'.join(rows + [''] + notes)
 
 def grf_mask(h, w, f, n_walks, p_halt, coupling, generator):
     """One GRF estimate M_hat = Phi_hat Phi_hat^T per row of f [H, K+1] (a fresh walk ensemble each), [H, N, N]."""

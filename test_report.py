@@ -22,7 +22,7 @@ def fake_run(root, name, attn, top1, epochs=10, **knobs):
         json.dump({'config': config, 'final': {'top1': top1}, 'images_per_s': 100.0}, f)
 
 def rows(text):
-    return [[c.strip() for c in line.strip('|').split('|')] for line in text.splitlines()[2:]]
+    return [[c.strip() for c in line.strip('|').split('|')] for line in text.splitlines()[2:] if line.startswith('|')]
 
 def test_table_has_a_row_per_variant_and_mask_setting_with_mean_and_sample_std(tmp_path):
     root = str(tmp_path)
@@ -76,7 +76,7 @@ def test_mask_swap_gives_the_trained_accuracy_back_with_the_exact_mask(tmp_path)
     walks nearly the same; the grf row starts from what the grf model recorded."""
     for attn in ('topo', 'grf'):
         p = subprocess.run([sys.executable, 'train.py', 'configs/fmnist.py', f'--attn={attn}', '--epochs=1',
-                            '--mask_max_len=4', f'--out_dir={tmp_path}/{attn}-s0', *SYNTHETIC.split()],
+                            '--mask_max_len=4', f'--out_dir={tmp_path}/{attn}-s0', '--topo_form=features', *SYNTHETIC.split()],
                            cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert p.returncode == 0, p.stderr[-3000:]
     runs = report.load_runs(str(tmp_path))
@@ -85,6 +85,17 @@ def test_mask_swap_gives_the_trained_accuracy_back_with_the_exact_mask(tmp_path)
     assert topo[0] == 'topo (topo-s0)' and topo[1] == topo[2] == f"{runs[1]['final']['top1']:.2f}"
     assert abs(float(topo[4].split(' ± ')[0]) - float(topo[2])) < 1.5  # 4000 walks: close to the exact mask
     assert grf[0] == 'grf (grf-s0)' and grf[1] == f"{runs[0]['final']['top1']:.2f}"
+
+def test_mask_swap_of_an_alpha_model_gives_its_exact_accuracy_and_says_whether_f_exists(tmp_path):
+    p = subprocess.run([sys.executable, 'train.py', 'configs/fmnist.py', '--attn=topo', '--epochs=1', '--mask_max_len=4',
+                        f'--out_dir={tmp_path}/topo-s0', *SYNTHETIC.split()], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = report.load_runs(str(tmp_path))
+    text = report.mask_swap(runs, data_dir='unused', walks=(4,), walk_seeds=2)
+    [row] = rows(text)
+    assert row[1] == row[2] == f"{runs[0]['final']['top1']:.2f}"  # alpha form: its own mask is the exact one
+    assert "alpha's deconvolution is non-negative in" in text and "of 2 heads" in text
+    assert (row[3] == '–') == (' 2 of 2 ' not in text)
 
 def test_walk_error_table_shows_repelling_walks_closer_to_the_exact_mask():
     """report.walk_errors against the exact M from matrix powers: a row per walk count, a column per coupling."""
