@@ -8,6 +8,7 @@ line on stderr naming the key, the value and what was expected, and exit status 
 import ast
 import difflib
 import os
+import re
 import sys
 import types
 
@@ -27,8 +28,19 @@ def checked(key, value, config, where):
         return float(value)
     fail(f"{key}={value!r}{where} has type {type(value).__name__}, expected {type(default).__name__}")
 
+def usage(config):
+    """--help: the running script's docstring, then each setting with its default and its comment (from its lines)."""
+    source = open(sys.argv[0]).read()
+    print((ast.get_docstring(ast.parse(source)) or '').strip() + "\n\nsettings (--key=value, or a config file):")
+    for key, comment in re.findall(r"^(\w+) = .*?(?:#\s*(.*))?$", source.split('\n# ---')[0], re.M):
+        if key in config:
+            print(f"  --{key}={config[key]!r}".ljust(36) + f" {comment}")
+    sys.exit(0)
+
 def configure(config, args):
     """Apply config files and --key=value args to the dict `config` (train.py's globals) in place."""
+    if {'-h', '--help'} & set(args):
+        usage(config)
     master = os.environ.get('RANK', '0') == '0'
     for arg in args:
         if not arg.startswith('--'):  # a config file, run with the current values in scope

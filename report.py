@@ -222,6 +222,8 @@ def walk_errors(runs, walks=(5, 20, 100), ensembles=20):
     return '\n'.join(rows)
 
 if __name__ == '__main__':
+    if {'-h', '--help'} & set(sys.argv):
+        sys.exit(print(__doc__))
     roots = [a for a in sys.argv[1:] if not a.startswith('--')] or ['out/sweep']
     runs = [r for root in roots for r in load_runs(root)]
     if not runs:

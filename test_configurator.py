@@ -113,3 +113,12 @@ def test_every_config_file_is_valid():
             if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name) and n.targets[0].id != 'config'}
     for name in sorted(os.listdir(os.path.join(ROOT, 'configs'))):
         configure(dict(keys), [os.path.join(ROOT, 'configs', name)])
+
+@pytest.mark.parametrize('script', ['train.py', 'sweep.py', 'bench.py', 'report.py'])
+def test_help_lists_every_setting_with_its_default_and_comment(script):
+    p = subprocess.run([sys.executable, script, '--help'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and not p.stderr
+    if script == 'train.py':
+        assert "--mask_lr_mult=10.0" in p.stdout and "lr multiplier of the mask parameters" in p.stdout
+        assert "--grf_coupling='repelling'" in p.stdout and "--attn='softmax'" in p.stdout
+    assert 'python' in p.stdout  # the usage lines of the docstring
