@@ -66,6 +66,31 @@ def test_linear_attention_equals_a_loop_over_tokens():
         ref = sum(sj * v[0, 0, j] for j, sj in enumerate(s)) / (sum(s) + masks.EPS)
         assert rel_err(out[i], ref) < 1e-5
 
+def plain_masked(q, k, v, M):
+    a = (q.relu().float() @ k.relu().float().transpose(-2, -1)) * M.float()
+    return (a @ v.float()) / (a.sum(-1, keepdim=True) + masks.EPS)
+
+@pytest.mark.parametrize("mask_shape", [(7, 7), (3, 7, 7), (2, 3, 7, 7)])
+def test_masked_linear_backward_equals_autograd_of_the_plain_formula(mask_shape):
+    q, k, v = [x.requires_grad_() for x in qkv(2, 3, 7, 4, seed=11)]
+    M = torch.rand(mask_shape, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    fast = grads(masks.masked_linear_attention, [q, k, v, M])
+    ref = grads(plain_masked, [q, k, v, M])
+    for a, b in zip(fast, ref):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-5
+
+def test_masked_linear_keeps_its_input_dtypes_and_only_small_tensors_for_backward():
+    q, k, v = [x.bfloat16().requires_grad_() for x in qkv(2, 3, 16, 4, seed=12)]
+    M = torch.rand(3, 16, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = masks.masked_linear_attention(q, k, v, M)
+    assert out.dtype == torch.float32 and max(t.numel() for t in saved) <= 3 * 16 * 16  # no [B, H, N, N] tensor
+    got = grads(masks.masked_linear_attention, [q, k, v, M])
+    assert got[1].dtype == torch.bfloat16 and got[4].dtype == torch.float32
+    ref = grads(plain_masked, [x.detach().float().requires_grad_() for x in (q, k, v)] + [M.detach().requires_grad_()])
+    assert rel_err(got[1].float(), ref[1]) < 1e-2 and rel_err(got[4], ref[4]) < 1e-5
+
 def test_sdpa_softmax_equals_handwritten():
     q, k, v = qkv(2, 3, 17, 8)
     assert rel_err(F.scaled_dot_product_attention(q, k, v), masks.softmax_attention(q, k, v)) < 1e-5
