@@ -189,9 +189,11 @@ def toeplitz_index(h, w):
     r, c = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
     return (r[:, None] - r[None, :] + h - 1) * (2 * w - 1) + (c[:, None] - c[None, :] + w - 1)
 
-def toeplitz_mask(table, h, w):
-    """M_ij = t[row_i - row_j, col_i - col_j] for table [..., 2h-1, 2w-1] -> [..., N, N]. O(N^2)."""
-    return table.flatten(-2)[..., toeplitz_index(h, w).to(table.device)]
+def toeplitz_mask(table, h, w, index=None):
+    """M_ij = t[row_i - row_j, col_i - col_j] for table [..., 2h-1, 2w-1] -> [..., N, N]; index: toeplitz_index(h, w),
+    precomputed on the table's device (built here if None). O(N^2)."""
+    index = toeplitz_index(h, w).to(table.device) if index is None else index
+    return table.flatten(-2)[..., index]
 
 # -----------------------------------------------------------------------------
 # attention: dense references and efficient forms
@@ -302,16 +304,21 @@ def toeplitz_linear_attention_fft(q, k, v, table, h, w, eps=EPS):
         y = y.reshape(B, H, d, -1, N).permute(0, 1, 4, 2, 3)  # [B, H, N, d, dv+1]
         return _divide(torch.einsum('bhnd,bhnde->bhne', q, y), eps)
 
-def _csr(P, flat_cols):
-    """Sparse CSR [HN, HN] of P (block-diagonal over heads) from its ELL form P, flat_cols [HN, R], without the
-    padding slots (repeats of a row's own index); its transpose, also CSR; the mask of the slots kept."""
-    HN = flat_cols.shape[0]
-    keep = (flat_cols == torch.arange(HN, device=P.device)[:, None]).cumsum(1) <= 1
-    rows, cols, vals = torch.arange(HN, device=P.device)[:, None].expand_as(flat_cols)[keep], flat_cols[keep], P[keep]
-    perm = torch.argsort(cols * HN + rows)  # column-major order: the transpose's rows
+def grf_csr(cols):
+    """The sparsity structure of P (block-diagonal over heads) from its ELL columns cols [H, N, R], without the
+    padding slots (repeats of a row's own index), for grf_linear_attention: keep [nnz] (flat ELL slots kept, row
+    by row), crow, col (CSR of P, int32 as MKL and cuSPARSE take them), crow_t, col_t (CSR of P^T) and perm (P's
+    values in P^T's order). Depends on the walks alone: compute it once per ensemble. O(nnz log nnz)."""
+    H, N, R = cols.shape
+    HN = H * N
+    flat = (cols + torch.arange(H, device=cols.device)[:, None, None] * N).view(HN, R)
+    rows = torch.arange(HN, device=cols.device)[:, None].expand_as(flat)
+    keep = (flat == rows).cumsum(1) <= 1  # the first slot of a row's own index is real, the rest padding
+    rows, kept_cols = rows[keep], flat[keep]
+    perm = torch.argsort(kept_cols * HN + rows)  # column-major order: the rows of P^T
     crow = lambda r: F.pad(torch.bincount(r, minlength=HN).cumsum(0), (1, 0)).int()
-    csr = lambda r, c, x: torch.sparse_csr_tensor(crow(r), c.int(), x, (HN, HN), check_invariants=False)  # int32: MKL's own
-    return csr(rows, cols, vals), csr(cols[perm], rows[perm], vals[perm]), keep
+    return dict(keep=keep.flatten().nonzero().squeeze(1), crow=crow(rows), col=kept_cols.int(),
+                crow_t=crow(kept_cols[perm]), col_t=rows[perm].int(), perm=perm)
 
 def _spmm(A, X):
     """A @ X for a sparse CSR A, written straight into its result (A @ X fills and copies one first). The result
@@ -323,45 +330,65 @@ def _outer(x, y):
     """[HN, B, a], [HN, B, b] -> [HN, B*a*b]: row l holds x_l y_l^T of every batch element."""
     return (x[..., :, None] * y[..., None, :]).reshape(x.shape[0], -1)
 
-class _GRFMix(torch.autograd.Function):
+def _sparse(crow, col, vals):
+    n = crow.shape[0] - 1
+    return torch.sparse_csr_tensor(crow, col, vals, (n, n), check_invariants=False)
+
+# The sparse products run inside custom operators: torch.compile sees one opaque call, not sparse tensors.
+@torch.library.custom_op('topomask::grf_mix', mutates_args=())
+def _grf_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vals: torch.Tensor, crow: torch.Tensor,
+             col: torch.Tensor, crow_t: torch.Tensor, col_t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """y_i = q_i^T U_i with U_i = sum_l P_il S_l, S_l = sum_j P_jl k_j v_j^T, for q, k, v [HN, B, d]: two
-    sparse-dense products, S = P^T (k v^T) and U = P S. Backward recomputes S and U instead of saving them,
-    so memory held between forward and backward is O(N d), not O(N d^2)."""
-    @staticmethod
-    def forward(ctx, q, k, v, P, flat_cols):
-        A, AT, keep = _csr(P, flat_cols)
-        U = _spmm(A, _spmm(AT, _outer(k, v))).view(*q.shape, v.shape[2])
-        ctx.save_for_backward(q, k, v)
-        ctx.sparse = A, AT, keep
-        return torch.einsum('nbd,nbde->nbe', q, U)
+    sparse-dense products, S = P^T (k v^T) and U = P S."""
+    A, AT = _sparse(crow, col, vals), _sparse(crow_t, col_t, vals[perm])
+    U = _spmm(A, _spmm(AT, _outer(k, v))).view(*q.shape, v.shape[2])
+    return torch.einsum('nbd,nbde->nbe', q, U)
 
-    @staticmethod
-    def backward(ctx, gy):
-        q, k, v = ctx.saved_tensors
-        A, AT, keep = ctx.sparse
-        gy = gy.contiguous()
-        shape = (*q.shape, v.shape[2])
-        kv, qg = _outer(k, v), _outer(q, gy)
-        S, gS = _spmm(AT, kv), _spmm(AT, qg)             # S_l and dL/dS_l = sum_i P_il q_i gy_i^T
-        gq = torch.einsum('nbde,nbe->nbd', _spmm(A, S).view(shape), gy)
-        G = _spmm(A, gS).view(shape)                     # G_j = sum_l P_jl dL/dS_l
-        gk, gv = torch.einsum('nbde,nbe->nbd', G, v), torch.einsum('nbde,nbd->nbe', G, k)
-        del G
-        # dL/dP_il = q_i^T S_l gy_i + k_i^T dL/dS_l v_i (summed over the batch), only where P has a slot
-        gP = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
-        gP[keep] = (torch.sparse.sampled_addmm(A, qg, S.t(), beta=0.0).values()
-                    + torch.sparse.sampled_addmm(A, kv, gS.t(), beta=0.0).values())
-        return gq, gk, gv, gP, None
+@_grf_mix.register_fake
+def _(q, k, v, vals, crow, col, crow_t, col_t, perm):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
 
-def grf_linear_attention(q, k, v, cols, vals, eps=EPS):
+@torch.library.custom_op('topomask::grf_mix_backward', mutates_args=())
+def _grf_mix_backward(gy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vals: torch.Tensor,
+                      crow: torch.Tensor, col: torch.Tensor, crow_t: torch.Tensor, col_t: torch.Tensor,
+                      perm: torch.Tensor) -> list[torch.Tensor]:
+    """Recomputes S and U instead of keeping them, so the memory held between forward and backward is O(N d)."""
+    A, AT = _sparse(crow, col, vals), _sparse(crow_t, col_t, vals[perm])
+    gy = gy.contiguous()
+    shape = (*q.shape, v.shape[2])
+    kv, qg = _outer(k, v), _outer(q, gy)
+    S, gS = _spmm(AT, kv), _spmm(AT, qg)             # S_l and dL/dS_l = sum_i P_il q_i gy_i^T
+    gq = torch.einsum('nbde,nbe->nbd', _spmm(A, S).view(shape), gy)
+    G = _spmm(A, gS).view(shape)                     # G_j = sum_l P_jl dL/dS_l
+    gk, gv = torch.einsum('nbde,nbe->nbd', G, v), torch.einsum('nbde,nbd->nbe', G, k)
+    del G
+    # dL/dP_il = q_i^T S_l gy_i + k_i^T dL/dS_l v_i (summed over the batch), at P's non-zeros in CSR order
+    gvals = (torch.sparse.sampled_addmm(A, qg, S.t(), beta=0.0).values()
+             + torch.sparse.sampled_addmm(A, kv, gS.t(), beta=0.0).values())
+    return [gq, gk, gv, gvals]
+
+@_grf_mix_backward.register_fake
+def _(gy, q, k, v, vals, crow, col, crow_t, col_t, perm):
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(vals)]
+
+def _grf_mix_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+def _grf_mix_grad(ctx, gy):
+    gq, gk, gv, gvals = _grf_mix_backward(gy, *ctx.saved_tensors)
+    return gq, gk, gv, gvals, None, None, None, None, None
+
+_grf_mix.register_autograd(_grf_mix_grad, setup_context=_grf_mix_setup)
+
+def grf_linear_attention(q, k, v, cols, vals, csr=None, eps=EPS):
     """Linear attention masked by M = P P^T, P given sparsely (ELL: cols, vals [H, N, R]), never forming M:
     S_l = sum_j P_jl phi(k_j) v_j^T, z_l = sum_j P_jl phi(k_j), U_i = sum_l P_il S_l, Z_i = sum_l P_il z_l,
-    out_i = phi(q_i)^T U_i / (phi(q_i)^T Z_i + eps). q, k, v [B, H, N, d].
+    out_i = phi(q_i)^T U_i / (phi(q_i)^T Z_i + eps). q, k, v [B, H, N, d]; csr: grf_csr(cols), built here if None.
     O(N R d^2) time, O(N d^2) transient memory, O(N d) kept for backward."""
+    csr = grf_csr(cols) if csr is None else csr
     with _no_autocast(q.device):
         q, k, v, vals = _fp32(q.relu(), k.relu(), _with_ones(v), vals)
         B, H, N, d = q.shape
-        flat_cols = (cols + torch.arange(H, device=cols.device)[:, None, None] * N).view(H * N, -1)
         q, k, v = (x.permute(1, 2, 0, 3).reshape(H * N, B, -1) for x in (q, k, v))  # [HN, B, .]: rows of P lead
-        y = _GRFMix.apply(q, k, v, vals.reshape(H * N, -1), flat_cols)
+        y = _grf_mix(q, k, v, vals.flatten()[csr['keep']], csr['crow'], csr['col'], csr['crow_t'], csr['col_t'], csr['perm'])
         return _divide(y.view(H, N, B, -1).permute(2, 0, 1, 3), eps)

@@ -119,6 +119,7 @@ class Attention(nn.Module):
             dr, dc = torch.arange(1 - self.h, self.h).abs(), torch.arange(1 - self.w, self.w).abs()
             hops = (dr[:, None] + dc[None, :]).float()
             self.table_logits = nn.Parameter(hops.mul(math.log(c.table_init_decay)).repeat(c.heads, 1, 1))
+            self.register_buffer('toeplitz_index', masks.toeplitz_index(self.h, self.w), persistent=False)
         start = torch.arange(K + 1.0).mul(math.log(c.mask_init_decay)).repeat(c.heads, 1)  # decay^k, as logits
         self.alpha_form = c.attn == 'topo' and c.topo_form == 'alpha'
         if self.alpha_form:  # alpha = exp(logits) >= 0, so M >= 0 entry-wise; W^0 .. W^K
@@ -140,6 +141,14 @@ class Attention(nn.Module):
         bufs = grf_walk_buffers(self.h, self.w, self.heads, seed=seed, **self.walk_settings)
         for name, b in zip(self.GRF_BUFFERS, bufs):
             self.register_buffer(name, b.to(self.f_logits.device))
+        self.layout_sparse()
+
+    def layout_sparse(self):
+        """The sparse structure of the walks for the fast path (masks.grf_csr), rebuilt whenever the walks change."""
+        self.csr_names = []
+        for name, t in masks.grf_csr(self.grf_cols).items():
+            self.register_buffer('grf_csr_' + name, t, persistent=False)
+            self.csr_names.append(name)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # walk buffers are as long as the walks sampled: take the saved shapes before loading
@@ -148,6 +157,8 @@ class Attention(nn.Module):
                 old = getattr(self, name)
                 setattr(self, name, torch.empty_like(state_dict[prefix + name], device=old.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.attn == 'grf':
+            self.layout_sparse()
 
     def grf_values(self):
         """Phi_hat in ELL form, vals [H, N, R] = sum_t f_t C_t, differentiable in f."""
@@ -159,7 +170,7 @@ class Attention(nn.Module):
         """The dense N x N mask per head, [H, N, N], in float32 under any autocast (for the dense path, and to look at)."""
         with torch.autocast(self.qkv.weight.device.type, enabled=False):
             if self.attn == 'toeplitz':
-                return masks.toeplitz_mask(self.table_logits.exp(), self.h, self.w)
+                return masks.toeplitz_mask(self.table_logits.exp(), self.h, self.w, self.toeplitz_index)
             if self.alpha_form:
                 return masks.power_series(self.W_powers, self.alpha_logits.exp())
             if self.attn == 'topo':
@@ -178,7 +189,8 @@ class Attention(nn.Module):
         if self.fast and self.attn == 'toeplitz':
             return masks.toeplitz_linear_attention_fft(q, k, v, self.table_logits.exp(), self.h, self.w)
         if self.fast and self.attn == 'grf':
-            return masks.grf_linear_attention(q, k, v, self.grf_cols, self.grf_values())
+            csr = {name: getattr(self, 'grf_csr_' + name) for name in self.csr_names}
+            return masks.grf_linear_attention(q, k, v, self.grf_cols, self.grf_values(), csr)
         return masks.masked_linear_attention(q, k, v, self.mask())
 
     def forward(self, x):

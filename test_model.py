@@ -268,3 +268,20 @@ def test_dense_masked_paths_keep_at_most_1_3x_the_activations_of_softmax():
     softmax = saved_activation_bytes("softmax")
     for attn in ("toeplitz", "topo", "grf"):
         assert saved_activation_bytes(attn) <= 1.3 * softmax, attn
+
+@pytest.mark.parametrize("attn,impl", [("softmax", "dense"), ("linear", "dense"), ("toeplitz", "dense"), ("toeplitz", "fast"),
+                                       ("topo", "dense"), ("grf", "dense"), ("grf", "fast")])
+def test_every_variant_compiles_as_one_graph_and_matches_eager(attn, impl):
+    """fullgraph=True fails on any graph break, forward or backward (AOTAutograd traces both)."""
+    torch.manual_seed(0)
+    model = ViT(tiny(attn=attn, attn_impl=impl, dropout=0.0, depth=1))
+    eager = model(IMAGES)
+    eager.square().sum().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(IMAGES)
+    compiled.square().sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    for p, g in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
