@@ -25,9 +25,10 @@ grad_clip = 1.0
 label_smoothing = 0.0      # no label smoothing, no mixup, no augmentation: the seed's plain setup
 mask_lr_mult = 10.0        # mask parameters (f, Toeplitz tables) learn 10x faster (SPEC section 4); at 10 epochs
                            # grf and topo did best with 30, toeplitz and grf worst with 1 (see the README study)
-grf_walks = 20             # GRF: the paper's fine-tuning settings, n = 20, p_halt = 0.1, K = 10
+grf_walks = 20             # GRF: the paper's fine-tuning settings, n = 20, p_halt = 0.1, K = 10,
 grf_p_halt = 0.1
-mask_max_len = 10          # also K for topo: f_0 .. f_10, f_k = 0.5^k at init
-mask_init_decay = 0.5
+grf_coupling = 'repelling' # with the reference's repelling walkers
+mask_max_len = 10          # also K for topo: alpha_0 .. alpha_10 (topo_form 'alpha', the default) or f_0 .. f_10
+mask_init_decay = 0.5      # alpha_k, f_k = 0.5^k at init: a locality start (the reference's exp(-0.01) ~ 0.99 is flat)
 table_init_decay = 1.0     # toeplitz: the table starts at 1 (unmasked); 0.5 starts it at 0.5^(|dr| + |dc|)
 log_interval = 100
