@@ -253,3 +253,12 @@ def test_the_sigmoid_loss_starts_near_the_head_bias_and_learns(tmp_path):
     assert abs(records(tmp_path / 'start', 'train')[0]['loss'] - 10.0) < 0.3
     train(*args, '--lr=1e-2', out=tmp_path / 'learn')
     assert result(tmp_path / 'learn')['final']['top1'] > 50
+
+def test_the_gpu_check_runs_on_cpu_at_a_tiny_size():
+    """check_gpu.py cannot rot: the same script a GPU machine runs, tiny and on the CPU."""
+    p = subprocess.run([sys.executable, 'check_gpu.py', '--size=tiny', '--device=cpu', '--steps=1'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    assert all(any(l.startswith(a) and 'graph breaks 0' in l for l in lines) for a in ('softmax', 'linear', 'toeplitz', 'topo', 'grf'))
+    assert 'DDP (gloo, 1 process)' in p.stdout and lines[-1] == 'check passed'
