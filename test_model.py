@@ -285,3 +285,29 @@ def test_every_variant_compiles_as_one_graph_and_matches_eager(attn, impl):
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
     for p, g in zip(model.parameters(), want):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+def test_toeplitz_forward_builds_no_index_on_the_host(monkeypatch):
+    """The offset index is a buffer made once: a forward pass does not rebuild it (on CUDA that is a host copy)."""
+    model = ViT(tiny(attn="toeplitz", attn_impl="dense"))
+    monkeypatch.setattr(masks, "toeplitz_index", lambda h, w: (_ for _ in ()).throw(AssertionError("index rebuilt")))
+    model(IMAGES).sum().backward()
+
+def imagenet_mask_settings():
+    scope = {}
+    exec(open("configs/imagenet.py").read(), scope)
+    return {k: scope[k] for k in ("mask_max_len", "mask_init_decay", "grf_walks", "grf_p_halt", "grf_coupling")}
+
+@pytest.mark.parametrize("attn", ["topo", "grf"])
+def test_imagenet_start_gives_every_one_of_the_100_coefficients_a_gradient(attn):
+    """With f_k = 0.5^k the gradients of f_k beyond k ~ 30 vanish (below 1e-12) and never move; the reference's
+    exp(-0.01 k) start, which configs/imagenet.py takes, keeps all of them within a few orders of magnitude."""
+    cfg = ViTConfig(image_size=224, patch_size=16, in_channels=3, num_classes=5, dim=16, depth=1, heads=1, mlp_dim=16,
+                    dropout=0.0, attn=attn, **{**imagenet_mask_settings(), "grf_walks": 20})
+    torch.manual_seed(0)
+    model = ViT(cfg)
+    model(torch.randn(2, 3, 224, 224)).logsumexp(-1).sum().backward()
+    g = next(p for n, p in model.named_parameters() if n.endswith("logits")).grad.abs()
+    assert g.shape[-1] == 101
+    if attn == "grf":  # only walks that reach length k carry f_k: few of 20 per node get past ~40 steps at p_halt 0.1
+        g = g[..., :41]
+    assert g.min() > 1e-6 * g.max(), (g.min(), g.max())
