@@ -360,5 +360,6 @@ if master:
         json.dump(summary, f, indent=2)
     print0(f"done: top1 {result['top1']:.2f}% (best {best['top1']:.2f}%), {summary['images_per_s']:,.0f} img/s, "
            f"{fmt_time(summary['wall_time_s'])}; {out_dir}/result.json")
-if ddp:
+if ddp:  # no rank tears down its process group while another still has collectives in flight
+    dist.barrier()
     dist.destroy_process_group()
