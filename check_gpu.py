@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
-from model import ATTNS, ViT, ViTConfig, amp_dtype
+from model import VARIANTS, ViT, ViTConfig, amp_dtype
 
 size = 'vitb16'            # vitb16 (ImageNet: K = 100, 100 walks) | tiny (16 px, 2 layers)
 device = 'auto'            # auto (cuda if available, else cpu) | cuda | cpu
-attns = ','.join(ATTNS)    # comma-separated variants
+attns = ','.join(VARIANTS) # comma-separated variants
 max_batch = 512            # the largest batch tried; halved until one fits
 steps = 5                  # timed training steps per variant, after two compiling ones
 # -----------------------------------------------------------------------------

@@ -6,7 +6,6 @@ q, k, v are [..., N, d]; phi(x) = relu(x) is the linear-attention feature map.
 Every linear form runs in float32 (autocast disabled) and adds EPS to its denominator.
 Reference: Reid et al., "Linear Transformer Topological Masking with Graph Random Features", ICLR 2025.
 """
-import math
 import warnings
 import torch
 import torch.nn.functional as F
@@ -26,9 +25,8 @@ def _no_autocast(device):
 def grid_neighbors(h, w):
     """Neighbour table of the 4-neighbour h x w grid: nbr [N, 4] (padded with -1), deg [N]. O(N)."""
     r, c = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
-    cand = [((r - 1), c), ((r + 1), c), (r, (c - 1)), (r, (c + 1))]
     nbr = torch.stack([torch.where((rr >= 0) & (rr < h) & (cc >= 0) & (cc < w), rr * w + cc, -1)
-                       for rr, cc in cand], dim=1)
+                       for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1))], dim=1)
     nbr = nbr.sort(dim=1, descending=True).values  # valid neighbours first, -1 padding last
     return nbr, (nbr >= 0).sum(1)
 
@@ -59,8 +57,6 @@ def power_series(W_powers, coeffs):
     """sum_k c_k W^k for coeffs [..., K+1] -> [..., N, N]; uses W_powers[:K+1]. O(K N^2).
     With c = alpha it is the paper's M_alpha(G); with c = f it is the features Phi_G."""
     return torch.einsum('...k,kij->...ij', coeffs, W_powers[:coeffs.shape[-1]])
-
-topo_features = power_series  # Phi_G = sum_k f_k W^k
 
 def self_convolution(f):
     """alpha = f * f, the discrete self-convolution over the last dim: alpha_m = sum_{k+l=m} f_k f_l, [..., 2K+1].
@@ -114,17 +110,14 @@ def _repelling_picks(start, node, d, N, generator):
     return pick
 
 def sample_grf_walks(h, w, n_walks, p_halt, max_len, generator=None, coupling='iid'):
-    """n_walks random walks from every node of the h x w grid, vectorised over all N*n walks.
-    A walk starts at its node with load 1; at step t at node u it records (t, start, u, load), then halts
-    with probability p_halt (or when t = max_len), else hops to a uniform neighbour u' and multiplies its
-    load by W[u,u'] deg(u) / (1 - p_halt). Records are summed per (t, start, u) and divided by n_walks,
-    so that C_t[start, u] = load sum / n and E[sum_t f_t C_t] = sum_t f_t W^t.
-    coupling (COUPLINGS) correlates the n walks of one start node without changing any walk's law:
-    'antithetic' pairs their halting draws, 'repelling' spreads walkers that meet on a node over its
-    neighbours (Reid et al., "Repelling Random Walks", ICLR 2024); walks of different start nodes stay
-    independent, so Phi_hat and the off-diagonal of Phi_hat Phi_hat^T stay unbiased.
-    Returns (step, start, node, load), 1-D tensors of length nnz <= N n (max_len+1). O(N n max_len)
-    (repelling: times log(N n), one sort per step)."""
+    """n_walks random walks from every node of the h x w grid, vectorised over all N*n walks. A walk starts at its
+    node with load 1; at step t at node u it records (t, start, u, load), then halts with probability p_halt (or at
+    t = max_len), else hops to a uniform neighbour u' and multiplies its load by W[u,u'] deg(u) / (1 - p_halt).
+    Records are summed per (t, start, u) and divided by n_walks: C_t[start, u], with E[sum_t f_t C_t] = sum_t f_t W^t.
+    coupling (COUPLINGS) correlates the n walks of one start node without changing any walk's law: 'antithetic'
+    pairs their halting draws, 'repelling' spreads walkers that meet on a node over its neighbours (Reid et al.,
+    ICLR 2024). Walks of different start nodes stay independent, so Phi_hat and the off-diagonal of M_hat stay
+    unbiased. Returns (step, start, node, load) of length nnz <= N n (max_len+1). O(N n max_len), repelling log(N n) more."""
     if coupling not in COUPLINGS:
         raise ValueError(f"coupling={coupling!r} is invalid; valid: {', '.join(COUPLINGS)}")
     antithetic = coupling.endswith('antithetic')
@@ -140,13 +133,13 @@ def sample_grf_walks(h, w, n_walks, p_halt, max_len, generator=None, coupling='i
         recs.append((torch.full_like(node, t), start, node, load))
         if t == max_len or deg.max() == 0:
             break
-        go = ~_halts(slot, N, n_walks, p_halt, antithetic, generator) & (deg[node] > 0)
+        go = ~_halts(slot, N, n_walks, p_halt, antithetic=antithetic, generator=generator) & (deg[node] > 0)
         start, node, load, slot = start[go], node[go], load[go], slot[go]
         if node.numel() == 0:
             break
         d = deg[node]
         if coupling.startswith('repelling'):
-            pick = _repelling_picks(start, node, d, N, generator)
+            pick = _repelling_picks(start, node, d, N, generator=generator)
         else:
             pick = (torch.rand(node.shape[0], generator=generator, dtype=torch.float64) * d).long().clamp(max=d - 1)
         nxt = nbr[node, pick]
@@ -170,6 +163,23 @@ def grf_layout(start, node, N):
     cols = torch.arange(N)[:, None].repeat(1, R)
     cols[row, r] = col
     return cols, (row * R + r)[inv]
+
+def grf_walk_layout(h, w, heads, n_walks, p_halt, max_len, coupling, seed):
+    """One walk ensemble per head (head j sampled with a generator seeded by seed * 1_000_003 + j), all laid out by
+    one grf_layout call on the heads' grids as one block-diagonal graph (head j's node i is node j*N + i), for
+    grf_features with the coefficients of all heads flattened, f [H*(K+1)]: cols [H, N, R] (node indices within
+    the head's grid, padded with the row's own index), and per record slot (its flat position j*N*R + i*R + r),
+    fidx (j*(K+1) + its step) and load. R = the most distinct nodes in any row of any head."""
+    N = h * w
+    records = []
+    for j in range(heads):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + j)
+        step, start, node, load = sample_grf_walks(h, w, n_walks, p_halt, max_len=max_len, generator=g, coupling=coupling)
+        records.append((j * (max_len + 1) + step, j * N + start, j * N + node, load))
+    fidx, start, node, load = (torch.cat(x) for x in zip(*records))
+    cols, slot = grf_layout(start, node, heads * N)
+    cols = cols - torch.arange(heads * N)[:, None] // N * N  # back to node indices within each head's grid
+    return {'cols': cols.view(heads, N, -1), 'slot': slot.int(), 'fidx': fidx.int(), 'load': load}
 
 def grf_features(slot, step, load, f, N, R):
     """Values of Phi_hat = sum_t f_t C_t in the ELL layout: vals[i, r] = sum of f[step] * load over the
@@ -198,11 +208,6 @@ def toeplitz_mask(table, h, w, index=None):
 # -----------------------------------------------------------------------------
 # attention: dense references and efficient forms
 
-def softmax_attention(q, k, v):
-    """Reference softmax(q k^T / sqrt(d)) v, written out. O(N^2 d)."""
-    a = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    return a.softmax(-1) @ v
-
 def plain_linear_attention(q, k, v, eps=EPS):
     """out_i = phi(q_i)^T (sum_j phi(k_j) v_j^T) / (phi(q_i)^T sum_j phi(k_j) + eps). O(N d^2)."""
     with _no_autocast(q.device):
@@ -221,7 +226,7 @@ class _MaskedLinear(torch.autograd.Function):
     def forward(ctx, q, k, v, mask, eps):
         ctx.save_for_backward(q, k, v, mask)
         ctx.eps = eps
-        return _MaskedLinear.terms(q, k, v, mask, eps)[0]
+        return _MaskedLinear.terms(q, k, v, mask, eps=eps)[0]
 
     @staticmethod
     def terms(q, k, v, mask, eps):
@@ -234,7 +239,7 @@ class _MaskedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         q, k, v, mask = ctx.saved_tensors
-        out, fq, fk, v32, mask32, s, a, den = _MaskedLinear.terms(q, k, v, mask, ctx.eps)
+        out, fq, fk, v32, mask32, s, a, den = _MaskedLinear.terms(q, k, v, mask, eps=ctx.eps)
         dnum = g.float() / den
         da = dnum @ v32.transpose(-2, -1) - (g.float() * out).sum(-1, keepdim=True) / den
         dv = a.transpose(-2, -1) @ dnum
@@ -250,7 +255,7 @@ def masked_linear_attention(q, k, v, mask, eps=EPS):
     """Dense reference: out_i = sum_j M_ij (phi(q_i).phi(k_j)) v_j / (sum_j M_ij phi(q_i).phi(k_j) + eps).
     mask [..., N, N] broadcasts over the batch. O(N^2 d) time, O(N^2) transient memory, O(N d) kept for backward."""
     with _no_autocast(q.device):
-        return _MaskedLinear.apply(q, k, v, mask, eps)
+        return _MaskedLinear.apply(q, k, v, mask, eps)  # apply takes no keywords
 
 def _with_ones(v):
     # append a ones channel: the same contraction then yields numerator (first dv) and denominator (last)
@@ -310,7 +315,7 @@ def grf_csr(cols):
     by row), crow, col (CSR of P, int32 as MKL and cuSPARSE take them), crow_t, col_t (CSR of P^T) and perm (P's
     values in P^T's order). Depends on the walks alone: compute it once per ensemble. O(nnz log nnz)."""
     H, N, R = cols.shape
-    HN = H * N
+    HN = H * N  # rows of the block-diagonal P
     flat = (cols + torch.arange(H, device=cols.device)[:, None, None] * N).view(HN, R)
     rows = torch.arange(HN, device=cols.device)[:, None].expand_as(flat)
     keep = (flat == rows).cumsum(1) <= 1  # the first slot of a row's own index is real, the rest padding
@@ -331,8 +336,7 @@ def _outer(x, y):
     return (x[..., :, None] * y[..., None, :]).reshape(x.shape[0], -1)
 
 def _sparse(crow, col, vals):
-    n = crow.shape[0] - 1
-    return torch.sparse_csr_tensor(crow, col, vals, (n, n), check_invariants=False)
+    return torch.sparse_csr_tensor(crow, col, vals, (crow.shape[0] - 1,) * 2, check_invariants=False)
 
 # The sparse products run inside custom operators: torch.compile sees one opaque call, not sparse tensors.
 @torch.library.custom_op('topomask::grf_mix', mutates_args=())
@@ -344,9 +348,7 @@ def _grf_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vals: torch.Tens
     U = _spmm(A, _spmm(AT, _outer(k, v))).view(*q.shape, v.shape[2])
     return torch.einsum('nbd,nbde->nbe', q, U)
 
-@_grf_mix.register_fake
-def _(q, k, v, vals, crow, col, crow_t, col_t, perm):
-    return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+_grf_mix.register_fake(lambda q, k, v, *structure: q.new_empty(q.shape[0], q.shape[1], v.shape[2]))
 
 @torch.library.custom_op('topomask::grf_mix_backward', mutates_args=())
 def _grf_mix_backward(gy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vals: torch.Tensor,
@@ -367,18 +369,9 @@ def _grf_mix_backward(gy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
              + torch.sparse.sampled_addmm(A, kv, gS.t(), beta=0.0).values())
     return [gq, gk, gv, gvals]
 
-@_grf_mix_backward.register_fake
-def _(gy, q, k, v, vals, crow, col, crow_t, col_t, perm):
-    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(vals)]
-
-def _grf_mix_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-def _grf_mix_grad(ctx, gy):
-    gq, gk, gv, gvals = _grf_mix_backward(gy, *ctx.saved_tensors)
-    return gq, gk, gv, gvals, None, None, None, None, None
-
-_grf_mix.register_autograd(_grf_mix_grad, setup_context=_grf_mix_setup)
+_grf_mix_backward.register_fake(lambda gy, q, k, v, vals, *structure: [torch.empty_like(x) for x in (q, k, v, vals)])
+_grf_mix.register_autograd(lambda ctx, gy: (*_grf_mix_backward(gy, *ctx.saved_tensors), None, None, None, None, None),
+                           setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 
 def grf_linear_attention(q, k, v, cols, vals, csr=None, eps=EPS):
     """Linear attention masked by M = P P^T, P given sparsely (ELL: cols, vals [H, N, R]), never forming M:
@@ -390,5 +383,6 @@ def grf_linear_attention(q, k, v, cols, vals, csr=None, eps=EPS):
         q, k, v, vals = _fp32(q.relu(), k.relu(), _with_ones(v), vals)
         B, H, N, d = q.shape
         q, k, v = (x.permute(1, 2, 0, 3).reshape(H * N, B, -1) for x in (q, k, v))  # [HN, B, .]: rows of P lead
-        y = _grf_mix(q, k, v, vals.flatten()[csr['keep']], csr['crow'], csr['col'], csr['crow_t'], csr['col_t'], csr['perm'])
+        structure = {name: csr[name] for name in ('crow', 'col', 'crow_t', 'col_t', 'perm')}
+        y = _grf_mix(q, k, v, vals.flatten()[csr['keep']], **structure)
         return _divide(y.view(H, N, B, -1).permute(2, 0, 1, 3), eps)

@@ -1,5 +1,5 @@
 """
-A Vision Transformer whose attention is one of five token mixers (the math is in masks.py):
+A Vision Transformer whose attention is one of five token mixers, one class each (VARIANTS; the math is in masks.py):
   softmax   softmax(q k^T / sqrt(d)) v, via F.scaled_dot_product_attention          O(N^2)
   linear    phi(q) (phi(k)^T v), phi = relu                                         O(N)
   toeplitz  linear attention masked by a learnable table of 2-D relative offsets      O(N log N) (FFT)
@@ -17,14 +17,8 @@ import torch.nn.functional as F
 
 import masks
 
-ATTNS = ('softmax', 'linear', 'toeplitz', 'topo', 'grf')
 IMPLS = ('auto', 'dense', 'fast')
 TOPO_FORMS = ('alpha', 'features')
-# attn_impl='auto' runs the dense O(N^2) path up to this many tokens and the efficient path above it.
-# Measured with `python bench.py --mode=attention --threads=1` (forward + backward, batch 2, 2 heads, head dim 16,
-# 20 walks, p_halt 0.1, K 10, 2-core CPU): toeplitz dense 82 ms vs FFT 127 ms at N = 1024, FFT ahead from 2025
-# (253 vs 386 ms); grf dense 9.8 vs sparse 23 ms at N = 256, sparse ahead from 529 (46 vs 64 ms).
-AUTO_DENSE_MAX_N = {'toeplitz': 1024, 'grf': 256}
 
 @dataclass
 class ViTConfig:
@@ -38,7 +32,7 @@ class ViTConfig:
     mlp_dim: int = 128
     dropout: float = 0.1
     head_bias_init: float = 0.0  # the classifier's bias at the start (-10 with a sigmoid loss, as the reference)
-    attn: str = 'softmax'        # one of ATTNS
+    attn: str = 'softmax'        # a key of VARIANTS
     attn_impl: str = 'auto'      # auto | dense | fast (toeplitz and grf have both; the others one path)
     grf_walks: int = 20          # n, random walks per node
     grf_p_halt: float = 0.1      # probability that a walk halts at each step
@@ -53,7 +47,7 @@ def check_config(c):
     """Raise a ValueError naming the bad value and the valid ones."""
     def bad(name, value, valid):
         raise ValueError(f"{name}={value!r} is invalid; valid: {valid}")
-    if c.attn not in ATTNS: bad('attn', c.attn, ', '.join(ATTNS))
+    if c.attn not in VARIANTS: bad('attn', c.attn, ', '.join(VARIANTS))
     if c.attn_impl not in IMPLS: bad('attn_impl', c.attn_impl, ', '.join(IMPLS))
     if c.patch_size < 1 or c.image_size % c.patch_size: bad('image_size', c.image_size, f"a multiple of patch_size={c.patch_size}")
     if c.dim % c.heads: bad('dim', c.dim, f"a multiple of heads={c.heads}")
@@ -83,64 +77,123 @@ def amp_dtype(device_type):
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
-def grf_walk_buffers(h, w, heads, n_walks, p_halt, max_len, coupling, seed):
-    """Sample one walk ensemble per head (seeded by `seed` and the head) and lay them out for masks.py:
-    cols [H, N, R]; per record its flat slot h*N*R + i*R + r, its flat coefficient index h*(K+1) + t, its load."""
-    N, K1 = h * w, max_len + 1
-    per_head = []
-    for hd in range(heads):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + hd)
-        step, start, node, load = masks.sample_grf_walks(h, w, n_walks, p_halt, max_len, g, coupling)
-        cols, slot = masks.grf_layout(start, node, N)
-        per_head.append((cols, slot, step, load))
-    R = max(c.shape[1] for c, *_ in per_head)
-    cols = torch.stack([F.pad(c, (0, R - c.shape[1])) for c, *_ in per_head])
-    cols = torch.where(torch.arange(R) < torch.tensor([c.shape[1] for c, *_ in per_head])[:, None, None],
-                       cols, torch.arange(N)[:, None])  # padding slots point at the row itself, with value 0
-    slot = torch.cat([hd * N * R + (s // c.shape[1]) * R + s % c.shape[1] for hd, (c, s, _, _) in enumerate(per_head)])
-    fidx = torch.cat([hd * K1 + t for hd, (_, _, t, _) in enumerate(per_head)])
-    load = torch.cat([l for *_, l in per_head])
-    return cols, slot.int(), fidx.int(), load
+# -----------------------------------------------------------------------------
+# the attention variants: one class each, registered in VARIANTS at the end of this section
 
 class Attention(nn.Module):
-    """Shared qkv and output projections; only the token mixing depends on config.attn."""
-    GRF_BUFFERS = ('grf_cols', 'grf_slot', 'grf_fidx', 'grf_load')
+    """Shared qkv and output projections. A subclass mixes the tokens: a masked linear attention defines
+    dense_mask() (and fast_mix(), the same output without the N x N mask, if it has one); any other defines mix().
+    Its mask parameters are the parameters it holds itself (not those of qkv and proj): they form the optimizer's
+    mask group. The class attributes say what the mask depends on, for fine-tuning and report.py."""
+    settings = ()      # ViTConfig settings that act on the mask: report.py makes a column of those that vary
+    form = ()          # settings that change what the mask parameters mean: fine-tuning takes them only if equal
+    sampled = ()       # names of buffers drawn at random (walks), and the settings they are drawn from (`walks`):
+    walks = ()         # fine-tuning takes them only if all of those are equal
+    dense_max_n = None # with fast_mix(): attn_impl='auto' takes the dense path up to this many tokens (bench.py)
 
     def __init__(self, c, layer):
         super().__init__()
-        self.attn, self.heads = c.attn, c.heads
+        self.heads = c.heads
         self.h = self.w = c.image_size // c.patch_size
-        N, K = self.h * self.w, c.mask_max_len
         self.qkv = nn.Linear(c.dim, 3 * c.dim)
         self.proj = nn.Linear(c.dim, c.dim)
-        self.fast = c.attn in ('toeplitz', 'grf') and (c.attn_impl == 'fast' or
-                    (c.attn_impl == 'auto' and N > AUTO_DENSE_MAX_N[c.attn]))
-        if c.attn == 'toeplitz':  # table = exp(logits) >= 0, starts at decay^(|dr| + |dc|): 1 is unmasked
-            dr, dc = torch.arange(1 - self.h, self.h).abs(), torch.arange(1 - self.w, self.w).abs()
-            hops = (dr[:, None] + dc[None, :]).float()
-            self.table_logits = nn.Parameter(hops.mul(math.log(c.table_init_decay)).repeat(c.heads, 1, 1))
-            self.register_buffer('toeplitz_index', masks.toeplitz_index(self.h, self.w), persistent=False)
-        start = torch.arange(K + 1.0).mul(math.log(c.mask_init_decay)).repeat(c.heads, 1)  # decay^k, as logits
-        self.alpha_form = c.attn == 'topo' and c.topo_form == 'alpha'
-        if self.alpha_form:  # alpha = exp(logits) >= 0, so M >= 0 entry-wise; W^0 .. W^K
+        n = self.h * self.w
+        self.fast = self.dense_max_n is not None and (c.attn_impl == 'fast' or c.attn_impl == 'auto' and n > self.dense_max_n)
+
+    def mask(self):
+        """The dense N x N mask per head, [H, N, N], in float32 under any autocast (for the dense path, and to look at)."""
+        with torch.autocast(self.qkv.weight.device.type, enabled=False):
+            return self.dense_mask()
+
+    def mix(self, q, k, v):
+        """The token mixing, [B, H, N, d] -> [B, H, N, d]."""
+        if self.fast:
+            return self.fast_mix(q, k, v)
+        return masks.masked_linear_attention(q, k, v, self.mask())
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        y = self.mix(q, k, v).to(q.dtype)  # linear forms return float32
+        return self.proj(y.transpose(1, 2).reshape(B, N, C))
+
+class SoftmaxAttention(Attention):
+    def mix(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+class LinearAttention(Attention):
+    def mix(self, q, k, v):
+        return masks.plain_linear_attention(q, k, v)
+
+class ToeplitzAttention(Attention):
+    """M_ij = t[row_i - row_j, col_i - col_j], a learnable table per head; t = exp(logits) >= 0, starting at
+    decay^(|dr| + |dc|) (decay 1: unmasked)."""
+    settings = ('table_init_decay',)
+    dense_max_n = 1024
+
+    def __init__(self, c, layer):
+        super().__init__(c, layer)
+        dr = torch.arange(1 - self.h, self.h).abs()
+        dc = torch.arange(1 - self.w, self.w).abs()
+        hops = (dr[:, None] + dc[None, :]).float()
+        self.table_logits = nn.Parameter(hops.mul(math.log(c.table_init_decay)).repeat(c.heads, 1, 1))
+        self.register_buffer('toeplitz_index', masks.toeplitz_index(self.h, self.w), persistent=False)
+
+    def dense_mask(self):
+        return masks.toeplitz_mask(self.table_logits.exp(), self.h, self.w, self.toeplitz_index)
+
+    def fast_mix(self, q, k, v):
+        return masks.toeplitz_linear_attention_fft(q, k, v, self.table_logits.exp(), h=self.h, w=self.w)
+
+class TopoAttention(Attention):
+    """The exact topological mask of the grid graph, coefficients starting at decay^k. topo_form='alpha' learns
+    alpha = exp(logits) >= 0 in M = sum_k alpha_k W^k (W^0 .. W^K; M >= 0 entry-wise as W >= 0); 'features' learns
+    f = exp(logits) in M = Phi Phi^T = sum_m (f * f)_m W^m (W^0 .. W^2K), the mask that grf estimates."""
+    settings = ('topo_form', 'mask_max_len', 'mask_init_decay')
+    form = ('topo_form',)
+
+    def __init__(self, c, layer):
+        super().__init__(c, layer)
+        K = c.mask_max_len
+        start = torch.arange(K + 1.0).mul(math.log(c.mask_init_decay)).repeat(c.heads, 1)
+        self.alpha_form = c.topo_form == 'alpha'
+        if self.alpha_form:
             self.alpha_logits = nn.Parameter(start)
-        elif c.attn in ('topo', 'grf'):  # f = exp(logits) >= 0; M = Phi Phi^T = sum_m (f*f)_m W^m needs W^0 .. W^2K
+        else:
             self.f_logits = nn.Parameter(start)
-        if c.attn == 'topo':
-            W = masks.grid_adjacency(self.h, self.w).double()
-            self.register_buffer('W_powers', masks.matrix_powers(W, K if self.alpha_form else 2 * K).float(), persistent=False)
-        if c.attn == 'grf':
-            self.walk_settings = dict(n_walks=c.grf_walks, p_halt=c.grf_p_halt, max_len=K, coupling=c.grf_coupling)
-            self.walk_seed = c.mask_seed * 10_007 + layer
-            self.sample_walks()
+        W = masks.grid_adjacency(self.h, self.w).double()
+        powers = K if self.alpha_form else 2 * K
+        self.register_buffer('W_powers', masks.matrix_powers(W, powers).float(), persistent=False)
+
+    def dense_mask(self):
+        if self.alpha_form:
+            return masks.power_series(self.W_powers, self.alpha_logits.exp())
+        return masks.topo_mask(self.W_powers, self.f_logits.exp())
+
+class GRFAttention(Attention):
+    """M_hat = Phi_hat Phi_hat^T with Phi_hat = sum_t f_t C_t estimated from random walks on the grid (masks.py),
+    f = exp(logits) >= 0 starting at decay^k. The walks are sampled once, from (mask_seed, layer), identically on
+    every process, and saved with the model; sample_walks redraws them."""
+    settings = ('grf_walks', 'grf_p_halt', 'grf_coupling', 'mask_max_len', 'mask_init_decay')
+    sampled = ('grf_cols', 'grf_slot', 'grf_fidx', 'grf_load')
+    walks = ('image_size', 'patch_size', 'grf_walks', 'grf_p_halt', 'grf_coupling', 'mask_max_len', 'mask_seed')
+    dense_max_n = 256
+
+    def __init__(self, c, layer):
+        super().__init__(c, layer)
+        start = torch.arange(c.mask_max_len + 1.0).mul(math.log(c.mask_init_decay)).repeat(c.heads, 1)
+        self.f_logits = nn.Parameter(start)
+        self.walk_settings = dict(n_walks=c.grf_walks, p_halt=c.grf_p_halt, max_len=c.mask_max_len, coupling=c.grf_coupling)
+        self.walk_seed = c.mask_seed * 10_007 + layer
+        self.sample_walks()
 
     def sample_walks(self, draw=0):
-        """(Re)draw the GRF walks of every head: draw r of this layer is seeded by (mask_seed, layer, r) alone,
+        """(Re)draw the walks of every head: draw r of this layer is seeded by (mask_seed, layer, r) alone,
         so every rank draws the same walks and a resumed run the same as an uninterrupted one."""
         seed = self.walk_seed if draw == 0 else hash((self.walk_seed, draw)) % 2 ** 31  # int hashes: fixed
-        bufs = grf_walk_buffers(self.h, self.w, self.heads, seed=seed, **self.walk_settings)
-        for name, b in zip(self.GRF_BUFFERS, bufs):
-            self.register_buffer(name, b.to(self.f_logits.device))
+        layout = masks.grf_walk_layout(self.h, self.w, heads=self.heads, seed=seed, **self.walk_settings)
+        for name in self.sampled:
+            self.register_buffer(name, layout[name.removeprefix('grf_')].to(self.f_logits.device))
         self.layout_sparse()
 
     def layout_sparse(self):
@@ -152,56 +205,34 @@ class Attention(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # walk buffers are as long as the walks sampled: take the saved shapes before loading
-        for name in self.GRF_BUFFERS if self.attn == 'grf' else ():
+        for name in self.sampled:
             if prefix + name in state_dict:
                 old = getattr(self, name)
                 setattr(self, name, torch.empty_like(state_dict[prefix + name], device=old.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.attn == 'grf':
-            self.layout_sparse()
+        self.layout_sparse()
 
     def grf_values(self):
         """Phi_hat in ELL form, vals [H, N, R] = sum_t f_t C_t, differentiable in f."""
         H, N, R = self.grf_cols.shape
         f = self.f_logits.exp().flatten()
-        return masks.grf_features(self.grf_slot, self.grf_fidx, self.grf_load, f, H * N, R).view(H, N, R)
+        return masks.grf_features(self.grf_slot, self.grf_fidx, self.grf_load, f, N=H * N, R=R).view(H, N, R)
 
-    def mask(self):
-        """The dense N x N mask per head, [H, N, N], in float32 under any autocast (for the dense path, and to look at)."""
-        with torch.autocast(self.qkv.weight.device.type, enabled=False):
-            if self.attn == 'toeplitz':
-                return masks.toeplitz_mask(self.table_logits.exp(), self.h, self.w, self.toeplitz_index)
-            if self.alpha_form:
-                return masks.power_series(self.W_powers, self.alpha_logits.exp())
-            if self.attn == 'topo':
-                return masks.topo_mask(self.W_powers, self.f_logits.exp())
-            if self.attn == 'grf':
-                P = masks.ell_to_dense(self.grf_cols, self.grf_values(), self.h * self.w)
-                return P @ P.transpose(-2, -1)
-        raise ValueError(f"attn={self.attn!r} has no mask")
+    def dense_mask(self):
+        P = masks.ell_to_dense(self.grf_cols, self.grf_values(), self.h * self.w)
+        return P @ P.transpose(-2, -1)
 
-    def mix(self, q, k, v):
-        """The token mixing, [B, H, N, d] -> [B, H, N, d]."""
-        if self.attn == 'softmax':
-            return F.scaled_dot_product_attention(q, k, v)
-        if self.attn == 'linear':
-            return masks.plain_linear_attention(q, k, v)
-        if self.fast and self.attn == 'toeplitz':
-            return masks.toeplitz_linear_attention_fft(q, k, v, self.table_logits.exp(), self.h, self.w)
-        if self.fast and self.attn == 'grf':
-            csr = {name: getattr(self, 'grf_csr_' + name) for name in self.csr_names}
-            return masks.grf_linear_attention(q, k, v, self.grf_cols, self.grf_values(), csr)
-        return masks.masked_linear_attention(q, k, v, self.mask())
+    def fast_mix(self, q, k, v):
+        csr = {name: getattr(self, 'grf_csr_' + name) for name in self.csr_names}
+        return masks.grf_linear_attention(q, k, v, self.grf_cols, vals=self.grf_values(), csr=csr)
 
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        y = self.mix(q, k, v).to(q.dtype)  # linear forms return float32
-        return self.proj(y.transpose(1, 2).reshape(B, N, C))
+# attn -> its class. A new variant: its math in masks.py, its class above, its entry here (README, "Adding a mask").
+VARIANTS = {'softmax': SoftmaxAttention, 'linear': LinearAttention, 'toeplitz': ToeplitzAttention,
+            'topo': TopoAttention, 'grf': GRFAttention}
 
-class Dropout(nn.Dropout):
-    """nn.Dropout whose CPU keep mask comes from 16 random bits per element, p rounded to a multiple of 2^-16:
-    the CPU bernoulli_ behind F.dropout took 15-40% of a FashionMNIST training step. Elsewhere F.dropout."""
+class CPUDropout(nn.Dropout):
+    """nn.Dropout, but on the CPU the keep mask comes from 16 random bits per element (p rounded to a multiple of
+    2^-16) instead of torch's slower bernoulli_ (README, "CPU speed-ups"). Elsewhere F.dropout."""
     def forward(self, x):
         if not self.training or not 0 < self.p < 1 or x.device.type != 'cpu' or torch.compiler.is_compiling():
             return super().forward(x)
@@ -213,10 +244,10 @@ class Block(nn.Module):
     def __init__(self, c, layer):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(c.dim), nn.LayerNorm(c.dim)
-        self.attn = Attention(c, layer)
-        self.mlp = nn.Sequential(nn.Linear(c.dim, c.mlp_dim), nn.GELU(), Dropout(c.dropout),
+        self.attn = VARIANTS[c.attn](c, layer)
+        self.mlp = nn.Sequential(nn.Linear(c.dim, c.mlp_dim), nn.GELU(), CPUDropout(c.dropout),
                                  nn.Linear(c.mlp_dim, c.dim))
-        self.drop = Dropout(c.dropout)
+        self.drop = CPUDropout(c.dropout)
 
     def forward(self, x):
         x = x + self.drop(self.attn(self.norm1(x)))
@@ -230,7 +261,7 @@ class ViT(nn.Module):
         n = (c.image_size // c.patch_size) ** 2
         self.patch_embed = nn.Conv2d(c.in_channels, c.dim, c.patch_size, stride=c.patch_size)
         self.pos_embed = nn.Parameter(torch.randn(1, n, c.dim) * 0.02)
-        self.drop = Dropout(c.dropout)
+        self.drop = CPUDropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c, layer) for layer in range(c.depth))
         self.norm = nn.LayerNorm(c.dim)
         self.head = nn.Linear(c.dim, c.num_classes)
@@ -252,21 +283,21 @@ class ViT(nn.Module):
 
     def load_for_fine_tuning(self, state, src):
         """Take the tensors of a saved model (state, its ViTConfig src) that still mean the same thing here: the
-        shared weights; the head if the class count is the same; the mask parameters if the variant is (their first
-        min(K, K') + 1 coefficients if K changed; the Toeplitz table if the grid is the same); the walks if the walk
-        settings are. The rest keeps its initialisation. -> {'loaded': [...], 'truncated': [...], 'fresh': [...]}"""
+        shared weights; the head if the class count is the same; the mask parameters if the variant and its `form`
+        settings are (coefficient vectors of another length cut or extended, so K may change; parameters of another
+        grid start afresh); the sampled walks if all their `walks` settings are. The rest keeps its initialisation.
+        -> {'loaded': [...], 'truncated': [...], 'fresh': [...]}"""
         c = self.config
-        same_mask = src.attn == c.attn and (c.attn != 'topo' or src.topo_form == c.topo_form)
-        walk_keys = ('image_size', 'patch_size', 'grf_walks', 'grf_p_halt', 'mask_max_len', 'mask_seed', 'grf_coupling')
-        same_walks = same_mask and all(getattr(src, k) == getattr(c, k) for k in walk_keys)
-        mask = {n for n, p in self.named_parameters() if any(p is q for q in self.mask_parameters())}
-        walks = {n for n, _ in self.named_buffers() if n.rsplit('.', 1)[-1] in Attention.GRF_BUFFERS}
+        variant = VARIANTS[c.attn]
+        same_mask = src.attn == c.attn and all(getattr(src, k) == getattr(c, k) for k in variant.form)
+        same_walks = same_mask and all(getattr(src, k) == getattr(c, k) for k in variant.walks)
+        mask = set(self.mask_parameters())
+        walks = set(self.walk_buffers())
         new, done = {}, {'loaded': [], 'truncated': [], 'fresh': []}
         for k, own in self.state_dict().items():
             saved = state.get(k)
             if (saved is None or k.startswith('head.') and src.num_classes != c.num_classes
-                    or k in mask and not same_mask or k in walks and not same_walks
-                    or k in mask and saved.dim() == 3 and saved.shape != own.shape):  # a Toeplitz table of another grid
+                    or k in mask and not same_mask or k in walks and not same_walks):
                 done['fresh'].append(k)
             elif k in walks or saved.shape == own.shape:
                 new[k] = saved
@@ -275,21 +306,28 @@ class ViT(nn.Module):
                 n = min(saved.shape[-1], own.shape[-1])
                 new[k] = torch.cat([saved[..., :n], own[..., n:]], -1)
                 done['truncated'].append(k)
+            elif k in mask:  # a parameter of another grid (a Toeplitz table)
+                done['fresh'].append(k)
             else:
                 raise ValueError(f"{k} of shape {tuple(saved.shape)} does not fit this model's {tuple(own.shape)}")
         self.load_state_dict(new, strict=False)
         return done
 
     def mask_parameters(self):
-        """The mask's own parameters (f, alpha, Toeplitz tables): those an Attention holds itself, beside its
-        qkv and output projections."""
-        return [p for m in self.modules() if isinstance(m, Attention) for p in m.parameters(recurse=False)]
+        """The mask's own parameters (f, alpha, Toeplitz tables), by name: those an Attention holds itself,
+        beside its qkv and output projections."""
+        return {f'{name}.{p_name}': p for name, m in self.named_modules() if isinstance(m, Attention)
+                for p_name, p in m.named_parameters(recurse=False)}
+
+    def walk_buffers(self):
+        """The names of the buffers drawn at random (GRF walks), saved with the model."""
+        return [f'{name}.{b}' for name, m in self.named_modules() if isinstance(m, Attention) for b in m.sampled]
 
     def param_groups(self, weight_decay, mask_lr_mult=1.0):
         """AdamW groups: matrices decay; biases, norms and positions do not; the few mask parameters
         get no decay and their own learning-rate multiplier."""
         groups = {'decay': [], 'no_decay': [], 'mask': []}
-        mask = {id(p) for p in self.mask_parameters()}
+        mask = {id(p) for p in self.mask_parameters().values()}
         for name, p in self.named_parameters():
             if id(p) in mask:
                 groups['mask'].append(p)

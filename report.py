@@ -1,13 +1,15 @@
 """
-Collects every result.json under a folder into a Markdown table (mean +- std of the final top-1 per variant,
-beside the seed's FashionMNIST numbers), and draws the test-accuracy curves and the learned masks
-(matplotlib, optional) into assets/.
+Collects every result.json under a folder into a Markdown table (mean +- std of the final top-1 per variant of
+model.VARIANTS, beside the published top-1 that the runs' config records), and draws the test-accuracy curves and
+the learned masks (matplotlib, optional) into assets/, named after the runs' dataset.
 
-    python report.py out/sweep                 # table + assets/fmnist_curves.png + assets/fmnist_masks.png
+    python report.py out/sweep                 # table + assets/<dataset>_curves.png + assets/<dataset>_masks.png
     python report.py out/sweep --no_plots      # the table alone
     python report.py out/a out/b --no_plots    # several folders: a row per variant and per mask setting that differs
     python report.py out/sweep --no_plots --mask_swap=DATA_DIR   # + the topo/grf models with their masks swapped
     python report.py out/sweep --no_plots --walk_error   # + the GRF mask's error per walk coupling and walk count
+
+Runs of several datasets share one title, and their files are named after all of them (assets/fmnist+cifar10_curves.png).
 """
 import glob
 import json
@@ -20,9 +22,7 @@ import torch
 
 import data
 import masks
-from model import ATTNS, ViT, saved_config
-
-SEED_RESULT = {'softmax': 86.54, 'toeplitz': 88.03, 'topo': 87.21, 'grf': 86.99, 'linear': 86.36}
+from model import VARIANTS, Attention, TopoAttention, ViT, saved_config
 
 def load_runs(root):
     runs = []
@@ -33,42 +33,79 @@ def load_runs(root):
         runs.append(r)
     return runs
 
-# mask settings, and the variants they act on: a column when they vary
-KNOBS = {'mask_lr_mult': ('toeplitz', 'topo', 'grf'), 'mask_init_decay': ('topo', 'grf'), 'table_init_decay': ('toeplitz',),
-         'grf_walks': ('grf',), 'grf_p_halt': ('grf',), 'grf_coupling': ('grf',), 'grf_resample_every': ('grf',),
-         'topo_form': ('topo',)}
+def datasets(runs):
+    """The runs' datasets, each once, in the order of the runs."""
+    return list(dict.fromkeys(r['config']['dataset'] for r in runs))
+
+def is_masked(cls):
+    """Whether a variant masks a linear attention: it defines dense_mask() and holds mask parameters."""
+    return hasattr(cls, 'dense_mask')
+
+def knobs(cls):
+    """The settings that act on a variant's mask, for the table: the learning-rate multiplier of its mask
+    parameters (if it has any), its model settings (`settings`), and the redrawing of its walks (if it samples any)."""
+    lr_mult = ('mask_lr_mult',) if is_masked(cls) else ()
+    redraw = ('grf_resample_every',) if cls.sampled else ()
+    return lr_mult + tuple(cls.settings) + redraw
 
 def knob(r, k):
     """The run's setting k, None where it does not act; runs from before a knob existed ran at its default."""
-    if r['config']['attn'] not in KNOBS[k]:
+    cls = VARIANTS.get(r['config']['attn'])
+    if cls is None or k not in knobs(cls):
         return None
     if k in r['config']:
         return r['config'][k]
     return getattr(saved_config(r['config']), k, 0)  # a training setting the run predates was off
 
+def is_number(text):
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+def published(config):
+    """The published top-1 (%) per variant that a run's config records, {attn: text}: its setting `published`,
+    'attn:top1,...' ('' or absent in older runs: none)."""
+    text = config.get('published', '')
+    values = {}
+    for item in text.split(',') if text else []:
+        attn, colon, value = (part.strip() for part in item.partition(':'))
+        if not (attn and colon and is_number(value)):
+            raise ValueError(f"published={text!r} is malformed; valid: 'attn:top1,...', e.g. 'softmax:86.54,linear:86.36'")
+        values[attn] = value
+    return values
+
+def cell(value):
+    if value is None:
+        return '–'
+    return value if isinstance(value, str) else f"{value:g}"
+
 def table(runs):
-    knobs = [k for k in KNOBS if len({knob(r, k) for r in runs} - {None}) > 1]
-    rows = ["| attention | " + ''.join(f"{k} | " for k in knobs) + "top-1 (%) mean ± std | seeds | epochs "
-            "| images/s (train) | seed's top-1 |", "|---|" + "---|" * (len(knobs) + 5)]
-    for attn in ATTNS:
+    all_knobs = dict.fromkeys(k for cls in VARIANTS.values() for k in knobs(cls))
+    columns = [k for k in all_knobs if len({knob(r, k) for r in runs} - {None}) > 1]
+    rows = ["| attention | " + ''.join(f"{k} | " for k in columns) + "top-1 (%) mean ± std | seeds | epochs "
+            "| images/s (train) | published top-1 |", "|---|" + "---|" * (len(columns) + 5)]
+    for attn in VARIANTS:
         groups = {}
         for r in runs:
             if r['config']['attn'] == attn:
-                groups.setdefault(tuple(knob(r, k) for k in knobs), []).append(r)
+                groups.setdefault(tuple(knob(r, k) for k in columns), []).append(r)
         for values, rs in sorted(groups.items(), key=lambda g: str(g[0])):
             acc = [r['final']['top1'] for r in rs]
             std = statistics.stdev(acc) if len(acc) > 1 else float('nan')
             eps = sorted({r['config']['epochs'] for r in rs})
             ips = statistics.median(r['images_per_s'] for r in rs)
-            settings = ''.join('– | ' if v is None else f"{v} | " if isinstance(v, str) else f"{v:g} | " for v in values)
+            settings = ''.join(f"{cell(v)} | " for v in values)
+            paper = [v for v in dict.fromkeys(published(r['config']).get(attn) for r in rs) if v is not None]
             rows.append(f"| {attn} | {settings}{statistics.mean(acc):.2f} ± {std:.2f} | {len(acc)} "
-                        f"| {','.join(map(str, eps))} | {ips:,.0f} | {SEED_RESULT.get(attn, '')} |")
+                        f"| {','.join(map(str, eps))} | {ips:,.0f} | {', '.join(paper)} |")
     return '\n'.join(rows)
 
 def curves(runs, path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    for attn in ATTNS:
+    for attn in VARIANTS:
         per_run = []
         for r in (r for r in runs if r['config']['attn'] == attn):
             with open(os.path.join(r['dir'], 'metrics.jsonl')) as f:
@@ -77,7 +114,7 @@ def curves(runs, path):
             n = min(map(len, per_run))
             mean = [statistics.mean(c[e] for c in per_run) for e in range(n)]
             ax.plot(range(1, n + 1), mean, label=f"{attn} ({len(per_run)} seeds)")
-    ax.set(xlabel='epoch', ylabel='test top-1 (%)', title='FashionMNIST')
+    ax.set(xlabel='epoch', ylabel='test top-1 (%)', title=', '.join(datasets(runs)))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -94,35 +131,41 @@ def load_model(run_dir):
     model.load_state_dict(ckpt['model'])
     return model
 
+def features_mask(h, w, f):
+    """The exact M = Phi Phi^T, Phi = sum_k f_k W^k, of the h x w grid per row of f [H, K+1], [H, N, N] in f's dtype."""
+    powers = masks.matrix_powers(masks.grid_adjacency(h, w).double(), 2 * f.shape[1] - 2)
+    return masks.topo_mask(powers.to(f.dtype), f)
+
 @torch.no_grad()
-def mask_pictures(runs, path):
-    """Rows: the Toeplitz table, the exact topological mask's row of the centre token, and the GRF estimate
-    of the same row next to the exact row for the GRF model's own f, per layer; columns: heads."""
-    import matplotlib.pyplot as plt
-    pick = {a: next((r['dir'] for r in runs if r['config']['attn'] == a), None) for a in ('toeplitz', 'topo', 'grf')}
-    rows = []  # (title, [H images])
-    for attn, run_dir in pick.items():
-        if run_dir is None:
+def mask_rows(runs):
+    """The learned masks to draw, [(title, [an h x w image per head])]: for each masked variant among the runs, its
+    first run's model, per layer the centre token's row of the mask. A variant that samples walks (grf) gets a second
+    row per layer, the exact mask of the same f, and the estimate's relative error is printed."""
+    rows = []
+    for attn, cls in VARIANTS.items():
+        run = next((r for r in runs if r['config']['attn'] == attn), None)
+        if run is None or not is_masked(cls):
             continue
-        model = load_model(run_dir)
+        model = load_model(run['dir'])
         for layer, block in enumerate(model.blocks):
             a = block.attn
-            h, w = a.h, a.w
-            centre = (h // 2) * w + w // 2
-            if attn == 'toeplitz':
-                rows.append((f"toeplitz L{layer}: table t[dr, dc]", list(a.table_logits.exp())))
+            centre = (a.h // 2) * a.w + a.w // 2
+            mask = a.mask()
+            if not cls.sampled:
+                rows.append((f"{attn} L{layer}: M[centre, :]", list(mask[:, centre].view(-1, a.h, a.w))))
                 continue
-            exact = masks.topo_mask(masks.matrix_powers(masks.grid_adjacency(h, w).double(), 2 * a.f_logits.shape[1] - 2).float(),
-                                    a.f_logits.exp())
-            if attn == 'topo':
-                rows.append((f"topo L{layer}: M[centre, :]", [m[centre].view(h, w) for m in exact]))
-                continue
-            est = a.mask()
-            err = ((est - exact).norm() / exact.norm()).item()
-            print(f"grf layer {layer}: ||M_hat - M|| / ||M|| = {err:.3f} (same learned f; f per head: "
+            exact = features_mask(a.h, a.w, a.f_logits.exp())
+            err = ((mask - exact).norm() / exact.norm()).item()
+            print(f"{attn} layer {layer}: ||M_hat - M|| / ||M|| = {err:.3f} (same learned f; f per head: "
                   + '; '.join(' '.join(f'{v:.2f}' for v in f[:4]) + ' ...' for f in a.f_logits.exp()) + ')')
-            rows.append((f"grf L{layer}: M_hat[centre, :] (rel. err {err:.2f})", [m[centre].view(h, w) for m in est]))
-            rows.append((f"grf L{layer}: exact M[centre, :], same f", [m[centre].view(h, w) for m in exact]))
+            rows.append((f"{attn} L{layer}: M_hat[centre, :] (rel. err {err:.2f})", list(mask[:, centre].view(-1, a.h, a.w))))
+            rows.append((f"{attn} L{layer}: exact M[centre, :], same f", list(exact[:, centre].view(-1, a.h, a.w))))
+    return rows
+
+def mask_pictures(runs, path):
+    """mask_rows drawn: a row of pictures per row, a column per head."""
+    import matplotlib.pyplot as plt
+    rows = mask_rows(runs)
     if not rows:
         return
     H = max(len(imgs) for _, imgs in rows)
@@ -139,6 +182,10 @@ def mask_pictures(runs, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
+def walk_buffers(model):
+    """The state keys of the walks that a model samples (its attention layers' `sampled` buffers)."""
+    return {f'{name}.{b}' for name, m in model.named_modules() if isinstance(m, Attention) for b in m.sampled}
+
 @torch.no_grad()
 def mask_swap(runs, data_dir, walks=(20, 100, 1000), walk_seeds=3):
     """The first topo and grf models evaluated with their mask swapped, the learned coefficients kept: the exact mask,
@@ -153,25 +200,28 @@ def mask_swap(runs, data_dir, walks=(20, 100, 1000), walk_seeds=3):
         if r is None:
             continue
         ckpt, cfg = load_checkpoint(r['dir'])
-        state = {k: v for k, v in ckpt['model'].items() if '.grf_' not in k}  # keep the walks a new model samples
+        trained = ViT(cfg)  # the checkpoint's modules, for the names of its walks and alpha coefficients
+        saved_walks = walk_buffers(trained)
+        state = {k: v for k, v in ckpt['model'].items() if k not in saved_walks}  # keep the walks a new model samples
         features = state  # the state with f_logits, for the GRF models
-        alpha = {k: v for k, v in state.items() if k.endswith('alpha_logits')}
-        if alpha:
-            f = {k.replace('alpha_logits', 'f_logits'): masks.deconvolution(v.double().exp()) for k, v in alpha.items()}
+        alpha_layers = [name for name, m in trained.named_modules() if isinstance(m, TopoAttention) and m.alpha_form]
+        if alpha_layers:
+            f = {f'{name}.f_logits': masks.deconvolution(state[f'{name}.alpha_logits'].double().exp()) for name in alpha_layers}
             positive = torch.cat([x.min(-1).values >= 0 for x in f.values()])
             notes.append(f"{os.path.basename(r['dir'])}: alpha's deconvolution is non-negative in {int(positive.sum())} "
                          f"of {len(positive)} heads")
             features = None
             if positive.all():
-                features = {**{k: v for k, v in state.items() if k not in alpha},
+                alpha_keys = {f'{name}.alpha_logits' for name in alpha_layers}
+                features = {**{k: v for k, v in state.items() if k not in alpha_keys},
                             **{k: x.clamp(min=1e-30).log().float() for k, x in f.items()}}
-        d = data.load(ckpt['config']['dataset'], data_dir, cfg.image_size, 1000)
+        loaders = data.load(ckpt['config']['dataset'], data_dir, cfg.image_size, micro_batch=1000)
         def top1(state, **change):
             model = ViT(replace(cfg, **change))
             missing, unexpected = model.load_state_dict(state, strict=False)
-            assert not unexpected and all('.grf_' in k for k in missing), (missing, unexpected)
+            assert not unexpected and set(missing) <= walk_buffers(model), (missing, unexpected)
             model.eval()
-            return 100 * sum((model(x).argmax(1) == y).sum().item() for x, y in d.val) / d.num_val
+            return 100 * sum((model(x).argmax(1) == y).sum().item() for x, y in loaders.val) / loaders.num_val
         exact = top1(state, attn='topo') if attn == 'topo' else top1(state, attn='topo', topo_form='features')
         cells = []
         for n in walks:
@@ -185,12 +235,15 @@ def mask_swap(runs, data_dir, walks=(20, 100, 1000), walk_seeds=3):
 
 def grf_mask(h, w, f, n_walks, p_halt, coupling, generator):
     """One GRF estimate M_hat = Phi_hat Phi_hat^T per row of f [H, K+1] (a fresh walk ensemble each), [H, N, N]."""
-    N, P = h * w, []
+    N = h * w
+    features = []
     for fh in f:
-        step, start, node, load = masks.sample_grf_walks(h, w, n_walks, p_halt, f.shape[1] - 1, generator, coupling)
+        step, start, node, load = masks.sample_grf_walks(h, w, n_walks=n_walks, p_halt=p_halt, max_len=f.shape[1] - 1,
+                                                         generator=generator, coupling=coupling)
         cols, slot = masks.grf_layout(start, node, N)
-        P.append(masks.ell_to_dense(cols, masks.grf_features(slot, step, load.double(), fh, N, cols.shape[1]), N))
-    P = torch.stack(P)
+        vals = masks.grf_features(slot, step, load.double(), fh, N=N, R=cols.shape[1])
+        features.append(masks.ell_to_dense(cols, vals, N))
+    P = torch.stack(features)
     return P @ P.transpose(1, 2)
 
 @torch.no_grad()
@@ -208,7 +261,7 @@ def walk_errors(runs, walks=(5, 20, 100), ensembles=20):
                           a.walk_settings['p_halt']))
     rows = ["| f | walks |" + ''.join(f" {c} |" for c in masks.COUPLINGS), "|---|---|" + "---|" * len(masks.COUPLINGS)]
     for title, h, w, f, p_halt in cases:
-        M = masks.topo_mask(masks.matrix_powers(masks.grid_adjacency(h, w).double(), 2 * f.shape[1] - 2), f)
+        M = features_mask(h, w, f)
         for n in walks:
             cells = []
             for coupling in masks.COUPLINGS:
@@ -216,7 +269,8 @@ def walk_errors(runs, walks=(5, 20, 100), ensembles=20):
                     cells.append(" – |")  # antithetic walkers come in pairs
                     continue
                 g = torch.Generator().manual_seed(0)
-                errs = [((grf_mask(h, w, f, n, p_halt, coupling, g) - M).norm() / M.norm()).item() for _ in range(ensembles)]
+                errs = [((grf_mask(h, w, f, n_walks=n, p_halt=p_halt, coupling=coupling, generator=g) - M).norm()
+                         / M.norm()).item() for _ in range(ensembles)]
                 cells.append(f" {statistics.mean(errs):.3f} |")
             rows.append(f"| {title} | {n} |" + ''.join(cells))
     return '\n'.join(rows)
@@ -230,10 +284,13 @@ if __name__ == '__main__':
         sys.exit(f"no result.json under {', '.join(roots)}")
     print(table(runs))
     if '--no_plots' not in sys.argv:
+        name = '+'.join(datasets(runs))
+        curves_path = f'assets/{name}_curves.png'
+        masks_path = f'assets/{name}_masks.png'
         os.makedirs('assets', exist_ok=True)
-        curves(runs, 'assets/fmnist_curves.png')
-        mask_pictures(runs, 'assets/fmnist_masks.png')
-        print("wrote assets/fmnist_curves.png, assets/fmnist_masks.png")
+        curves(runs, curves_path)
+        mask_pictures(runs, masks_path)
+        print(f"wrote {curves_path}, {masks_path}")
     if '--walk_error' in sys.argv:
         print(walk_errors(runs))
     data_dir = next((a.split('=', 1)[1] for a in sys.argv[1:] if a.startswith('--mask_swap=')), None)

@@ -3,7 +3,7 @@ Runs the FashionMNIST comparison: `train.py configs/fmnist.py` for every attenti
 the table of report.py. A run whose result.json exists is skipped and one with only a checkpoint resumes,
 so an interrupted sweep continues where it stopped.
 
-    python sweep.py                                   # 5 variants x 3 seeds x 30 epochs (the seed's protocol)
+    python sweep.py                                   # every variant x 3 seeds x 30 epochs (the seed's protocol)
     python sweep.py --epochs=10 --seeds=1 --jobs=2    # a shorter CPU protocol, two trainings at a time
     python report.py out/sweep                        # the table, the curves and the mask pictures
 """
@@ -12,9 +12,10 @@ import subprocess
 import sys
 import time
 
-from configurator import configure
+from configurator import configure, fail
+from model import VARIANTS
 
-attns = 'softmax,linear,toeplitz,topo,grf'  # comma-separated
+attns = ','.join(VARIANTS) # comma-separated variants
 seeds = 3                  # seeds 0 .. seeds-1 of each variant
 epochs = 30
 jobs = 1                   # trainings at a time
@@ -28,6 +29,9 @@ config = {k: v for k, v in globals().items() if not k.startswith('_') and isinst
 configure(config, sys.argv[1:])
 globals().update(config)
 
+unknown = [a for a in attns.split(',') if a not in VARIANTS]
+if unknown:
+    fail(f"attns={attns!r}: unknown variant {unknown[0]!r}; valid: {', '.join(VARIANTS)}")
 runs = [(a, s) for s in range(seeds) for a in attns.split(',')]
 threads = threads or max(1, (os.cpu_count() or 1) // jobs)
 pending, running = [], []

@@ -26,6 +26,10 @@ def brute_force_grid_W(h, w):
                 W[i, j] = 1 / math.sqrt(d[i] * d[j])
     return W
 
+def softmax_attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v, written out."""
+    return ((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])).softmax(-1) @ v
+
 def qkv(B, H, N, d, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(B, H, N, d, generator=g, dtype=dtype) for _ in range(3)]
@@ -93,7 +97,7 @@ def test_masked_linear_keeps_its_input_dtypes_and_only_small_tensors_for_backwar
 
 def test_sdpa_softmax_equals_handwritten():
     q, k, v = qkv(2, 3, 17, 8)
-    assert rel_err(F.scaled_dot_product_attention(q, k, v), masks.softmax_attention(q, k, v)) < 1e-5
+    assert rel_err(F.scaled_dot_product_attention(q, k, v), softmax_attention(q, k, v)) < 1e-5
 
 # --- 3. the exact topological mask -------------------------------------------------------------
 
@@ -106,7 +110,7 @@ def test_topo_features_equal_loop_of_matrix_powers_and_mask_is_f_self_convolutio
         Phi_ref += f[k] * Wk
         Wk = Wk @ W
     Wp = masks.matrix_powers(W, 2 * K)
-    Phi = masks.topo_features(Wp, f)
+    Phi = masks.power_series(Wp, f)
     torch.testing.assert_close(Phi, Phi_ref)
     M = masks.topo_mask(Wp, f)
     torch.testing.assert_close(M, Phi_ref @ Phi_ref.T)
@@ -134,7 +138,7 @@ def test_grf_is_unbiased_for_the_exact_mask(p_halt, coupling):
     For repelling walks this fails if the shared offset U is fixed (walkers then favour low neighbour slots)."""
     h, w, K, n, T = 3, 4, 4, 8, 800
     f = 0.7 ** torch.arange(K + 1.0, dtype=torch.float64)
-    Phi = masks.topo_features(masks.matrix_powers(masks.grid_adjacency(h, w).double(), K), f)
+    Phi = masks.power_series(masks.matrix_powers(masks.grid_adjacency(h, w).double(), K), f)
     g = torch.Generator().manual_seed(1)
     S = torch.stack([sample_phi(h, w, f, n, p_halt, g, coupling) for _ in range(T)])
     se = S.std(0) / math.sqrt(T)
@@ -151,7 +155,7 @@ def test_grf_is_unbiased_for_the_exact_mask(p_halt, coupling):
 def test_grf_error_shrinks_like_one_over_sqrt_walks():
     h, w, K = 3, 4, 4
     f = 0.7 ** torch.arange(K + 1.0, dtype=torch.float64)
-    Phi = masks.topo_features(masks.matrix_powers(masks.grid_adjacency(h, w).double(), K), f)
+    Phi = masks.power_series(masks.matrix_powers(masks.grid_adjacency(h, w).double(), K), f)
     g = torch.Generator().manual_seed(2)
     mse = {n: torch.stack([(sample_phi(h, w, f, n, 0.2, g) - Phi).square().sum() for _ in range(200)]).mean()
            for n in (4, 64)}
@@ -184,7 +188,7 @@ def test_grf_record_count_is_linear_in_nodes_walks_and_length():
 def mask_error(h, w, f, n_walks, p_halt, coupling, ensembles, seed=0):
     """Mean ||M_hat - M|| / ||M|| over independent walk ensembles, M = Phi Phi^T from matrix powers."""
     N = h * w
-    Phi = masks.topo_features(masks.matrix_powers(masks.grid_adjacency(h, w).double(), f.shape[-1] - 1), f)
+    Phi = masks.power_series(masks.matrix_powers(masks.grid_adjacency(h, w).double(), f.shape[-1] - 1), f)
     M = Phi @ Phi.T
     g = torch.Generator().manual_seed(seed)
     errs = []
@@ -291,6 +295,30 @@ def test_toeplitz_mask_equals_offset_loop():
     for i in range(h * w):
         for j in range(h * w):
             assert M[i, j] == t[i // w - j // w + h - 1, i % w - j % w + w - 1]
+
+@pytest.mark.parametrize("coupling", ["iid", "repelling"])
+def test_walk_layout_of_all_heads_holds_each_heads_own_walks(coupling):
+    """grf_walk_layout lays the heads out as one block-diagonal graph; its Phi_hat per head must equal the dense sum of
+    f[step] * load over the records that head's own generator samples, and its padding slots must be empty."""
+    h, w, H, K, seed = 3, 5, 3, 4, 7
+    N = h * w
+    f = torch.rand(H, K + 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    layout = masks.grf_walk_layout(h, w, heads=H, n_walks=6, p_halt=0.2, max_len=K, coupling=coupling, seed=seed)
+    cols = layout['cols']
+    R = cols.shape[-1]
+    vals = masks.grf_features(layout['slot'].long(), layout['fidx'].long(), layout['load'].double(), f.flatten(),
+                              N=H * N, R=R).view(H, N, R)
+    for j in range(H):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + j)
+        step, start, node, load = masks.sample_grf_walks(h, w, 6, 0.2, K, generator=g, coupling=coupling)
+        expected = torch.zeros(N, N, dtype=torch.float64)
+        for t, a, b, l in zip(step.tolist(), start.tolist(), node.tolist(), load.double().tolist()):
+            expected[a, b] += f[j, t] * l
+        torch.testing.assert_close(masks.ell_to_dense(cols[j], vals[j], N), expected)
+        for i in range(N):  # each row: its distinct nodes, then padding that points at the row itself with value 0
+            distinct = int((expected[i] != 0).sum())
+            assert set(cols[j, i, :distinct].tolist()) == set(expected[i].nonzero().flatten().tolist())
+            assert (cols[j, i, distinct:] == i).all() and (vals[j, i, distinct:] == 0).all()
 
 @pytest.mark.parametrize("h,w", [(4, 4), (3, 5)])
 def test_grf_fast_equals_dense_grf_mask(h, w):

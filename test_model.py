@@ -1,9 +1,11 @@
 """The ViT of model.py: every variant trains, GRF walks are reproducible and saved, bad configs fail."""
+import math
+
 import pytest
 import torch
 
 import masks
-from model import ATTNS, ViT, ViTConfig, saved_config
+from model import VARIANTS, Attention, ViT, ViTConfig, saved_config
 
 def tiny(**kw):
     return ViTConfig(**{**dict(image_size=16, patch_size=4, in_channels=3, num_classes=5, dim=32, depth=2,
@@ -11,7 +13,7 @@ def tiny(**kw):
 
 IMAGES = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
-@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("attn", VARIANTS)
 @pytest.mark.parametrize("impl", ["dense", "fast", "auto"])
 def test_every_variant_trains_in_fp32_and_bf16(attn, impl):
     torch.manual_seed(0)
@@ -29,7 +31,7 @@ def test_every_variant_trains_in_fp32_and_bf16(attn, impl):
     assert torch.isfinite(out.float()).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
-@pytest.mark.parametrize("attn", ["toeplitz", "grf"])
+@pytest.mark.parametrize("attn", [a for a, cls in VARIANTS.items() if cls.dense_max_n is not None])
 def test_dense_and_fast_models_agree(attn):
     torch.manual_seed(0)
     dense = ViT(tiny(attn=attn, attn_impl="dense"))
@@ -92,7 +94,8 @@ def test_grf_model_mask_estimates_topo_mask():
 # --- GRF walks: reproducible, distinct per layer and head, saved with the model ----------------
 
 def grf_buffers(model):
-    return {n: b for n, b in model.named_buffers() if ".grf_" in n}
+    buffers = dict(model.named_buffers())
+    return {n: buffers[n] for n in model.walk_buffers()}
 
 def test_same_seed_gives_identical_walks():
     a, b = grf_buffers(ViT(tiny(attn="grf"))), grf_buffers(ViT(tiny(attn="grf")))
@@ -210,9 +213,13 @@ def fine_tuned(src_kw, kw):
     done = model.load_for_fine_tuning(src.state_dict(), src.config)
     return src.state_dict(), init, model.state_dict(), done
 
+def mask_and_walk_names(**kw):
+    model = ViT(tiny(**kw))
+    return list(model.mask_parameters()), model.walk_buffers()
+
 def test_fine_tuning_keeps_the_toeplitz_table_when_only_walk_settings_and_classes_change():
     src, init, new, done = fine_tuned(dict(attn="toeplitz"), dict(attn="toeplitz", num_classes=7, grf_walks=8, mask_max_len=2))
-    tables = [k for k in new if k.endswith("table_logits")]
+    tables, _ = mask_and_walk_names(attn="toeplitz")
     assert tables and all(torch.equal(new[k], src[k]) for k in tables) and set(tables) <= set(done["loaded"])
     assert done["fresh"] == ["head.weight", "head.bias"] and torch.equal(new["head.weight"], init["head.weight"])
 
@@ -220,20 +227,21 @@ def test_fine_tuning_keeps_the_toeplitz_table_when_only_walk_settings_and_classe
 @pytest.mark.parametrize("K", [2, 6])
 def test_fine_tuning_to_another_k_keeps_the_first_coefficients_and_redraws_the_walks(attn, K):
     src, init, new, done = fine_tuned(dict(attn=attn), dict(attn=attn, mask_max_len=K))
-    coef = [k for k in new if k.endswith(("f_logits", "alpha_logits"))]
+    coef, walks = mask_and_walk_names(attn=attn, mask_max_len=K)
     n = min(K, 4) + 1
     for k in coef:
         assert torch.equal(new[k][:, :n], src[k][:, :n]) and torch.equal(new[k][:, n:], init[k][:, n:])
-    assert set(coef) == set(done["truncated"]) and torch.equal(new["head.weight"], src["head.weight"])
-    walks = [k for k in new if ".grf_" in k]
+    assert coef and set(coef) == set(done["truncated"]) and torch.equal(new["head.weight"], src["head.weight"])
+    assert (attn == "grf") == bool(walks)
     assert all(k in done["fresh"] and torch.equal(new[k], init[k]) for k in walks)
 
 def test_fine_tuning_with_the_same_walk_settings_keeps_the_walks_and_another_variant_starts_its_mask_afresh():
     src, init, new, done = fine_tuned(dict(attn="grf", mask_seed=5), dict(attn="grf", mask_seed=5, num_classes=9))
-    walks = [k for k in new if ".grf_" in k]
+    _, walks = mask_and_walk_names(attn="grf")
     assert walks and all(torch.equal(new[k], src[k]) for k in walks)
     src, init, new, done = fine_tuned(dict(attn="topo"), dict(attn="topo", topo_form="features"))
-    assert all(torch.equal(new[k], init[k]) for k in new if k.endswith("f_logits"))
+    f, _ = mask_and_walk_names(attn="topo", topo_form="features")
+    assert f and all(torch.equal(new[k], init[k]) and k in done["fresh"] for k in f)
     assert torch.equal(new["blocks.0.attn.qkv.weight"], src["blocks.0.attn.qkv.weight"])
 
 def test_imagenet_config_states_the_flops_that_torch_counts():
@@ -306,8 +314,56 @@ def test_imagenet_start_gives_every_one_of_the_100_coefficients_a_gradient(attn)
     torch.manual_seed(0)
     model = ViT(cfg)
     model(torch.randn(2, 3, 224, 224)).logsumexp(-1).sum().backward()
-    g = next(p for n, p in model.named_parameters() if n.endswith("logits")).grad.abs()
+    g = next(iter(model.mask_parameters().values())).grad.abs()
     assert g.shape[-1] == 101
     if attn == "grf":  # only walks that reach length k carry f_k: few of 20 per node get past ~40 steps at p_halt 0.1
         g = g[..., :41]
     assert g.min() > 1e-6 * g.max(), (g.min(), g.max())
+
+# --- a sixth variant, added as README's "Adding a mask" says -------------------------------------
+
+def window_mask(h, w, radius, outside):
+    """The toy's math (a masks.py function): M_ij = 1 where patches i and j are at most `radius` rows and columns
+    apart, else outside[head]; outside [H] -> [H, N, N]."""
+    r, c = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+    near = ((r[:, None] - r[None, :]).abs() <= radius) & ((c[:, None] - c[None, :]).abs() <= radius)
+    return torch.where(near, torch.ones(()), outside[:, None, None])
+
+class WindowAttention(Attention):
+    """The toy's class: a learned weight per head for the patches outside a 3 x 3 window."""
+    settings = ("mask_init_decay",)
+
+    def __init__(self, c, layer):
+        super().__init__(c, layer)
+        self.outside_logits = torch.nn.Parameter(torch.full((c.heads,), math.log(c.mask_init_decay)))
+
+    def dense_mask(self):
+        return window_mask(self.h, self.w, 1, self.outside_logits.exp())
+
+def test_a_sixth_variant_added_the_documented_way_trains_and_its_mask_is_what_a_loop_computes(monkeypatch):
+    monkeypatch.setitem(VARIANTS, "window", WindowAttention)
+    torch.manual_seed(0)
+    model = ViT(tiny(attn="window", mask_init_decay=0.3))
+    groups = model.param_groups(weight_decay=0.05, mask_lr_mult=10.0)
+    mask_group = next(g for g in groups if g["lr_mult"] == 10.0)
+    own = [model.blocks[layer].attn.outside_logits for layer in range(2)]
+    assert {id(p) for p in mask_group["params"]} == {id(p) for p in own} and mask_group["weight_decay"] == 0
+    before = [p.detach().clone() for p in own]
+    optimizer = torch.optim.AdamW(groups, lr=1e-2)
+    model(IMAGES).logsumexp(-1).sum().backward()
+    optimizer.step()
+    assert all(not torch.equal(p, b) for p, b in zip(own, before))
+    # the dense path against a brute-force loop over token pairs
+    attn = model.blocks[0].attn
+    q, k, v = torch.randn(3, 1, 2, 16, 8, generator=torch.Generator().manual_seed(1))
+    outside = attn.outside_logits.exp().detach()
+    out = torch.zeros(1, 2, 16, 8)
+    for hd in range(2):
+        for i in range(16):
+            num, den = torch.zeros(8), 0.0
+            for j in range(16):
+                near = abs(i // 4 - j // 4) <= 1 and abs(i % 4 - j % 4) <= 1
+                weight = (1.0 if near else outside[hd]) * (q[0, hd, i].relu() @ k[0, hd, j].relu())
+                num, den = num + weight * v[0, hd, j], den + weight
+            out[0, hd, i] = num / (den + masks.EPS)
+    torch.testing.assert_close(attn.mix(q, k, v).detach(), out, rtol=1e-5, atol=1e-6)

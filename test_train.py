@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from model import VARIANTS, ViT, saved_config
 from test_data import DATA_DIR, need
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -39,6 +40,11 @@ def result(out):
 
 def checkpoint(out):
     return torch.load(os.path.join(out, 'ckpt.pt'), map_location='cpu', weights_only=False)
+
+def mask_and_walk_names(ckpt):
+    """The names of a saved model's mask parameters and of its sampled walk buffers, as model.py declares them."""
+    model = ViT(saved_config(ckpt['config']))
+    return list(model.mask_parameters()), model.walk_buffers()
 
 def report(capsys, line):
     with capsys.disabled():
@@ -77,7 +83,7 @@ def test_fmnist_short_run_reaches_80_percent(tmp_path, capsys):
                    f"of 64 ({time.time() - t:.0f} s, {r['images_per_s']:.0f} img/s)")
     assert r['final']['count'] == 10_000 and r['final']['top1'] >= 80
 
-@pytest.mark.parametrize('attn', ['softmax', 'linear', 'toeplitz', 'topo', 'grf'])
+@pytest.mark.parametrize('attn', VARIANTS)
 def test_fmnist_config_runs_with_every_attention(attn, tmp_path):
     need('FashionMNIST', 'raw')
     p = train('configs/fmnist.py', f'--attn={attn}', '--epochs=1', f'--data_dir={DATA_DIR}', '--max_steps=3',
@@ -169,13 +175,12 @@ def test_fine_tuning_to_a_different_class_count(first_epoch, mask_max_len, tmp_p
     assert 'fine-tuning from' in p.stdout and 'run-grf/ckpt.pt' in p.stdout and "'head.weight'" in p.stdout
     new, r = checkpoint(tmp_path)['model'], result(tmp_path)
     assert new['head.weight'].shape == (4, 32) and r['final']['count'] == 2048 and r['config']['num_classes'] == 4
-    shared = [k for k in new if not k.startswith('head.') and 'grf_' not in k and 'logits' not in k]
+    f, walks = mask_and_walk_names(checkpoint(tmp_path))
+    shared = [k for k in new if not k.startswith('head.') and k not in f + walks]
     assert len(shared) > 10 and all(torch.equal(new[k], src['model'][k]) for k in shared)
-    f = [k for k in new if k.endswith('f_logits')]
     n = mask_max_len + 1
     assert f and all(torch.equal(new[k][:, :n], src['model'][k][:, :n]) for k in f)
-    walks = [k for k in new if k.endswith('grf_load')]
-    assert all(torch.equal(new[k], src['model'][k]) == (mask_max_len == 4) for k in walks)
+    assert walks and all(torch.equal(new[k], src['model'][k]) == (mask_max_len == 4) for k in walks)
 
 def test_resuming_takes_this_runs_mask_learning_rate_multiplier(first_epoch, tmp_path):
     run = copy_of(first_epoch, tmp_path)
@@ -219,7 +224,8 @@ def test_a_checkpoint_saved_before_a_model_setting_existed_still_resumes(first_e
     train(*SYNTHETIC, '--init_from=resume', f'--max_steps={STEPS_PER_EPOCH + 2}', out=run)
     new = checkpoint(run)
     assert new['step'] == STEPS_PER_EPOCH + 2 and new['config']['grf_coupling'] == 'iid'
-    assert all(torch.equal(new['model'][k], old['model'][k]) for k in old['model'] if '.grf_' in k)
+    walks = mask_and_walk_names(old)[1]
+    assert walks and all(torch.equal(new['model'][k], old['model'][k]) for k in walks)
 
 def test_a_topo_checkpoint_from_before_topo_form_loads_as_features_and_scores_its_recorded_top1(tmp_path):
     args = [*SYNTHETIC, '--attn=topo', '--topo_form=features', '--epochs=1', '--max_steps=6']
@@ -242,7 +248,7 @@ def test_resampled_walks_change_during_training_and_resume_exactly(tmp_path):
     train(*SYNTHETIC, '--max_steps=1', out=frozen)
     a, b = checkpoint(straight)['model'], checkpoint(resumed)['model']
     assert_same_model(a, b)
-    walks = [k for k in a if k.endswith('grf_load')]
+    walks = mask_and_walk_names(checkpoint(straight))[1]
     assert walks and all(not torch.equal(a[k], checkpoint(frozen)['model'][k]) for k in walks)
 
 def test_the_sigmoid_loss_starts_near_the_head_bias_and_learns(tmp_path):
@@ -260,5 +266,5 @@ def test_the_gpu_check_runs_on_cpu_at_a_tiny_size():
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.splitlines()
-    assert all(any(l.startswith(a) and 'graph breaks 0' in l for l in lines) for a in ('softmax', 'linear', 'toeplitz', 'topo', 'grf'))
+    assert all(any(l.startswith(a) and 'graph breaks 0' in l for l in lines) for a in VARIANTS)
     assert 'DDP (gloo, 1 process)' in p.stdout and lines[-1] == 'check passed'
