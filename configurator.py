@@ -1,16 +1,8 @@
-"""
-Overrides the module-level globals of train.py from config files and --key=value arguments, left to right:
-    python train.py configs/fmnist.py --attn=grf --lr=3e-4
-A config file is plain Python that may only assign existing keys. Values on the command line are Python
-literals (ast.literal_eval), or a plain string if they do not parse. Any mistake ends the program with one
-line on stderr naming the key, the value and what was expected, and exit status 2.
-"""
-import ast
-import difflib
-import os
-import re
-import sys
-import types
+"""Overrides a script's settings (its module-level globals) from config files and --key=value arguments, left to right:
+`python train.py configs/fmnist.py --attn=grf --lr=3e-4`. A config file is plain Python that may only assign existing
+keys; command-line values are Python literals, or plain strings if they do not parse. Any mistake ends the program
+with one line on stderr naming the key, the value and what was expected (exit status 2)."""
+import ast, difflib, os, re, sys, types
 
 def fail(msg):
     print(f"config error: {msg}", file=sys.stderr)
@@ -21,12 +13,12 @@ def checked(key, value, config, where):
     if key not in config:
         close = difflib.get_close_matches(key, list(config), n=3, cutoff=0.5)
         fail(f"unknown key '{key}'{where}; closest valid keys: {', '.join(close) or '(none)'}")
-    default = config[key]
-    if default is None or value is None or type(value) is type(default):
-        return value
-    if type(default) is float and type(value) is int:
+    expected = type(config[key])
+    if expected is float and type(value) is int:
         return float(value)
-    fail(f"{key}={value!r}{where} has type {type(value).__name__}, expected {type(default).__name__}")
+    if None not in (config[key], value) and type(value) is not expected:  # a None default takes any value
+        fail(f"{key}={value!r}{where} has type {type(value).__name__}, expected {expected.__name__}")
+    return value
 
 def usage(config):
     """--help: the running script's docstring, then each setting with its default and its comment (from its lines)."""
@@ -38,12 +30,12 @@ def usage(config):
     sys.exit(0)
 
 def configure(config, args):
-    """Apply config files and --key=value args to the dict `config` (train.py's globals) in place."""
+    """Apply config files and --key=value args to the dict `config` (the script's settings) in place."""
     if {'-h', '--help'} & set(args):
         usage(config)
-    master = os.environ.get('RANK', '0') == '0'
     for arg in args:
-        if not arg.startswith('--'):  # a config file, run with the current values in scope
+        where = '' if arg.startswith('--') else f" in {arg}"
+        if where:  # a config file, run with the current values in scope
             if not os.path.isfile(arg):
                 fail(f"config file not found: {arg}")
             scope = dict(config)
@@ -53,7 +45,6 @@ def configure(config, args):
                 fail(f"{arg}: {type(e).__name__}: {e}")
             changes = {k: v for k, v in scope.items() if not k.startswith('_') and not isinstance(v, types.ModuleType)
                        and (k not in config or v != config[k] or type(v) is not type(config[k]))}
-            where = f" in {arg}"
         else:
             key, eq, raw = arg[2:].partition('=')
             if not eq:
@@ -62,8 +53,8 @@ def configure(config, args):
                 value = raw if isinstance(config.get(key), str) else ast.literal_eval(raw)
             except (ValueError, SyntaxError):
                 value = raw
-            changes, where = {key: value}, ""
+            changes = {key: value}
         for k, v in changes.items():
             config[k] = checked(k, v, config, where)
-            if master:
+            if os.environ.get('RANK', '0') == '0':  # one process of a torchrun speaks
                 print(f"override{where}: {k} = {config[k]!r}")

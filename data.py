@@ -25,13 +25,21 @@ class ShardedBatches:
     rank r takes micro-batches a * world + r, a < accum, of each. Evaluation: rank r takes samples r,
     r + world, r + 2 world, ... in order, so every sample is counted exactly once over all ranks."""
     def __init__(self, n, micro, rank=0, world=1, accum=1, seed=0, train=True):
-        self.n, self.micro, self.rank, self.world, self.accum, self.seed, self.train = n, micro, rank, world, accum, seed, train
+        self.n = n              # samples in the split
+        self.micro = micro      # samples per micro-batch
+        self.rank = rank
+        self.world = world
+        self.accum = accum      # micro-batches per optimizer step
+        self.seed = seed
+        self.train = train
         self.steps = n // (micro * accum * world)  # optimizer steps per epoch
-        self.epoch, self.start = 0, 0
+        self.epoch = 0
+        self.start = 0          # the optimizer step of the epoch to start from
 
     def set_epoch(self, epoch, start_step=0):
         """Iterate epoch `epoch` from optimizer step `start_step` on (to resume mid-epoch)."""
-        self.epoch, self.start = epoch, start_step
+        self.epoch = epoch
+        self.start = start_step
 
     def __iter__(self):
         if not self.train:
@@ -149,7 +157,7 @@ def load(dataset, data_dir, image_size, micro_batch, grad_accum=1, rank=0, world
     """num_classes sets the synthetic task's class count (the others have theirs).
     -> namespace(train, val: iterables of (x, y) micro-batches for this rank, sampler: the train
     ShardedBatches (set_epoch before each pass), steps_per_epoch, num_classes, channels, num_val)."""
-    shard = lambda n, train: ShardedBatches(n, micro_batch, rank, world, grad_accum, seed, train)
+    shard = lambda n, train: ShardedBatches(n, micro_batch, rank=rank, world=world, accum=grad_accum, seed=seed, train=train)
     if dataset in TENSOR_SETS:
         splits = []
         for train in (True, False):
@@ -158,7 +166,9 @@ def load(dataset, data_dir, image_size, micro_batch, grad_accum=1, rank=0, world
             x, y = resized(x, image_size).to(device), y.to(device)
             splits.append(TensorBatches(x, y, shard(len(y), train)))
         train, val = splits
-        channels, num_classes, num_val = train.x.shape[1], int(train.y.max()) + 1, len(val.y)
+        channels = train.x.shape[1]
+        num_classes = int(train.y.max()) + 1
+        num_val = len(val.y)
         sampler = train.batch_sampler
     elif dataset in FILE_SETS:
         loaders = []
@@ -168,7 +178,8 @@ def load(dataset, data_dir, image_size, micro_batch, grad_accum=1, rank=0, world
             loaders.append(torch.utils.data.DataLoader(ds, batch_sampler=shard(len(ds), is_train), num_workers=num_workers,
                                                        pin_memory=str(device).startswith('cuda'), persistent_workers=num_workers > 0))
         train, val = loaders
-        channels, num_val = 3, len(val.dataset)
+        channels = 3
+        num_val = len(val.dataset)
         sampler = train.batch_sampler
         mean, std = IMAGENET_STATS
     else:

@@ -36,6 +36,7 @@ log_interval = 50          # optimizer steps between log lines (the only steps t
 wandb_log = False          # also log to Weights & Biases (imported only when True)
 wandb_project = 'topomask-vit'
 wandb_run_name = ''        # '' = the name of out_dir
+published = ''             # the recipe's published top-1 (%) per variant, 'softmax:86.54,linear:86.36' (report.py's column)
 # data
 dataset = 'fmnist'         # fmnist | cifar10 | synthetic | imagenet | inat2021 | places365
 data_dir = 'data'          # where the dataset is, or is downloaded to when torchvision can
@@ -51,7 +52,7 @@ heads = 4
 mlp_dim = 128
 dropout = 0.1
 head_bias_init = 0.0       # the classifier's bias at the start (the reference's ImageNet recipe: -10 with loss='sigmoid')
-attn = 'softmax'           # softmax | linear | toeplitz | topo | grf
+attn = 'softmax'           # a variant of model.VARIANTS: softmax | linear | toeplitz | topo | grf
 attn_impl = 'auto'         # auto | dense | fast: how toeplitz and grf are evaluated
 grf_walks = 20             # grf: random walks per node (n)
 grf_p_halt = 0.1           # grf: probability that a walk halts at each step
@@ -151,17 +152,18 @@ except ValueError as e:
     fail(str(e))
 
 # data
-d = data.load(dataset, data_dir, image_size, micro_batch, grad_accum=grad_accum, rank=rank, world=world, seed=seed,
-              device=device, num_workers=num_workers, num_classes=num_classes)
-steps_per_epoch = d.steps_per_epoch
+loaders = data.load(dataset, data_dir, image_size, micro_batch, grad_accum=grad_accum, rank=rank, world=world,
+                    seed=seed, device=device, num_workers=num_workers, num_classes=num_classes)
+steps_per_epoch = loaders.steps_per_epoch
 total_steps = epochs * steps_per_epoch
 stop_step = min(total_steps, max_steps) if max_steps else total_steps
 
 # model
-config['in_channels'] = in_channels = in_channels or d.channels
-config['num_classes'] = num_classes = num_classes or d.num_classes
-if (in_channels, num_classes) != (d.channels, d.num_classes):
-    fail(f"the model has in_channels={in_channels}, num_classes={num_classes}; {dataset} has {d.channels}, {d.num_classes}")
+config['in_channels'] = in_channels = in_channels or loaders.channels
+config['num_classes'] = num_classes = num_classes or loaders.num_classes
+if (in_channels, num_classes) != (loaders.channels, loaders.num_classes):
+    fail(f"the model has in_channels={in_channels}, num_classes={num_classes}; "
+         f"{dataset} has {loaders.channels}, {loaders.num_classes}")
 torch.manual_seed(seed)
 model = ViT(ViTConfig(**{k: config[k] for k in model_keys}))
 if init_from == 'resume' or (eval_only and ckpt):
@@ -180,13 +182,17 @@ model.to(device)
 raw_model = model  # saved without DDP's module. and compile's _orig_mod. prefixes
 optimizer = torch.optim.AdamW(model.param_groups(weight_decay, mask_lr_mult), lr=lr, betas=(beta1, beta2),
                               fused=device_type == 'cuda')
-step, best, wall_before = 0, {'top1': 0.0, 'top5': 0.0}, 0.0
+step = 0                   # optimizer steps taken
+best = {'top1': 0.0, 'top5': 0.0}
+wall_before = 0.0          # seconds this run spent before it was resumed
 if init_from == 'resume':
     optimizer.load_state_dict(ckpt['optimizer'])
     for group, now in zip(optimizer.param_groups, model.param_groups(weight_decay, mask_lr_mult)):
         group.update(weight_decay=now['weight_decay'], lr_mult=now['lr_mult'], betas=(beta1, beta2))  # this run's settings
     scaler.load_state_dict(ckpt['scaler'])
-    step, best, wall_before = ckpt['step'], ckpt['best'], ckpt['wall_time']
+    step = ckpt['step']
+    best = ckpt['best']
+    wall_before = ckpt['wall_time']
     rng = ckpt['rng'][rank] if len(ckpt['rng']) == world else None
     if rng:
         torch.set_rng_state(rng['torch'])
@@ -205,7 +211,7 @@ if ddp:  # the walks are identical on every rank by construction: no buffer broa
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
 
 print0(f"{raw_model.num_params():,} parameters, attn={attn}, {dataset}: {image_size}px, {(image_size // patch_size) ** 2} tokens, "
-       f"{d.num_classes} classes; device {device}, {world} rank(s), {str(ptdtype).split('.')[-1]}")
+       f"{loaders.num_classes} classes; device {device}, {world} rank(s), {str(ptdtype).split('.')[-1]}")
 print0(f"global batch {batch_size} = {world} ranks x {grad_accum} micro-steps x {micro_batch}; "
        f"{steps_per_epoch} steps per epoch, {total_steps} in {epochs} epochs" + (f", stopping at {stop_step}" if stop_step < total_steps else ""))
 
@@ -219,7 +225,8 @@ def get_lr(step):
 def loss_fn(x, y):
     """The loss of a batch, on images mixed pairwise when mixup > 0 (lambda and the pairing come from the torch
     generator, which resuming restores)."""
-    lam, perm = 1.0, None
+    lam = 1.0   # the weight of the batch's own images
+    perm = None # the images they are mixed with
     if mixup > 0:
         lam = float(torch.distributions.Beta(mixup, mixup).sample())
         perm = torch.randperm(len(x), device=x.device)
@@ -240,7 +247,7 @@ def evaluate():
     """Loss, top-1 and top-5 (%) over the whole validation set: each rank sums its shard, then all-reduce."""
     eval_model.eval()
     sums = torch.zeros(4, device=device)  # loss, top-1 hits, top-5 hits, images
-    for x, y in d.val:
+    for x, y in loaders.val:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
             logits = eval_model(x).float()
@@ -299,12 +306,17 @@ if master:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)), config=config)
 t_start = time.time()
-train_time, images_seen, result = 0.0, 0, None
-loss_sum, loss_count = torch.zeros((), device=device), 0  # summed on the device: no sync between log steps
+train_time = 0.0           # seconds spent in training steps (evaluation and checkpoints excluded)
+images_seen = 0
+result = None
+loss_sum = torch.zeros((), device=device)  # summed on the device: no sync between log steps
+loss_count = 0
 while step < stop_step:
     epoch = step // steps_per_epoch
-    d.sampler.set_epoch(epoch, step % steps_per_epoch)
-    batches, t0, last_step = iter(d.train), time.time(), step
+    loaders.sampler.set_epoch(epoch, step % steps_per_epoch)
+    batches = iter(loaders.train)
+    t0 = time.time()
+    last_step = step
     while True:
         if grf_resample_every and step % grf_resample_every == 0:  # draw r is seeded by (mask_seed, layer, r)
             for m in raw_model.modules():
@@ -328,7 +340,8 @@ while step < stop_step:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        step, loss_count = step + 1, loss_count + 1
+        step += 1
+        loss_count += 1
         epoch_end = step % steps_per_epoch == 0 or step == stop_step
         if step % log_interval == 0 or epoch_end:
             if ddp:
@@ -336,13 +349,17 @@ while step < stop_step:
             mean_loss = loss_sum.item() / loss_count / world
             stop_if_not_finite(mean_loss)
             dt = time.time() - t0
-            train_time, images_seen = train_time + dt, images_seen + (step - last_step) * batch_size
-            ips, eta = (step - last_step) * batch_size / dt, (stop_step - step) * dt / (step - last_step)
+            train_time += dt
+            images_seen += (step - last_step) * batch_size
+            ips = (step - last_step) * batch_size / dt
+            eta = (stop_step - step) * dt / (step - last_step)
             print0(f"epoch {epoch + 1}/{epochs} step {step}/{stop_step} loss {mean_loss:.4f} lr {lr_now:.2e} "
                    f"{ips:,.0f} img/s eta {fmt_time(eta)}")
             log({'kind': 'train', 'epoch': epoch + 1, 'step': step, 'loss': mean_loss, 'lr': lr_now, 'images_per_s': ips, 'eta_s': eta})
             loss_sum.zero_()
-            loss_count, t0, last_step = 0, time.time(), step
+            loss_count = 0
+            t0 = time.time()
+            last_step = step
         if epoch_end:
             break
     result = evaluate()

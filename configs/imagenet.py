@@ -1,22 +1,21 @@
 """
 ViT-B/16 on ImageNet-1k from scratch, as Reid et al., "Linear Transformer Topological Masking with Graph Random
 Features" (ICLR 2025, arXiv 2410.03462): 90 epochs, global batch 4096, Adam, lr 3e-3 with 10^4 warm-up steps
-and cosine decay to 1e-5. Where the paper is silent, the reference (Scenic's imagenet_vit_config.py and
-top_attention.py) decides; each line says which, and why where this config differs.
+and cosine decay to 1e-5. Where the paper is silent, the reference (Scenic's ImageNet ViT config and its
+topological attention layer) decides; each line says which, and why where this config differs.
 
     torchrun --standalone --nproc_per_node=8 train.py configs/imagenet.py --attn=grf --data_dir=/data/imagenet
 
 Expected top-1 (%) after 90 epochs, as published: softmax 74.1, topo 74.1, toeplitz 73.3, grf 73.0, linear 69.3.
 Cost: about 100 GFLOP per image, forward and backward (torch's FlopCounterMode: softmax 100, masked variants
 102-108 at K = 100), so 90 x 1,281,167 images are 1.2e19 FLOP, about an hour at 40% of the bf16 peak of
-8 H100s; JPEG decoding sets the pace in practice. 312 steps per epoch, 28,080 in all.
-Data loading: one worker decoded and cropped 183 images/s of imagenette-mini's 224 px JPEGs on a shared 2-core
-CPU; full-size ImageNet JPEGs are larger and slower, so ~3,000 images/s per GPU needs 16 or more workers per GPU.
+8 H100s; JPEG decoding sets the pace in practice (README, "Data loading"). 312 steps per epoch, 28,080 in all.
 Data layout: data_dir/train/<wnid>/*.JPEG and data_dir/val/<wnid>/*.JPEG (see README.md).
 """
 import math
 
 dataset = 'imagenet'
+published = 'softmax:74.1,topo:74.1,toeplitz:73.3,grf:73.0,linear:69.3'  # the paper's Table 1
 data_dir = 'data/imagenet'
 num_workers = 16           # per GPU (see above); raise it while the GPU waits for data
 image_size = 224           # reference: random crops of 8-100% area, bicubic, flips; eval central 87.5% (data.py)
