@@ -281,7 +281,7 @@ def plot(res, path):
 def train_bench():
     import data
     loaders = data.load(dataset, data_dir, image_size, batch_size, grad_accum=1, rank=0, world=1, seed=seed,
-                        device=device, num_workers=0, num_classes=num_classes)
+                        device=device, num_workers=0, num_classes=num_classes, crop_pad=crop_pad, flip=flip)
     batches = itertools.chain.from_iterable(itertools.repeat(loaders.train))  # epoch after epoch, without end
     model_keys = [f.name for f in ViTConfig.__dataclass_fields__.values()]
     runs = {}

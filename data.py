@@ -26,20 +26,16 @@ class ShardedBatches:
     r + world, r + 2 world, ... in order, so every sample is counted exactly once over all ranks."""
     def __init__(self, n, micro, rank=0, world=1, accum=1, seed=0, train=True):
         self.n = n              # samples in the split
-        self.micro = micro      # samples per micro-batch
-        self.rank = rank
-        self.world = world
-        self.accum = accum      # micro-batches per optimizer step
+        self.micro, self.accum = micro, accum  # samples per micro-batch, micro-batches per optimizer step
+        self.rank, self.world = rank, world    # this process's place among all
         self.seed = seed
         self.train = train
         self.steps = n // (micro * accum * world)  # optimizer steps per epoch
-        self.epoch = 0
-        self.start = 0          # the optimizer step of the epoch to start from
+        self.epoch, self.start = 0, 0  # where the next pass starts: epoch, optimizer step within it
 
     def set_epoch(self, epoch, start_step=0):
         """Iterate epoch `epoch` from optimizer step `start_step` on (to resume mid-epoch)."""
-        self.epoch = epoch
-        self.start = start_step
+        self.epoch, self.start = epoch, start_step
 
     def __iter__(self):
         if not self.train:
@@ -52,17 +48,31 @@ class ShardedBatches:
                 i = s * B + (a * self.world + self.rank) * self.micro
                 yield perm[i:i + self.micro].tolist()
 
+def crops_and_flips(x, pad, flip):
+    """Each image of x (uint8 [B, C, H, W]) cropped at a random offset from itself zero-padded by `pad` pixels and, if
+    `flip`, mirrored left-right with probability 1/2: one gather, O(B C H W), drawn on x's device (checkpointed)."""
+    B, C, H, W = x.shape
+    x = F.pad(x, (pad, pad, pad, pad))
+    start = torch.randint(0, 2 * pad + 1, (2, B, 1), device=x.device)
+    rows = start[0] + torch.arange(H, device=x.device)  # [B, H]: the rows of the padded image that each crop takes
+    cols = start[1] + torch.arange(W, device=x.device)
+    if flip:
+        cols = torch.where(torch.rand(B, 1, device=x.device) < 0.5, cols.flip(1), cols)
+    b = torch.arange(B, device=x.device)[:, None, None]
+    return x[b, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # [B, H, W, C] -> [B, C, H, W]
+
 class Normalised:
-    """uint8 image batches [B, C, H, W] from `batches`, moved to the device and normalised there: a quarter of
-    float32's bytes cross from the loader workers and over the bus, and no worker spends time on arithmetic."""
-    def __init__(self, batches, device, mean, std):
+    """uint8 image batches [B, C, H, W] from `batches`, moved to the device, augmented there (augment(x), if given)
+    and normalised: a quarter of float32's bytes cross from the loader workers and over the bus."""
+    def __init__(self, batches, device, mean, std, augment=None):
         self.batches, self.device = batches, device
+        self.augment = augment or (lambda x: x)
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
 
     def __iter__(self):
         for x, y in self.batches:
-            x = x.to(self.device, non_blocking=True)
+            x = self.augment(x.to(self.device, non_blocking=True))
             yield (x.float() - self.mean) / self.std, y.to(self.device, non_blocking=True)
 
 class TensorBatches:
@@ -85,8 +95,7 @@ def resized(x, size):
 
 @contextmanager
 def rank_zero_first(rank, world):
-    """Rank 0 runs the block first (and downloads what is missing), the other ranks once it is done: no two
-    processes write one folder at once."""
+    """Rank 0 runs the block first (and downloads what is missing), the others after it: no two write one folder."""
     if world > 1 and rank > 0:
         dist.barrier()
     yield
@@ -124,9 +133,8 @@ def synthetic(data_dir, train, num_classes, size=32):
     return (x * 30 + 128).round().clamp(0, 255).to(torch.uint8), y, (0.5,), (0.25,)
 
 def image_files(dataset, data_dir, image_size, train):
-    """The decoded, cropped images as uint8 tensors (normalised later, on the device). Crops as the reference's
-    ImageNet input pipeline: random area 8-100% and aspect 3/4-4/3, bicubic, flipped; evaluation: the central
-    87.5% of the short side, bicubic."""
+    """The decoded, cropped images as uint8 tensors (normalised later, on the device), cropped as the reference's ImageNet
+    pipeline: random area 8-100%, aspect 3/4-4/3, bicubic, flipped; evaluation: the central 87.5% of the short side."""
     bicubic = T.InterpolationMode.BICUBIC
     tf = T.Compose([T.RandomResizedCrop(image_size, interpolation=bicubic), T.RandomHorizontalFlip()] if train else
                    [T.Resize(round(image_size / 0.875), interpolation=bicubic), T.CenterCrop(image_size)])
@@ -153,10 +161,12 @@ TENSOR_SETS = {'fmnist': fmnist, 'cifar10': cifar10, 'synthetic': synthetic}
 FILE_SETS = ('imagenet', 'inat2021', 'places365')
 
 def load(dataset, data_dir, image_size, micro_batch, grad_accum=1, rank=0, world=1, seed=0, device='cpu',
-         num_workers=0, num_classes=0):
-    """num_classes sets the synthetic task's class count (the others have theirs).
-    -> namespace(train, val: iterables of (x, y) micro-batches for this rank, sampler: the train
-    ShardedBatches (set_epoch before each pass), steps_per_epoch, num_classes, channels, num_val)."""
+         num_workers=0, num_classes=0, crop_pad=0, flip=False):
+    """-> namespace(train, val: iterables of (x, y) micro-batches for this rank; sampler: the train ShardedBatches
+    (set_epoch before each pass); steps_per_epoch, num_classes, channels, num_val). num_classes sets the synthetic
+    task's class count; crop_pad, flip: the training images of a tensor dataset pass through crops_and_flips."""
+    if (crop_pad or flip) and dataset not in TENSOR_SETS:
+        raise SystemExit(f"crop_pad={crop_pad}, flip={flip} apply to {', '.join(TENSOR_SETS)}; {dataset} has its own crops")
     shard = lambda n, train: ShardedBatches(n, micro_batch, rank=rank, world=world, accum=grad_accum, seed=seed, train=train)
     if dataset in TENSOR_SETS:
         splits = []
@@ -168,8 +178,6 @@ def load(dataset, data_dir, image_size, micro_batch, grad_accum=1, rank=0, world
         train, val = splits
         channels = train.x.shape[1]
         num_classes = int(train.y.max()) + 1
-        num_val = len(val.y)
-        sampler = train.batch_sampler
     elif dataset in FILE_SETS:
         loaders = []
         for is_train in (True, False):
@@ -179,12 +187,13 @@ def load(dataset, data_dir, image_size, micro_batch, grad_accum=1, rank=0, world
                                                        pin_memory=str(device).startswith('cuda'), persistent_workers=num_workers > 0))
         train, val = loaders
         channels = 3
-        num_val = len(val.dataset)
-        sampler = train.batch_sampler
         mean, std = IMAGENET_STATS
     else:
         raise SystemExit(f"unknown dataset {dataset!r}; valid: {', '.join([*TENSOR_SETS, *FILE_SETS])}")
-    train, val = Normalised(train, device, mean, std), Normalised(val, device, mean, std)
+    sampler = train.batch_sampler
+    num_val = val.batch_sampler.n
+    augment = (lambda x: crops_and_flips(x, crop_pad, flip)) if crop_pad or flip else None
+    train, val = Normalised(train, device, mean, std, augment), Normalised(val, device, mean, std)
     if sampler.steps == 0:
         raise SystemExit(f"{dataset} has fewer training images than one global batch of {micro_batch * grad_accum * world}")
     return SimpleNamespace(train=train, val=val, sampler=sampler, steps_per_epoch=sampler.steps,

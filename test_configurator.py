@@ -122,3 +122,13 @@ def test_help_lists_every_setting_with_its_default_and_comment(script):
         assert "--mask_lr_mult=10.0" in p.stdout and "lr multiplier of the mask parameters" in p.stdout
         assert "--grf_coupling='repelling'" in p.stdout and "--attn='softmax'" in p.stdout
     assert 'python' in p.stdout  # the usage lines of the docstring
+
+def test_the_strong_fmnist_recipe_repeats_the_plain_one_but_for_what_it_says_differs():
+    plain, strong = {}, {}
+    exec(open('configs/fmnist.py').read(), plain)
+    exec(open('configs/fmnist_strong.py').read(), strong)
+    keys = {k for k in [*plain, *strong] if not k.startswith('__')}
+    differ = {k for k in keys if plain.get(k, 'absent') != strong.get(k, 'absent')}
+    assert differ == {'crop_pad', 'flip', 'label_smoothing'}
+    said = open('configs/fmnist_strong.py').read().split('# what differs from configs/fmnist.py')[1]
+    assert all(f"\n{k} = " in said for k in differ)

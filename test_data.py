@@ -109,3 +109,31 @@ def test_rank_zero_builds_and_downloads_before_the_other_ranks(rank, monkeypatch
     monkeypatch.setitem(data.TENSOR_SETS, 'synthetic', make)
     data.load('synthetic', 'unused', 32, 8, rank=rank, world=2)
     assert events == (['build', 'barrier'] * 2 if rank == 0 else ['barrier', 'build'] * 2)
+
+def test_crops_and_flips_are_shifted_windows_of_the_zero_padded_image_drawn_uniformly():
+    """Every augmented image must equal one of the (2 pad + 1)^2 x 2 windows of its zero-padded (and mirrored)
+    original, found by brute force; over many draws every offset and both orientations occur."""
+    torch.manual_seed(0)
+    pad, B = 2, 400
+    x = torch.randint(1, 256, (B, 2, 5, 6), dtype=torch.uint8)  # no zeros: a window is recognisable by its border
+    out = data.crops_and_flips(x, pad, flip=True)
+    seen = set()
+    for img, orig in zip(out, x):
+        padded = torch.nn.functional.pad(orig, (pad, pad, pad, pad))
+        windows = {(dr, dc): padded[:, dr:dr + 5, dc:dc + 6] for dr in range(2 * pad + 1) for dc in range(2 * pad + 1)}
+        matches = [(dr, dc, mirrored) for (dr, dc), window in windows.items() for mirrored in (False, True)
+                   if torch.equal(img, window.flip(-1) if mirrored else window)]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert len(seen) == (2 * pad + 1) ** 2 * 2  # 50 outcomes, 400 draws: each missed with probability < 1e-3
+    assert torch.equal(data.crops_and_flips(x, 0, flip=False), x)
+
+def test_augmentation_touches_training_batches_only_and_only_when_asked():
+    args = dict(dataset='synthetic', data_dir='unused', image_size=16, micro_batch=64)
+    plain, augmented = data.load(**args), data.load(**args, crop_pad=2, flip=True)
+    torch.manual_seed(0)
+    (xp, yp), (xa, ya) = next(iter(plain.train)), next(iter(augmented.train))
+    assert torch.equal(yp, ya) and not torch.equal(xp, xa)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(plain.val, augmented.val))
+    with pytest.raises(SystemExit, match=r"crop_pad=2.*imagenet"):
+        data.load('imagenet', 'unused', 32, 8, crop_pad=2)

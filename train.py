@@ -41,6 +41,8 @@ published = ''             # the recipe's published top-1 (%) per variant, 'soft
 dataset = 'fmnist'         # fmnist | cifar10 | synthetic | imagenet | inat2021 | places365
 data_dir = 'data'          # where the dataset is, or is downloaded to when torchvision can
 num_workers = 8            # image-decoding processes per rank (imagenet, inat2021, places365)
+crop_pad = 0               # fmnist, cifar10, synthetic: train on random crops of the images zero-padded by this many pixels
+flip = False               # fmnist, cifar10, synthetic: mirror half the training images left-right (both on the device)
 # model: the fields of model.ViTConfig
 image_size = 32            # images are resized (or cropped) to image_size x image_size
 patch_size = 4             # tokens = (image_size / patch_size)^2 nodes of the grid graph
@@ -153,7 +155,7 @@ except ValueError as e:
 
 # data
 loaders = data.load(dataset, data_dir, image_size, micro_batch, grad_accum=grad_accum, rank=rank, world=world,
-                    seed=seed, device=device, num_workers=num_workers, num_classes=num_classes)
+                    seed=seed, device=device, num_workers=num_workers, num_classes=num_classes, crop_pad=crop_pad, flip=flip)
 steps_per_epoch = loaders.steps_per_epoch
 total_steps = epochs * steps_per_epoch
 stop_step = min(total_steps, max_steps) if max_steps else total_steps
