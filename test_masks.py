@@ -149,7 +149,7 @@ def test_grf_is_unbiased_for_the_exact_mask(p_halt, coupling):
     off = ~torch.eye(h * w, dtype=torch.bool)
     zM = ((Mh.mean(0) - Phi @ Phi.T).abs() / (Mh.std(0) / math.sqrt(T) + 1e-12))[off]
     assert zM.max() < 5, f"off-diagonal M_hat biased: max z {zM.max():.2f}"
-    # the diagonal shares its walks on both sides, so it is biased upward (SPEC): the test can see bias
+    # the diagonal shares its walks on both sides, so it is biased upward: the test can see bias
     assert (Mh.mean(0).diagonal() - (Phi @ Phi.T).diagonal()).min() > 0
 
 def test_grf_error_shrinks_like_one_over_sqrt_walks():
@@ -198,8 +198,8 @@ def mask_error(h, w, f, n_walks, p_halt, coupling, ensembles, seed=0):
     return sum(errs) / len(errs)
 
 def test_repelling_walks_shrink_the_mask_error():
-    """14x14 grid, 20 walks, p_halt 0.1, K 10, f = 0.5^k: repelling walks at most 0.6x the i.i.d. error
-    (measured 0.07 vs 0.15). Fails if the walkers of a group each draw their own offset (no stratification)."""
+    """14x14 grid, 20 walks, p_halt 0.1, K 10, f = 0.5^k: repelling walks at most 0.6x the i.i.d. error (README:
+    the walk-error table). Fails if the walkers of a group each draw their own offset (no stratification)."""
     f = 0.5 ** torch.arange(11.0, dtype=torch.float64)
     err = {c: mask_error(14, 14, f, 20, 0.1, c, ensembles=20) for c in masks.COUPLINGS}
     assert err['repelling'] <= 0.6 * err['iid'] and err['repelling_antithetic'] <= 0.6 * err['iid'], err
