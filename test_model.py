@@ -11,6 +11,9 @@ def tiny(**kw):
     return ViTConfig(**{**dict(image_size=16, patch_size=4, in_channels=3, num_classes=5, dim=32, depth=2,
                                 heads=2, mlp_dim=64, dropout=0.0, grf_walks=4, mask_max_len=4), **kw})
 
+MASKED = [a for a, cls in VARIANTS.items() if hasattr(cls, "dense_mask")]  # the masked linear attentions
+PATHS = [(a, impl) for a, cls in VARIANTS.items() for impl in ("dense", "fast")[:1 + (cls.dense_max_n is not None)]]
+
 IMAGES = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 @pytest.mark.parametrize("attn", VARIANTS)
@@ -145,15 +148,17 @@ def test_grf_model_holds_no_dense_heads_by_n_by_n_tensor():
     attn = model.blocks[0].attn
     assert attn.grf_load.numel() <= cfg.heads * N * cfg.grf_walks * (cfg.mask_max_len + 1)
 
-@pytest.mark.parametrize("attn", ["grf", "topo", "toeplitz"])
+@pytest.mark.parametrize("attn", MASKED)
 def test_param_groups_cover_every_parameter_once(attn):
     model = ViT(tiny(attn=attn))
     groups = model.param_groups(weight_decay=0.05, mask_lr_mult=10)
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())
     mask = [g for g in groups if g["lr_mult"] == 10]
-    assert len(mask) == 1 and mask[0]["weight_decay"] == 0 and len(mask[0]["params"]) == 2  # one per layer
-    assert {p.shape[-1] for p in mask[0]["params"]} == {5 if attn != "toeplitz" else 7}  # K + 1 coefficients, or 2w-1
+    own = [p for block in model.blocks for p in block.attn.parameters() if not any(
+           p is q for q in [*block.attn.qkv.parameters(), *block.attn.proj.parameters()])]  # the layers' own tensors
+    assert len(mask) == 1 and mask[0]["weight_decay"] == 0 and len(own) == 2  # one per layer
+    assert sorted(id(p) for p in mask[0]["params"]) == sorted(id(p) for p in own)
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     assert id(model.pos_embed) not in decayed and id(model.head.bias) not in decayed
     assert id(model.head.weight) in decayed
@@ -274,11 +279,10 @@ def saved_activation_bytes(attn):
 
 def test_dense_masked_paths_keep_at_most_1_3x_the_activations_of_softmax():
     softmax = saved_activation_bytes("softmax")
-    for attn in ("toeplitz", "topo", "grf"):
+    for attn in MASKED:
         assert saved_activation_bytes(attn) <= 1.3 * softmax, attn
 
-@pytest.mark.parametrize("attn,impl", [("softmax", "dense"), ("linear", "dense"), ("toeplitz", "dense"), ("toeplitz", "fast"),
-                                       ("topo", "dense"), ("grf", "dense"), ("grf", "fast")])
+@pytest.mark.parametrize("attn,impl", PATHS)
 def test_every_variant_compiles_as_one_graph_and_matches_eager(attn, impl):
     """fullgraph=True fails on any graph break, forward or backward (AOTAutograd traces both)."""
     torch.manual_seed(0)
