@@ -29,6 +29,7 @@ grf_walks = 20             # GRF: the paper's fine-tuning settings, n = 20, p_ha
 grf_p_halt = 0.1
 grf_coupling = 'repelling' # with the reference's repelling walkers
 mask_max_len = 10          # also K for topo: alpha_0 .. alpha_10 (topo_form 'alpha', the default) or f_0 .. f_10
-mask_init_decay = 0.5      # alpha_k, f_k = 0.5^k at init: a locality start (the reference's exp(-0.01) ~ 0.99 is flat)
+mask_init_decay = 0.5      # alpha_k, f_k = 0.5^k at init: a locality start; the reference's flat exp(-0.01 k)
+                           # (--mask_init_decay=0.99005) did no better here (README: topo in the alpha form)
 table_init_decay = 1.0     # toeplitz: the table starts at 1 (unmasked); 0.5 starts it at 0.5^(|dr| + |dc|)
 log_interval = 100
