@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
-from model import VARIANTS, ViT, ViTConfig, amp_dtype
+from model import VARIANTS, ViT, ViTConfig, amp_dtype, ddp_no_buffer_sync
 
 size = 'vitb16'            # vitb16 (ImageNet: K = 100, 100 walks) | tiny (16 px, 2 layers)
 device = 'auto'            # auto (cuda if available, else cpu) | cuda | cpu
@@ -90,7 +90,7 @@ os.environ.setdefault('MASTER_ADDR', '127.0.0.1')
 os.environ.setdefault('MASTER_PORT', '29517')
 dist.init_process_group('nccl' if cuda else 'gloo', rank=0, world_size=1)
 model = ViT(ViTConfig(attn='grf', **shape)).to(device)
-ddp = DDP(model, device_ids=[torch.device(device).index or 0] if cuda else None, broadcast_buffers=False)
+ddp = DDP(model, device_ids=[torch.device(device).index or 0] if cuda else None, **ddp_no_buffer_sync())
 seconds, _ = train_steps(ddp, 8, 1)
 dist.destroy_process_group()
 print(f"DDP ({'nccl' if cuda else 'gloo'}, 1 process): a grf training step took {seconds:.2f} s")

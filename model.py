@@ -8,6 +8,7 @@ A Vision Transformer whose attention is one of five token mixers, one class each
   grf       the same mask estimated with graph random features (sparse Phi_hat)      O(N)
 Patches are nodes of the h x w grid; learned absolute positions; global average pooling; no CLS token.
 """
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -77,6 +78,17 @@ def amp_dtype(device_type):
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
+def ddp_no_buffer_sync():
+    """DDP's keyword that stops its buffer broadcast before every forward, which the walks and W powers do not
+    need (they are identical on every rank by construction): forward_sync_buffers from torch 2.13 on."""
+    if 'forward_sync_buffers' in inspect.signature(nn.parallel.DistributedDataParallel).parameters:
+        return {'forward_sync_buffers': False}
+    return {'broadcast_buffers': False}
+
+def decay_logits(decay, hops, heads):
+    """Per head, the logits of coefficients that start at decay^hops: log(decay) * hops, [heads, *hops.shape]."""
+    return hops.float().mul(math.log(decay)).repeat(heads, *[1] * hops.dim())
+
 # -----------------------------------------------------------------------------
 # the attention variants: one class each, registered in VARIANTS at the end of this section
 
@@ -135,8 +147,8 @@ class ToeplitzAttention(Attention):
         super().__init__(c, layer)
         dr = torch.arange(1 - self.h, self.h).abs()
         dc = torch.arange(1 - self.w, self.w).abs()
-        hops = (dr[:, None] + dc[None, :]).float()
-        self.table_logits = nn.Parameter(hops.mul(math.log(c.table_init_decay)).repeat(c.heads, 1, 1))
+        hops = dr[:, None] + dc[None, :]
+        self.table_logits = nn.Parameter(decay_logits(c.table_init_decay, hops, c.heads))
         self.register_buffer('toeplitz_index', masks.toeplitz_index(self.h, self.w), persistent=False)
 
     def dense_mask(self):
@@ -155,7 +167,7 @@ class TopoAttention(Attention):
     def __init__(self, c, layer):
         super().__init__(c, layer)
         K = c.mask_max_len
-        start = torch.arange(K + 1.0).mul(math.log(c.mask_init_decay)).repeat(c.heads, 1)
+        start = decay_logits(c.mask_init_decay, torch.arange(K + 1), c.heads)
         self.alpha_form = c.topo_form == 'alpha'
         if self.alpha_form:
             self.alpha_logits = nn.Parameter(start)
@@ -181,8 +193,7 @@ class GRFAttention(Attention):
 
     def __init__(self, c, layer):
         super().__init__(c, layer)
-        start = torch.arange(c.mask_max_len + 1.0).mul(math.log(c.mask_init_decay)).repeat(c.heads, 1)
-        self.f_logits = nn.Parameter(start)
+        self.f_logits = nn.Parameter(decay_logits(c.mask_init_decay, torch.arange(c.mask_max_len + 1), c.heads))
         self.walk_settings = dict(n_walks=c.grf_walks, p_halt=c.grf_p_halt, max_len=c.mask_max_len, coupling=c.grf_coupling)
         self.walk_seed = c.mask_seed * 10_007 + layer
         self.sample_walks()

@@ -17,7 +17,7 @@ from model import VARIANTS
 
 attns = ','.join(VARIANTS) # comma-separated variants
 seeds = 3                  # seeds 0 .. seeds-1 of each variant
-epochs = 30
+epochs = 30                # per run
 jobs = 1                   # trainings at a time
 threads = 0                # CPU threads per training (0 = the cores split between the jobs)
 config_file = 'configs/fmnist.py'

@@ -3,7 +3,7 @@ Trains a Vision Transformer with one of five attentions (model.py) on one of six
 
     python train.py configs/fmnist.py --attn=grf                    # laptop: CPU or MPS, or one GPU
     torchrun --standalone --nproc_per_node=8 train.py configs/imagenet.py --attn=toeplitz
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \\
         train.py configs/imagenet.py                                # and --node_rank=1 on the second node
     python train.py configs/inat2021.py --init_from=out-imagenet-softmax/ckpt.pt   # fine-tune
     python train.py configs/fmnist.py --init_from=resume --eval_only=True          # evaluate out_dir/ckpt.pt
@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from configurator import configure, fail
-from model import ViT, ViTConfig, amp_dtype, check_config, saved_config
+from model import ViT, ViTConfig, amp_dtype, check_config, ddp_no_buffer_sync, saved_config
 
 # I/O
 out_dir = ''               # ckpt.pt, metrics.jsonl and result.json go here ('' = out/<dataset>-<attn>)
@@ -209,8 +209,8 @@ ckpt = None  # free the memory
 if compile and device_type == 'cuda':
     model = torch.compile(model)
 eval_model = model  # evaluated without DDP: ranks may see different numbers of validation batches
-if ddp:  # the walks are identical on every rank by construction: no buffer broadcasts
-    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, **ddp_no_buffer_sync())
 
 print0(f"{raw_model.num_params():,} parameters, attn={attn}, {dataset}: {image_size}px, {(image_size // patch_size) ** 2} tokens, "
        f"{loaders.num_classes} classes; device {device}, {world} rank(s), {str(ptdtype).split('.')[-1]}")
