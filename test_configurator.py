@@ -123,12 +123,14 @@ def test_help_lists_every_setting_with_its_default_and_comment(script):
         assert "--grf_coupling='repelling'" in p.stdout and "--attn='softmax'" in p.stdout
     assert 'python' in p.stdout  # the usage lines of the docstring
 
-def test_the_strong_fmnist_recipe_repeats_the_plain_one_but_for_what_it_says_differs():
-    plain, strong = {}, {}
-    exec(open('configs/fmnist.py').read(), plain)
-    exec(open('configs/fmnist_strong.py').read(), strong)
-    keys = {k for k in [*plain, *strong] if not k.startswith('__')}
-    differ = {k for k in keys if plain.get(k, 'absent') != strong.get(k, 'absent')}
-    assert differ == {'crop_pad', 'flip', 'label_smoothing'}
-    said = open('configs/fmnist_strong.py').read().split('# what differs from configs/fmnist.py')[1]
-    assert all(f"\n{k} = " in said for k in differ)
+@pytest.mark.parametrize('base, derived, differs', [
+    ('fmnist', 'fmnist_strong', {'crop_pad', 'flip', 'label_smoothing'}),
+    ('inat2021', 'places365', {'dataset', 'published', 'data_dir'})])
+def test_a_config_built_on_another_repeats_it_but_for_what_it_says_differs(base, derived, differs):
+    first, second = {}, {}
+    exec(open(f'configs/{base}.py').read(), first)
+    exec(open(f'configs/{derived}.py').read(), second)
+    keys = {k for k in [*first, *second] if not k.startswith('__')}
+    assert {k for k in keys if first.get(k, 'absent') != second.get(k, 'absent')} == differs
+    said = open(f'configs/{derived}.py').read().split(f'# what differs from configs/{base}.py')[1]
+    assert all(f"\n{k} = " in said for k in differs)

@@ -5,7 +5,7 @@ Trains a Vision Transformer with one of five attentions (model.py) on one of six
     torchrun --standalone --nproc_per_node=8 train.py configs/imagenet.py --attn=toeplitz
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \\
         train.py configs/imagenet.py                                # and --node_rank=1 on the second node
-    python train.py configs/inat2021.py --init_from=out-imagenet-softmax/ckpt.pt   # fine-tune
+    python train.py configs/inat2021.py --attn=softmax   # fine-tune out/imagenet-softmax/ckpt.pt (init_from)
     python train.py configs/fmnist.py --init_from=resume --eval_only=True          # evaluate out_dir/ckpt.pt
 
 Every hyperparameter is a global below; config files and --key=value arguments override them, left to right
