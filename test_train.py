@@ -128,6 +128,26 @@ def test_resume_after_an_epoch_and_mid_epoch_is_exact(uninterrupted, first_epoch
     assert evals(uninterrupted) == evals(out) and result(uninterrupted)['final'] == result(out)['final']
     assert result(out)['final']['top1'] > 50  # and the generated task is being learned
 
+def test_a_crash_mid_epoch_loses_only_the_steps_since_the_last_ckpt_interval_save(uninterrupted, tmp_path):
+    out = str(tmp_path / 'run')
+    args = [*SYNTHETIC, '--ckpt_interval=12']  # log steps 8, 16, 24: the first save is at step 16
+    crash = ("import runpy, sys, torch\n"
+             "real_step, calls = torch.optim.AdamW.step, []\n"
+             "def step_then_die(self, *args, **kwargs):\n"
+             "    calls.append(1)\n"
+             "    if len(calls) > 20: raise KeyboardInterrupt('simulated crash at step 20')\n"
+             "    return real_step(self, *args, **kwargs)\n"
+             "torch.optim.AdamW.step = step_then_die\n"
+             f"sys.argv = ['train.py', *{args + [f'--out_dir={out}']!r}]\n"
+             "runpy.run_path('train.py', run_name='__main__')\n")
+    p = subprocess.run([sys.executable, '-c', crash], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and 'simulated crash' in p.stderr and 'at step 16' in p.stdout
+    assert checkpoint(out)['step'] == 16 and checkpoint(out)['epoch'] == 0  # mid-epoch 1, nothing evaluated yet
+    train(*args, '--init_from=resume', out=out)
+    assert_same_model(checkpoint(uninterrupted)['model'], checkpoint(out)['model'])
+    loss = lambda run: {r['step']: r['loss'] for r in records(run, 'train')}
+    assert loss(out) == {**loss(out), **loss(uninterrupted)}  # every step's logged loss as in the run without a crash
+
 def test_checkpoint_holds_everything_needed_to_resume(first_epoch):
     c = checkpoint(first_epoch)
     assert {'model', 'optimizer', 'scaler', 'step', 'epoch', 'rng', 'config', 'best'} <= c.keys()
@@ -188,9 +208,11 @@ def test_resuming_takes_this_runs_mask_learning_rate_multiplier(first_epoch, tmp
     groups = checkpoint(run)['optimizer']['param_groups']
     assert sorted(g['lr_mult'] for g in groups) == [1.0, 1.0, 3.0] and result(run)['config']['mask_lr_mult'] == 3
 
-def test_a_bad_model_setting_fails_before_any_data_is_read(tmp_path):
-    p = train('configs/fmnist.py', '--attn=nonsense', f'--data_dir={tmp_path}/nowhere', out=tmp_path, ok=False)
-    assert p.returncode == 2 and p.stderr.count('\n') == 1 and "attn='nonsense'" in p.stderr
+@pytest.mark.parametrize('bad, named', [('--attn=nonsense', "attn='nonsense'"), ('--loss=hinge', "loss='hinge'"),
+                                        ('--ckpt_interval=-5', 'ckpt_interval=-5')])
+def test_a_bad_setting_fails_in_one_line_before_any_data_is_read(bad, named, tmp_path):
+    p = train('configs/fmnist.py', bad, f'--data_dir={tmp_path}/nowhere', out=tmp_path, ok=False)
+    assert p.returncode == 2 and p.stderr.count('\n') == 1 and named in p.stderr
     assert not os.path.exists(tmp_path / 'nowhere')  # no download was started
 
 def test_imagenet_config_end_to_end_on_real_jpegs_and_eval_only_reproduces_it(tmp_path, capsys):

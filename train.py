@@ -32,6 +32,8 @@ from model import ViT, ViTConfig, amp_dtype, check_config, ddp_no_buffer_sync, s
 out_dir = ''               # ckpt.pt, metrics.jsonl and result.json go here ('' = out/<dataset>-<attn>)
 init_from = 'scratch'      # 'scratch' | 'resume' (continue out_dir/ckpt.pt) | path of a checkpoint to fine-tune from
 eval_only = False          # evaluate the checkpoint that init_from names, print the result and exit
+ckpt_interval = 0          # also write ckpt.pt mid-epoch, at the first log step this many optimizer steps after the
+                           # last save, so that a crash in a long epoch loses no more (0 = at epoch ends only)
 log_interval = 50          # optimizer steps between log lines (the only steps that wait for the device)
 wandb_log = False          # also log to Weights & Biases (imported only when True)
 wandb_project = 'topomask-vit'
@@ -148,6 +150,8 @@ else:  # fine-tune from another run's checkpoint: this run's model settings, the
 globals().update({k: config[k] for k in model_keys})
 if loss not in ('softmax', 'sigmoid'):
     fail(f"loss={loss!r} is invalid; valid: softmax, sigmoid")
+if ckpt_interval < 0:
+    fail(f"ckpt_interval={ckpt_interval} is invalid; valid: 0 (epoch ends only) or a number of optimizer steps")
 try:  # a bad model setting fails now, not after the dataset is loaded
     check_config(ViTConfig(**{k: config[k] for k in model_keys}))
 except ValueError as e:
@@ -313,6 +317,7 @@ images_seen = 0
 result = None
 loss_sum = torch.zeros((), device=device)  # summed on the device: no sync between log steps
 loss_count = 0
+saved_step = step
 while step < stop_step:
     epoch = step // steps_per_epoch
     loaders.sampler.set_epoch(epoch, step % steps_per_epoch)
@@ -360,6 +365,10 @@ while step < stop_step:
             log({'kind': 'train', 'epoch': epoch + 1, 'step': step, 'loss': mean_loss, 'lr': lr_now, 'images_per_s': ips, 'eta_s': eta})
             loss_sum.zero_()
             loss_count = 0
+            if ckpt_interval and step - saved_step >= ckpt_interval and not epoch_end:
+                save_checkpoint()  # at a log step, so that a resumed run logs the same averages
+                saved_step = step
+                print0(f"saved {ckpt_path} at step {step}")
             t0 = time.time()
             last_step = step
         if epoch_end:
@@ -370,6 +379,7 @@ while step < stop_step:
            f"top5 {result['top5']:.2f}% ({result['count']} images)")
     log({'kind': 'eval', 'epoch': epoch + 1, 'step': step, **result})
     save_checkpoint()
+    saved_step = step
 if result is None:  # nothing left to train: report the checkpoint as it is
     result = evaluate()
 if master:

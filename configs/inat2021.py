@@ -35,3 +35,4 @@ grf_walks = 20             # GRF n = 20, p_halt = 0.1, K = 10 (the paper's fine-
 grf_p_halt = 0.1
 mask_max_len = 10
 log_interval = 200
+ckpt_interval = 5000       # also checkpoint within the long epochs (about 42,000 steps here), every 5,000 steps
