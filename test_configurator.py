@@ -124,7 +124,7 @@ def test_help_lists_every_setting_with_its_default_and_comment(script):
     assert 'python' in p.stdout  # the usage lines of the docstring
 
 @pytest.mark.parametrize('base, derived, differs', [
-    ('fmnist', 'fmnist_strong', {'crop_pad', 'flip', 'label_smoothing'}),
+    ('fmnist', 'fmnist_strong', {'depth', 'crop_pad', 'flip', 'label_smoothing'}),
     ('inat2021', 'places365', {'dataset', 'published', 'data_dir'})])
 def test_a_config_built_on_another_repeats_it_but_for_what_it_says_differs(base, derived, differs):
     first, second = {}, {}
