@@ -5,15 +5,17 @@ the learned masks (matplotlib, optional) into assets/, named after the runs' dat
 
     python report.py out/sweep                 # table + assets/<dataset>_curves.png + assets/<dataset>_masks.png
     python report.py out/sweep --no_plots      # the table alone
-    python report.py out/a out/b --no_plots    # several folders: a row per variant and per mask setting that differs
+    python report.py out/a out/b --no_plots    # several folders: a row per variant and per setting that differs
     python report.py out/sweep --no_plots --mask_swap=DATA_DIR   # + the topo/grf models with their masks swapped
     python report.py out/sweep --no_plots --walk_error   # + the GRF mask's error per walk coupling and walk count
 
 Runs of several datasets share one title, and their files are named after all of them (assets/fmnist+cifar10_curves.png).
 """
+import ast
 import glob
 import json
 import os
+import re
 import statistics
 import sys
 from dataclasses import replace
@@ -57,6 +59,22 @@ def knob(r, k):
         return r['config'][k]
     return getattr(saved_config(r['config']), k, 0)  # a training setting the run predates was off
 
+# settings that do not change what a run learns: runs differing only in these share a row
+NOT_RECIPE = {'attn', 'seed', 'mask_seed', 'epochs', 'out_dir', 'data_dir', 'init_from', 'eval_only', 'log_interval',
+              'ckpt_interval', 'wandb_log', 'wandb_project', 'wandb_run_name', 'published', 'num_workers', 'device',
+              'compile', 'attn_impl'}
+
+def train_defaults():
+    """train.py's settings and their defaults, read from its source (the globals above its '# ---' line)."""
+    source = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')).read().split('\n# ---')[0]
+    return {k: ast.literal_eval(v) for k, v in re.findall(r"^(\w+) = ([^#\n]*?)\s*(?:#.*)?$", source, re.M)}
+
+def recipe(r, k, defaults):
+    """The run's setting k that is not a knob; a setting the run predates ran at its default (PREDATES first)."""
+    if k in r['config']:
+        return r['config'][k]
+    return getattr(saved_config(r['config']), k, defaults.get(k))
+
 def is_number(text):
     try:
         float(text)
@@ -79,27 +97,29 @@ def published(config):
 def cell(value):
     if value is None:
         return '–'
-    return value if isinstance(value, str) else f"{value:g}"
+    return str(value) if isinstance(value, (str, bool)) else f"{value:g}"
 
 def table(runs):
     all_knobs = dict.fromkeys(k for cls in VARIANTS.values() for k in knobs(cls))
-    columns = [k for k in all_knobs if len({knob(r, k) for r in runs} - {None}) > 1]
+    defaults = train_defaults()
+    value = lambda r, k: knob(r, k) if k in all_knobs else recipe(r, k, defaults)
+    others = dict.fromkeys(k for r in runs for k in r['config'] if k not in all_knobs and k not in NOT_RECIPE)
+    columns = [k for k in [*all_knobs, *others] if len({str(value(r, k)) for r in runs} - {'None'}) > 1]
     rows = ["| attention | " + ''.join(f"{k} | " for k in columns) + "top-1 (%) mean ± std | seeds | epochs "
             "| images/s (train) | published top-1 |", "|---|" + "---|" * (len(columns) + 5)]
     for attn in VARIANTS:
         groups = {}
         for r in runs:
             if r['config']['attn'] == attn:
-                groups.setdefault(tuple(knob(r, k) for k in columns), []).append(r)
-        for values, rs in sorted(groups.items(), key=lambda g: str(g[0])):
+                groups.setdefault((*(value(r, k) for k in columns), r['config']['epochs']), []).append(r)
+        for (*values, epochs), rs in sorted(groups.items(), key=lambda g: str(g[0])):
             acc = [r['final']['top1'] for r in rs]
             std = statistics.stdev(acc) if len(acc) > 1 else float('nan')
-            eps = sorted({r['config']['epochs'] for r in rs})
             ips = statistics.median(r['images_per_s'] for r in rs)
             settings = ''.join(f"{cell(v)} | " for v in values)
             paper = [v for v in dict.fromkeys(published(r['config']).get(attn) for r in rs) if v is not None]
             rows.append(f"| {attn} | {settings}{statistics.mean(acc):.2f} ± {std:.2f} | {len(acc)} "
-                        f"| {','.join(map(str, eps))} | {ips:,.0f} | {', '.join(paper)} |")
+                        f"| {epochs} | {ips:,.0f} | {', '.join(paper)} |")
     return '\n'.join(rows)
 
 def curves(runs, path):

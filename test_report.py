@@ -52,6 +52,18 @@ def test_table_has_a_row_per_variant_and_mask_setting_with_mean_and_sample_std(t
     same = report.table(report.load_runs(os.path.join(root, 'linear-s0')))
     assert rows(same) == [['linear', '80.00 ± nan', '1', '10', '100', '86.36']]  # no knob column when none varies
 
+def test_runs_of_different_recipes_or_lengths_get_their_own_rows_and_runs_of_other_seeds_share_one(tmp_path):
+    root = str(tmp_path)
+    fake_run(root, 'plain-s0', 'linear', 80.0, seed=0, out_dir='a', data_dir='x')  # predates crop_pad and flip: off
+    fake_run(root, 'plain-s1', 'linear', 82.0, seed=1, mask_seed=1, out_dir='b', data_dir='y', crop_pad=0, flip=False)
+    fake_run(root, 'deep-s0', 'linear', 84.0, depth=6, crop_pad=2, flip=True, label_smoothing=0.1)
+    fake_run(root, 'long-s0', 'linear', 86.0, epochs=30)
+    text = report.table(report.load_runs(root))
+    assert text.splitlines()[0].startswith('| attention | depth | crop_pad | flip | label_smoothing | top-1')
+    assert rows(text) == [['linear', '2', '0', 'False', '0', '81.00 ± 1.41', '2', '10', '100', ''],
+                          ['linear', '2', '0', 'False', '0', '86.00 ± nan', '1', '30', '100', ''],
+                          ['linear', '6', '2', 'True', '0.1', '84.00 ± nan', '1', '10', '100', '']]
+
 def test_published_column_comes_from_the_runs_config(tmp_path):
     root = str(tmp_path)
     fake_run(root, 'softmax-s0', 'softmax', 70.0, published='softmax:12.5')
@@ -90,9 +102,11 @@ class WindowAttention(model.Attention):
         hops = (row[:, None] - row[None, :]).abs() + (col[:, None] - col[None, :]).abs()
         return self.decay_logits.exp()[:, None, None] ** hops
 
+SMALL = dict(image_size=12, patch_size=4, dim=16, depth=2, heads=2, mlp_dim=32)
+
 def fake_model_run(root, name, top1, decays, **settings):
-    """A run of a model with its checkpoint, trained to nothing but per-head mask decays."""
-    cfg = model.ViTConfig(image_size=12, patch_size=4, dim=16, depth=2, heads=len(decays), mlp_dim=32, **settings)
+    """A run of a SMALL model with its checkpoint, trained to nothing but per-head mask decays."""
+    cfg = model.ViTConfig(**SMALL, **settings)
     vit = model.ViT(cfg)
     for block in vit.blocks:
         if hasattr(block.attn, 'decay_logits'):
@@ -104,7 +118,7 @@ def fake_model_run(root, name, top1, decays, **settings):
 def test_a_variant_registered_in_variants_gets_its_row_its_knob_and_its_mask_pictures(tmp_path, monkeypatch):
     monkeypatch.setitem(model.VARIANTS, 'window', WindowAttention)
     root = str(tmp_path)
-    fake_run(root, 'softmax-s0', 'softmax', 70.0)  # no checkpoint: softmax has no mask to draw
+    fake_run(root, 'softmax-s0', 'softmax', 70.0, **SMALL)  # no checkpoint: softmax has no mask to draw
     fake_model_run(root, 'window-a', 80.0, [0.3, 0.7], attn='window', mask_init_decay=0.5)
     fake_model_run(root, 'window-b', 81.0, [0.2, 0.9], attn='window', mask_init_decay=0.25)
     runs = report.load_runs(root)
@@ -129,7 +143,9 @@ def sweep(*args):
 
 def test_sweep_skips_finished_runs_resumes_an_interrupted_one_and_runs_the_rest(tmp_path):
     root = str(tmp_path)
-    fake_run(root, 'linear-s0', 'linear', 12.34, epochs=2)  # finished: must be left alone
+    synthetic = {k: report.ast.literal_eval(v) if v[0].isdigit() else v for k, v in
+                 (a[2:].split('=') for a in SYNTHETIC.split())}
+    fake_run(root, 'linear-s0', 'linear', 12.34, **{**synthetic, 'epochs': 2})  # finished: must be left alone
     # linear-s1 stopped after its first epoch: a checkpoint, no result.json
     p = subprocess.run([sys.executable, 'train.py', 'configs/fmnist.py', '--attn=linear', '--seed=1', '--epochs=2',
                         f'--max_steps={STEPS_PER_EPOCH}', f'--out_dir={root}/linear-s1', *SYNTHETIC.split()],
