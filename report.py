@@ -114,11 +114,11 @@ def table(runs):
                 groups.setdefault((*(value(r, k) for k in columns), r['config']['epochs']), []).append(r)
         for (*values, epochs), rs in sorted(groups.items(), key=lambda g: str(g[0])):
             acc = [r['final']['top1'] for r in rs]
-            std = statistics.stdev(acc) if len(acc) > 1 else float('nan')
+            spread = f" ± {statistics.stdev(acc):.2f}" if len(acc) > 1 else ""  # one seed has no spread
             ips = statistics.median(r['images_per_s'] for r in rs)
             settings = ''.join(f"{cell(v)} | " for v in values)
             paper = [v for v in dict.fromkeys(published(r['config']).get(attn) for r in rs) if v is not None]
-            rows.append(f"| {attn} | {settings}{statistics.mean(acc):.2f} ± {std:.2f} | {len(acc)} "
+            rows.append(f"| {attn} | {settings}{statistics.mean(acc):.2f}{spread} | {len(acc)} "
                         f"| {epochs} | {ips:,.0f} | {', '.join(paper)} |")
     return '\n'.join(rows)
 
