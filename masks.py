@@ -151,25 +151,26 @@ def sample_grf_walks(h, w, n_walks, p_halt, max_len, generator=None, coupling='i
     load = torch.zeros(key.shape[0], dtype=torch.float64).index_add_(0, inv, load) / n_walks
     return key // (N * N), (key // N) % N, key % N, load.float()
 
+def _crow(rows, n):
+    """CSR row pointers [n + 1] of the entries in rows (sorted), int32 as MKL and cuSPARSE take them."""
+    return F.pad(torch.bincount(rows, minlength=n).cumsum(0), (1, 0)).int()
+
+def csr_rows(crow):
+    """The row of each entry of a CSR matrix, [nnz]: crow's inverse (its size depends on the data: torch.compile
+    breaks its graph there, so a model keeps it as a buffer)."""
+    return torch.repeat_interleave(torch.arange(crow.shape[0] - 1, device=crow.device), crow.diff().long())
+
 def grf_layout(start, node, N):
-    """Padded sparse (ELL) layout of the support of Phi_hat: cols [N, R] (row i's distinct nodes, padded with i)
-    and slot [nnz], the flat position i*R + r of each record. R = max distinct nodes per row. O(nnz log nnz)."""
-    pair, inv = torch.unique(start * N + node, return_inverse=True)
-    row, col = pair // N, pair % N
-    counts = torch.bincount(row, minlength=N)
-    R = max(int(counts.max()), 1)
-    first = torch.cumsum(counts, 0) - counts
-    r = torch.arange(pair.shape[0]) - first[row]
-    cols = torch.arange(N)[:, None].repeat(1, R)
-    cols[row, r] = col
-    return cols, (row * R + r)[inv]
+    """CSR layout of the support of Phi_hat [N, N] from the records' (start, node): crow [N + 1], col [nnz] (each
+    row's distinct nodes, ascending; int32) and slot [records], the position in col of each record. O(r log r)."""
+    pair, slot = torch.unique(start * N + node, return_inverse=True)
+    return _crow(pair // N, N), (pair % N).int(), slot
 
 def grf_walk_layout(h, w, heads, n_walks, p_halt, max_len, coupling, seed):
-    """One walk ensemble per head (head j sampled with a generator seeded by seed * 1_000_003 + j), all laid out by
-    one grf_layout call on the heads' grids as one block-diagonal graph (head j's node i is node j*N + i), for
-    grf_features with the coefficients of all heads flattened, f [H*(K+1)]: cols [H, N, R] (node indices within
-    the head's grid, padded with the row's own index), and per record slot (its flat position j*N*R + i*R + r),
-    fidx (j*(K+1) + its step) and load. R = the most distinct nodes in any row of any head."""
+    """One walk ensemble per head (head j sampled with a generator seeded by seed * 1_000_003 + j), laid out by one
+    grf_layout call as one block-diagonal graph (head j's node i is node j*N + i), for grf_features with the
+    coefficients of all heads flattened, f [H*(K+1)]: crow [H*N + 1] and col [nnz] (the CSR of the block-diagonal
+    Phi_hat), and per record slot (its position in col), fidx (j*(K+1) + its step) and load."""
     N = h * w
     records = []
     for j in range(heads):
@@ -177,19 +178,19 @@ def grf_walk_layout(h, w, heads, n_walks, p_halt, max_len, coupling, seed):
         step, start, node, load = sample_grf_walks(h, w, n_walks, p_halt, max_len=max_len, generator=g, coupling=coupling)
         records.append((j * (max_len + 1) + step, j * N + start, j * N + node, load))
     fidx, start, node, load = (torch.cat(x) for x in zip(*records))
-    cols, slot = grf_layout(start, node, heads * N)
-    cols = cols - torch.arange(heads * N)[:, None] // N * N  # back to node indices within each head's grid
-    return {'cols': cols.view(heads, N, -1), 'slot': slot.int(), 'fidx': fidx.int(), 'load': load}
+    crow, col, slot = grf_layout(start, node, heads * N)
+    return {'crow': crow, 'col': col, 'slot': slot.int(), 'fidx': fidx.int(), 'load': load}
 
-def grf_features(slot, step, load, f, N, R):
-    """Values of Phi_hat = sum_t f_t C_t in the ELL layout: vals[i, r] = sum of f[step] * load over the
-    records in slot i*R + r; differentiable in f. f is [K+1] (or any flat f with step indexing it). O(nnz)."""
-    vals = torch.zeros(N * R, dtype=f.dtype, device=f.device)
-    return vals.index_add(0, slot, f[step] * load).view(N, R)
+def grf_features(slot, step, load, f, nnz):
+    """Values of Phi_hat = sum_t f_t C_t in its CSR layout: vals[s] = sum of f[step] * load over the records in
+    slot s, [nnz]; differentiable in f. f is [K+1] (or any flat f with step indexing it). O(records)."""
+    return torch.zeros(nnz, dtype=f.dtype, device=f.device).index_add(0, slot, f[step] * load)
 
-def ell_to_dense(cols, vals, N):
-    """Dense [..., N, N] matrix from its ELL form cols, vals [..., N, R]."""
-    return torch.zeros(*vals.shape[:-1], N, dtype=vals.dtype, device=vals.device).scatter_add(-1, cols, vals)
+def csr_to_dense(crow, col, vals, N, rows=None):
+    """The diagonal N x N blocks [H, N, N] of a block-diagonal CSR matrix with H*N rows (crow, col, vals), which
+    hold all its entries; differentiable in vals. rows: csr_rows(crow), built here if None. O(H N^2)."""
+    rows = csr_rows(crow) if rows is None else rows
+    return vals.new_zeros((crow.shape[0] - 1) // N, N, N).index_put((rows // N, rows % N, col.long() % N), vals)
 
 # -----------------------------------------------------------------------------
 # the Toeplitz (relative position) mask
@@ -309,21 +310,12 @@ def toeplitz_linear_attention_fft(q, k, v, table, h, w, eps=EPS):
         y = y.reshape(B, H, d, -1, N).permute(0, 1, 4, 2, 3)  # [B, H, N, d, dv+1]
         return _divide(torch.einsum('bhnd,bhnde->bhne', q, y), eps)
 
-def grf_csr(cols):
-    """The sparsity structure of P (block-diagonal over heads) from its ELL columns cols [H, N, R], without the
-    padding slots (repeats of a row's own index), for grf_linear_attention: keep [nnz] (flat ELL slots kept, row
-    by row), crow, col (CSR of P, int32 as MKL and cuSPARSE take them), crow_t, col_t (CSR of P^T) and perm (P's
-    values in P^T's order). Depends on the walks alone: compute it once per ensemble. O(nnz log nnz)."""
-    H, N, R = cols.shape
-    HN = H * N  # rows of the block-diagonal P
-    flat = (cols + torch.arange(H, device=cols.device)[:, None, None] * N).view(HN, R)
-    rows = torch.arange(HN, device=cols.device)[:, None].expand_as(flat)
-    keep = (flat == rows).cumsum(1) <= 1  # the first slot of a row's own index is real, the rest padding
-    rows, kept_cols = rows[keep], flat[keep]
-    perm = torch.argsort(kept_cols * HN + rows)  # column-major order: the rows of P^T
-    crow = lambda r: F.pad(torch.bincount(r, minlength=HN).cumsum(0), (1, 0)).int()
-    return dict(keep=keep.flatten().nonzero().squeeze(1), crow=crow(rows), col=kept_cols.int(),
-                crow_t=crow(kept_cols[perm]), col_t=rows[perm].int(), perm=perm)
+def csr_transpose(crow, col):
+    """The CSR of P^T (crow_t, col_t) and perm, P's values in P^T's order, from P's CSR (crow, col), for
+    grf_linear_attention. Depends on the walks alone: compute it once per ensemble. O(nnz log nnz)."""
+    rows, col = csr_rows(crow), col.long()
+    perm = torch.argsort(col * (crow.shape[0] - 1) + rows)  # column-major order: the rows of P^T
+    return dict(crow_t=_crow(col[perm], crow.shape[0] - 1), col_t=rows[perm].int(), perm=perm)
 
 def _spmm(A, X):
     """A @ X for a sparse CSR A, written straight into its result (A @ X fills and copies one first). The result
@@ -373,16 +365,16 @@ _grf_mix_backward.register_fake(lambda gy, q, k, v, vals, *structure: [torch.emp
 _grf_mix.register_autograd(lambda ctx, gy: (*_grf_mix_backward(gy, *ctx.saved_tensors), None, None, None, None, None),
                            setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 
-def grf_linear_attention(q, k, v, cols, vals, csr=None, eps=EPS):
-    """Linear attention masked by M = P P^T, P given sparsely (ELL: cols, vals [H, N, R]), never forming M:
+def grf_linear_attention(q, k, v, crow, col, vals, transpose=None, eps=EPS):
+    """Linear attention masked by M = P P^T, P given in CSR (crow, col, vals [nnz]; block-diagonal over the heads,
+    head j's rows and columns j*N .. j*N + N-1), never forming M:
     S_l = sum_j P_jl phi(k_j) v_j^T, z_l = sum_j P_jl phi(k_j), U_i = sum_l P_il S_l, Z_i = sum_l P_il z_l,
-    out_i = phi(q_i)^T U_i / (phi(q_i)^T Z_i + eps). q, k, v [B, H, N, d]; csr: grf_csr(cols), built here if None.
-    O(N R d^2) time, O(N d^2) transient memory, O(N d) kept for backward."""
-    csr = grf_csr(cols) if csr is None else csr
+    out_i = phi(q_i)^T U_i / (phi(q_i)^T Z_i + eps). q, k, v [B, H, N, d]; transpose: csr_transpose(crow, col),
+    built here if None. O(N R d^2) time for R non-zeros per row, O(N d^2) transient memory, O(N d) kept for backward."""
+    t = csr_transpose(crow, col) if transpose is None else transpose
     with _no_autocast(q.device):
         q, k, v, vals = _fp32(q.relu(), k.relu(), _with_ones(v), vals)
         B, H, N, d = q.shape
         q, k, v = (x.permute(1, 2, 0, 3).reshape(H * N, B, -1) for x in (q, k, v))  # [HN, B, .]: rows of P lead
-        structure = {name: csr[name] for name in ('crow', 'col', 'crow_t', 'col_t', 'perm')}
-        y = _grf_mix(q, k, v, vals.flatten()[csr['keep']], **structure)
+        y = _grf_mix(q, k, v, vals, crow, col, t['crow_t'], t['col_t'], t['perm'])
         return _divide(y.view(H, N, B, -1).permute(2, 0, 1, 3), eps)

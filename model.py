@@ -187,7 +187,7 @@ class GRFAttention(Attention):
     f = exp(logits) >= 0 starting at decay^k. The walks are sampled once, from (mask_seed, layer), identically on
     every process, and saved with the model; sample_walks redraws them."""
     settings = ('grf_walks', 'grf_p_halt', 'grf_coupling', 'mask_max_len', 'mask_init_decay')
-    sampled = ('grf_cols', 'grf_slot', 'grf_fidx', 'grf_load')
+    sampled = ('grf_crow', 'grf_col', 'grf_slot', 'grf_fidx', 'grf_load')
     walks = ('image_size', 'patch_size', 'grf_walks', 'grf_p_halt', 'grf_coupling', 'mask_max_len', 'mask_seed')
     dense_max_n = 256
 
@@ -208,13 +208,13 @@ class GRFAttention(Attention):
         self.layout_sparse()
 
     def layout_sparse(self):
-        """The sparse structure of the walks for the fast path (masks.grf_csr), rebuilt whenever the walks change."""
-        self.csr_names = []
-        for name, t in masks.grf_csr(self.grf_cols).items():
-            self.register_buffer('grf_csr_' + name, t, persistent=False)
-            self.csr_names.append(name)
+        """Phi_hat's row per entry (dense path) and the CSR of Phi_hat^T (fast path), rebuilt whenever the walks change."""
+        derived = masks.csr_transpose(self.grf_crow, self.grf_col) | {'rows': masks.csr_rows(self.grf_crow)}
+        for name, t in derived.items():
+            self.register_buffer('grf_' + name, t, persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        upgrade_walks(state_dict, prefix)
         # walk buffers are as long as the walks sampled: take the saved shapes before loading
         for name in self.sampled:
             if prefix + name in state_dict:
@@ -224,18 +224,33 @@ class GRFAttention(Attention):
         self.layout_sparse()
 
     def grf_values(self):
-        """Phi_hat in ELL form, vals [H, N, R] = sum_t f_t C_t, differentiable in f."""
-        H, N, R = self.grf_cols.shape
+        """The values of Phi_hat = sum_t f_t C_t [nnz], in the order of its CSR (grf_crow, grf_col; block-diagonal
+        over the heads), differentiable in f."""
         f = self.f_logits.exp().flatten()
-        return masks.grf_features(self.grf_slot, self.grf_fidx, self.grf_load, f, N=H * N, R=R).view(H, N, R)
+        return masks.grf_features(self.grf_slot, self.grf_fidx, self.grf_load, f, nnz=self.grf_col.shape[0])
 
     def dense_mask(self):
-        P = masks.ell_to_dense(self.grf_cols, self.grf_values(), self.h * self.w)
+        P = masks.csr_to_dense(self.grf_crow, self.grf_col, self.grf_values(), self.h * self.w, rows=self.grf_rows)
         return P @ P.transpose(-2, -1)
 
     def fast_mix(self, q, k, v):
-        csr = {name: getattr(self, 'grf_csr_' + name) for name in self.csr_names}
-        return masks.grf_linear_attention(q, k, v, self.grf_cols, vals=self.grf_values(), csr=csr)
+        transpose = {name: getattr(self, 'grf_' + name) for name in ('crow_t', 'col_t', 'perm')}
+        return masks.grf_linear_attention(q, k, v, self.grf_crow, self.grf_col, self.grf_values(), transpose)
+
+def upgrade_walks(state, prefix=''):
+    """Checkpoints from before the CSR layout saved Phi_hat's support padded (ELL): grf_cols [H, N, R], each row's
+    distinct nodes then repeats of its own index, and grf_slot indexing the H*N*R slots. Rewrites them in state as
+    grf_crow, grf_col and grf_slot (indexing grf_col); the values keep their order."""
+    for key in [k for k in state if k.startswith(prefix) and k.endswith('grf_cols')]:
+        p, cols = key[:-len('cols')], state.pop(key)
+        H, N, R = cols.shape
+        flat = (cols + torch.arange(H, device=cols.device)[:, None, None] * N).view(H * N, R)
+        rows = torch.arange(H * N, device=cols.device)[:, None].expand_as(flat)
+        keep = ((flat == rows).cumsum(1) <= 1).flatten()  # a row's own index: first real, then padding
+        state[p + 'crow'] = F.pad(torch.bincount(rows.flatten()[keep], minlength=H * N).cumsum(0), (1, 0)).int()
+        state[p + 'col'] = flat.flatten()[keep].int()
+        state[p + 'slot'] = (keep.cumsum(0) - 1)[state[p + 'slot'].long()].int()
+    return state
 
 # attn -> its class. A new variant: its math in masks.py, its class above, its entry here (README, "Adding a mask").
 VARIANTS = {'softmax': SoftmaxAttention, 'linear': LinearAttention, 'toeplitz': ToeplitzAttention,
@@ -298,7 +313,7 @@ class ViT(nn.Module):
         settings are (coefficient vectors of another length cut or extended, so K may change; parameters of another
         grid start afresh); the sampled walks if all their `walks` settings are. The rest keeps its initialisation.
         -> {'loaded': [...], 'truncated': [...], 'fresh': [...]}"""
-        c = self.config
+        c, state = self.config, upgrade_walks(dict(state))
         variant = VARIANTS[c.attn]
         same_mask = src.attn == c.attn and all(getattr(src, k) == getattr(c, k) for k in variant.form)
         same_walks = same_mask and all(getattr(src, k) == getattr(c, k) for k in variant.walks)

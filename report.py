@@ -260,10 +260,9 @@ def grf_mask(h, w, f, n_walks, p_halt, coupling, generator):
     for fh in f:
         step, start, node, load = masks.sample_grf_walks(h, w, n_walks=n_walks, p_halt=p_halt, max_len=f.shape[1] - 1,
                                                          generator=generator, coupling=coupling)
-        cols, slot = masks.grf_layout(start, node, N)
-        vals = masks.grf_features(slot, step, load.double(), fh, N=N, R=cols.shape[1])
-        features.append(masks.ell_to_dense(cols, vals, N))
-    P = torch.stack(features)
+        crow, col, slot = masks.grf_layout(start, node, N)
+        features.append(masks.csr_to_dense(crow, col, masks.grf_features(slot, step, load.double(), fh, col.shape[0]), N))
+    P = torch.cat(features)
     return P @ P.transpose(1, 2)
 
 @torch.no_grad()

@@ -38,8 +38,8 @@ def sample_phi(h, w, f, n_walks, p_halt, generator, coupling='iid'):
     """One GRF estimate Phi_hat as a dense matrix."""
     N = h * w
     step, start, node, load = masks.sample_grf_walks(h, w, n_walks, p_halt, f.shape[-1] - 1, generator, coupling)
-    cols, slot = masks.grf_layout(start, node, N)
-    return masks.ell_to_dense(cols, masks.grf_features(slot, step, load, f, N, cols.shape[1]), N)
+    crow, col, slot = masks.grf_layout(start, node, N)
+    return masks.csr_to_dense(crow, col, masks.grf_features(slot, step, load, f, col.shape[0]), N)[0]
 
 # --- 1. the grid graph -------------------------------------------------------------------------
 
@@ -180,10 +180,11 @@ def test_grf_record_count_is_linear_in_nodes_walks_and_length():
     N, n, K = h * w, 20, 10
     step, start, node, load = masks.sample_grf_walks(h, w, n, 0.1, K, torch.Generator().manual_seed(0))
     assert step.numel() <= N * n * (K + 1)
-    cols, slot = masks.grf_layout(start, node, N)
-    assert cols.shape[0] == N and cols.shape[1] <= n * (K + 1)  # R: bounded, independent of N
-    held = sum(t.numel() * t.element_size() for t in (step, start, node, load, cols, slot))
-    print(f"\n128x128 grid, 20 walks, K 10: {step.numel():,} records, R = {cols.shape[1]}, {held / 2**20:.1f} MiB")
+    crow, col, slot = masks.grf_layout(start, node, N)
+    R = int(crow.diff().max())  # the most non-zeros in a row of Phi_hat: bounded, independent of N
+    assert crow.shape[0] == N + 1 and col.shape[0] <= step.numel() and R <= n * (K + 1)
+    held = sum(t.numel() * t.element_size() for t in (step, start, node, load, crow, col, slot))
+    print(f"\n128x128 grid, 20 walks, K 10: {step.numel():,} records, {col.shape[0]:,} non-zeros, R = {R}, {held / 2**20:.1f} MiB")
 
 def mask_error(h, w, f, n_walks, p_halt, coupling, ensembles, seed=0):
     """Mean ||M_hat - M|| / ||M|| over independent walk ensembles, M = Phi Phi^T from matrix powers."""
@@ -298,46 +299,41 @@ def test_toeplitz_mask_equals_offset_loop():
 
 @pytest.mark.parametrize("coupling", ["iid", "repelling"])
 def test_walk_layout_of_all_heads_holds_each_heads_own_walks(coupling):
-    """grf_walk_layout lays the heads out as one block-diagonal graph; its Phi_hat per head must equal the dense sum of
-    f[step] * load over the records that head's own generator samples, and its padding slots must be empty."""
+    """grf_walk_layout lays the heads out as one block-diagonal graph in CSR; its Phi_hat per head must equal the dense
+    sum of f[step] * load over the records that head's own generator samples, its rows must list exactly their
+    non-zero columns in ascending order, and nothing may fall outside the heads' diagonal blocks."""
     h, w, H, K, seed = 3, 5, 3, 4, 7
     N = h * w
     f = torch.rand(H, K + 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     layout = masks.grf_walk_layout(h, w, heads=H, n_walks=6, p_halt=0.2, max_len=K, coupling=coupling, seed=seed)
-    cols = layout['cols']
-    R = cols.shape[-1]
+    crow, col = layout['crow'], layout['col']
     vals = masks.grf_features(layout['slot'].long(), layout['fidx'].long(), layout['load'].double(), f.flatten(),
-                              N=H * N, R=R).view(H, N, R)
+                              nnz=col.shape[0])
+    assert crow.shape == (H * N + 1,) and crow[-1] == col.shape[0] == vals.shape[0]
+    P = masks.csr_to_dense(crow, col, vals, N)
     for j in range(H):
         g = torch.Generator().manual_seed(seed * 1_000_003 + j)
         step, start, node, load = masks.sample_grf_walks(h, w, 6, 0.2, K, generator=g, coupling=coupling)
         expected = torch.zeros(N, N, dtype=torch.float64)
         for t, a, b, l in zip(step.tolist(), start.tolist(), node.tolist(), load.double().tolist()):
             expected[a, b] += f[j, t] * l
-        torch.testing.assert_close(masks.ell_to_dense(cols[j], vals[j], N), expected)
-        for i in range(N):  # each row: its distinct nodes, then padding that points at the row itself with value 0
-            distinct = int((expected[i] != 0).sum())
-            assert set(cols[j, i, :distinct].tolist()) == set(expected[i].nonzero().flatten().tolist())
-            assert (cols[j, i, distinct:] == i).all() and (vals[j, i, distinct:] == 0).all()
+        torch.testing.assert_close(P[j], expected)
+        for i in range(N):  # the row's distinct nodes, ascending, as columns of the block-diagonal matrix
+            row = col[crow[j * N + i]:crow[j * N + i + 1]].tolist()
+            assert row == [j * N + u for u in expected[i].nonzero().flatten().tolist()]
 
 @pytest.mark.parametrize("h,w", [(4, 4), (3, 5)])
 def test_grf_fast_equals_dense_grf_mask(h, w):
     N, H, K = h * w, 2, 5
     f = (0.6 ** torch.arange(K + 1.0)).repeat(H, 1).mul(torch.rand(H, K + 1) + 0.5).requires_grad_()
-    recs = [masks.sample_grf_walks(h, w, 6, 0.2, K, torch.Generator().manual_seed(s)) for s in range(H)]
-    lays = [masks.grf_layout(r[1], r[2], N) for r in recs]
-    R = max(c.shape[1] for c, _ in lays)
-    cols = torch.stack([torch.cat([c, c[:, :1].expand(N, R - c.shape[1])], 1) for c, _ in lays])
-
-    def vals_of(f):
-        return torch.stack([F.pad(masks.grf_features(s, r[0], r[3], f[i], N, c.shape[1]), (0, R - c.shape[1]))
-                            for i, ((c, s), r) in enumerate(zip(lays, recs))])
-
+    layout = masks.grf_walk_layout(h, w, heads=H, n_walks=6, p_halt=0.2, max_len=K, coupling='iid', seed=0)
+    crow, col = layout['crow'], layout['col']
+    vals_of = lambda f: masks.grf_features(layout['slot'], layout['fidx'], layout['load'], f.flatten(), col.shape[0])
     q, k, v = [x.requires_grad_() for x in qkv(2, H, N, 4, seed=5)]
-    fast = grads(lambda q, k, v, f: masks.grf_linear_attention(q, k, v, cols, vals_of(f)), [q, k, v, f])
+    fast = grads(lambda q, k, v, f: masks.grf_linear_attention(q, k, v, crow, col, vals_of(f)), [q, k, v, f])
 
     def dense_fn(q, k, v, f):
-        P = masks.ell_to_dense(cols, vals_of(f), N)
+        P = masks.csr_to_dense(crow, col, vals_of(f), N)
         return masks.masked_linear_attention(q, k, v, P @ P.transpose(-2, -1))
     dense = grads(dense_fn, [q, k, v, f])
     for a, b in zip(fast, dense):
@@ -358,12 +354,12 @@ def test_grf_fast_path_never_allocates_an_n_by_n_tensor():
     h = w = 32
     N, d = h * w, 4
     step, start, node, load = masks.sample_grf_walks(h, w, 4, 0.3, 4, torch.Generator().manual_seed(0))
-    cols, slot = masks.grf_layout(start, node, N)
+    crow, col, slot = masks.grf_layout(start, node, N)
     f = torch.ones(5, requires_grad=True)
     q, k, v = [x.requires_grad_() for x in qkv(1, 1, N, d)]
     with Largest():
-        vals = masks.grf_features(slot, step, load, f, N, cols.shape[1])
-        masks.grf_linear_attention(q, k, v, cols[None], vals[None]).sum().backward()
+        vals = masks.grf_features(slot, step, load, f, col.shape[0])
+        masks.grf_linear_attention(q, k, v, crow, col, vals).sum().backward()
     assert Largest.biggest < N * N / 8, Largest.biggest
 
 def test_self_convolution_is_a_handful_of_ops_whatever_k():

@@ -105,7 +105,7 @@ def test_same_seed_gives_identical_walks():
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 def phi_hat(attn):
-    return masks.ell_to_dense(attn.grf_cols, attn.grf_values().detach(), attn.h * attn.w)
+    return masks.csr_to_dense(attn.grf_crow, attn.grf_col, attn.grf_values().detach(), attn.h * attn.w)
 
 def test_layers_heads_and_seeds_get_different_walks():
     model, other = ViT(tiny(attn="grf")), ViT(tiny(attn="grf", mask_seed=1))
@@ -248,6 +248,38 @@ def test_fine_tuning_with_the_same_walk_settings_keeps_the_walks_and_another_var
     f, _ = mask_and_walk_names(attn="topo", topo_form="features")
     assert f and all(torch.equal(new[k], init[k]) and k in done["fresh"] for k in f)
     assert torch.equal(new["blocks.0.attn.qkv.weight"], src["blocks.0.attn.qkv.weight"])
+
+def padded_walks(model):
+    """The model's state as checkpoints before the CSR layout saved it: each head's Phi_hat support padded (ELL),
+    grf_cols [H, N, R] with a row's distinct nodes in order then repeats of its own index, grf_slot into H*N*R."""
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(('.grf_crow', '.grf_col'))}
+    for name, m in model.named_modules():
+        if hasattr(m, 'grf_crow'):
+            crow, col = m.grf_crow.long().tolist(), m.grf_col.long()
+            H, N, R = m.heads, m.h * m.w, max(b - a for a, b in zip(crow, crow[1:]))
+            cols, where = torch.empty(H * N, R, dtype=torch.long), torch.empty(col.shape[0], dtype=torch.long)
+            for r in range(H * N):
+                a, b = crow[r], crow[r + 1]
+                cols[r] = torch.cat([col[a:b] % N, torch.full((R - (b - a),), r % N)])
+                where[a:b] = r * R + torch.arange(b - a)
+            state[f'{name}.grf_cols'] = cols.view(H, N, R)
+            state[f'{name}.grf_slot'] = where[m.grf_slot.long()].int()
+    return state
+
+def test_a_checkpoint_with_padded_walks_resumes_and_fine_tunes_with_the_same_walks():
+    model = ViT(tiny(attn="grf", mask_seed=3)).eval()
+    old, walks = padded_walks(model), model.walk_buffers()
+    assert 'blocks.0.attn.grf_cols' in old and 'blocks.0.attn.grf_crow' not in old
+    resumed, tuned = ViT(tiny(attn="grf", mask_seed=3)).eval(), ViT(tiny(attn="grf", mask_seed=3)).eval()
+    for m in (resumed, tuned):
+        for block in m.blocks:
+            block.attn.sample_walks(draw=1)  # other walks, so that only loading can bring the saved ones back
+    resumed.load_state_dict(old)
+    done = tuned.load_for_fine_tuning(old, model.config)
+    assert all(k in done['loaded'] for k in walks)
+    for m in (resumed, tuned):
+        assert all(torch.equal(m.state_dict()[k], model.state_dict()[k]) for k in walks)
+        torch.testing.assert_close(m(IMAGES), model(IMAGES), rtol=0, atol=0)
 
 def test_imagenet_config_states_the_flops_that_torch_counts():
     """configs/imagenet.py's 'about X GFLOP per image, forward and backward' against FlopCounterMode on ViT-B/16."""

@@ -151,7 +151,7 @@ def test_a_crash_mid_epoch_loses_only_the_steps_since_the_last_ckpt_interval_sav
 def test_checkpoint_holds_everything_needed_to_resume(first_epoch):
     c = checkpoint(first_epoch)
     assert {'model', 'optimizer', 'scaler', 'step', 'epoch', 'rng', 'config', 'best'} <= c.keys()
-    assert c['config']['attn'] == 'grf' and len(c['rng']) == 1 and 'grf_cols' in ' '.join(c['model'])
+    assert c['config']['attn'] == 'grf' and len(c['rng']) == 1 and 'grf_col' in ' '.join(c['model'])
 
 def test_a_save_interrupted_mid_write_leaves_the_previous_checkpoint_intact(uninterrupted, first_epoch, tmp_path):
     out = copy_of(first_epoch, tmp_path)
