@@ -5,6 +5,7 @@ the learned masks (matplotlib, optional) into assets/, named after the runs' dat
 
     python report.py out/sweep                 # table + assets/<dataset>_curves.png + assets/<dataset>_masks.png
     python report.py out/sweep --no_plots      # the table alone
+    python report.py out/sweep --name=fmnist-30ep   # the pictures as assets/fmnist-30ep_curves.png, ..._masks.png
     python report.py out/a out/b --no_plots    # several folders: a row per variant and per setting that differs
     python report.py out/sweep --no_plots --mask_swap=DATA_DIR   # + the topo/grf models with their masks swapped
     python report.py out/sweep --no_plots --walk_error   # + the GRF mask's error per walk coupling and walk count
@@ -294,6 +295,12 @@ def walk_errors(runs, walks=(5, 20, 100), ensembles=20):
             rows.append(f"| {title} | {n} |" + ''.join(cells))
     return '\n'.join(rows)
 
+def asset_paths(runs, name=None):
+    """Where the pictures go: assets/<name>_curves.png and assets/<name>_masks.png, name by default the runs'
+    datasets (so a second sweep of one dataset needs its own name, or it replaces the first one's pictures)."""
+    name = name or '+'.join(datasets(runs))
+    return f'assets/{name}_curves.png', f'assets/{name}_masks.png'
+
 if __name__ == '__main__':
     if {'-h', '--help'} & set(sys.argv):
         sys.exit(print(__doc__))
@@ -303,9 +310,7 @@ if __name__ == '__main__':
         sys.exit(f"no result.json under {', '.join(roots)}")
     print(table(runs))
     if '--no_plots' not in sys.argv:
-        name = '+'.join(datasets(runs))
-        curves_path = f'assets/{name}_curves.png'
-        masks_path = f'assets/{name}_masks.png'
+        curves_path, masks_path = asset_paths(runs, next((a[7:] for a in sys.argv if a.startswith('--name=')), None))
         os.makedirs('assets', exist_ok=True)
         curves(runs, curves_path)
         mask_pictures(runs, masks_path)

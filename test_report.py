@@ -136,6 +136,14 @@ def test_a_variant_registered_in_variants_gets_its_row_its_knob_and_its_mask_pic
         for image, decay in zip(images, [0.3, 0.7]):
             torch.testing.assert_close(image, (decay ** hops).float())
 
+def test_pictures_are_named_after_the_datasets_unless_a_name_is_given(tmp_path):
+    fake_run(str(tmp_path), 'a-s0', 'linear', 80.0, dataset='fmnist')
+    fake_run(str(tmp_path), 'b-s0', 'linear', 70.0, dataset='cifar10')
+    runs = report.load_runs(str(tmp_path))
+    fmnist_first = sorted(runs, key=lambda r: r['config']['dataset'] != 'fmnist')
+    assert report.asset_paths(fmnist_first) == ('assets/fmnist+cifar10_curves.png', 'assets/fmnist+cifar10_masks.png')
+    assert report.asset_paths(runs, 'fmnist-30ep') == ('assets/fmnist-30ep_curves.png', 'assets/fmnist-30ep_masks.png')
+
 def sweep(*args):
     p = subprocess.run([sys.executable, 'sweep.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
