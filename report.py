@@ -134,7 +134,7 @@ def curves(runs, path):
         if per_run:
             n = min(map(len, per_run))
             mean = [statistics.mean(c[e] for c in per_run) for e in range(n)]
-            ax.plot(range(1, n + 1), mean, label=f"{attn} ({len(per_run)} seeds)")
+            ax.plot(range(1, n + 1), mean, label=f"{attn} ({len(per_run)} seed{'s' * (len(per_run) > 1)})")
     ax.set(xlabel='epoch', ylabel='test top-1 (%)', title=', '.join(datasets(runs)))
     ax.grid(alpha=0.3)
     ax.legend()
