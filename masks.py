@@ -151,7 +151,7 @@ def sample_grf_walks(h, w, n_walks, p_halt, max_len, generator=None, coupling='i
     load = torch.zeros(key.shape[0], dtype=torch.float64).index_add_(0, inv, load) / n_walks
     return key // (N * N), (key // N) % N, key % N, load.float()
 
-def _crow(rows, n):
+def csr_crow(rows, n):
     """CSR row pointers [n + 1] of the entries in rows (sorted), int32 as MKL and cuSPARSE take them."""
     return F.pad(torch.bincount(rows, minlength=n).cumsum(0), (1, 0)).int()
 
@@ -164,7 +164,7 @@ def grf_layout(start, node, N):
     """CSR layout of the support of Phi_hat [N, N] from the records' (start, node): crow [N + 1], col [nnz] (each
     row's distinct nodes, ascending; int32) and slot [records], the position in col of each record. O(r log r)."""
     pair, slot = torch.unique(start * N + node, return_inverse=True)
-    return _crow(pair // N, N), (pair % N).int(), slot
+    return csr_crow(pair // N, N), (pair % N).int(), slot
 
 def grf_walk_layout(h, w, heads, n_walks, p_halt, max_len, coupling, seed):
     """One walk ensemble per head (head j sampled with a generator seeded by seed * 1_000_003 + j), laid out by one
@@ -315,7 +315,7 @@ def csr_transpose(crow, col):
     grf_linear_attention. Depends on the walks alone: compute it once per ensemble. O(nnz log nnz)."""
     rows, col = csr_rows(crow), col.long()
     perm = torch.argsort(col * (crow.shape[0] - 1) + rows)  # column-major order: the rows of P^T
-    return dict(crow_t=_crow(col[perm], crow.shape[0] - 1), col_t=rows[perm].int(), perm=perm)
+    return dict(crow_t=csr_crow(col[perm], crow.shape[0] - 1), col_t=rows[perm].int(), perm=perm)
 
 def _spmm(A, X):
     """A @ X for a sparse CSR A, written straight into its result (A @ X fills and copies one first). The result

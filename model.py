@@ -247,7 +247,7 @@ def upgrade_walks(state, prefix=''):
         flat = (cols + torch.arange(H, device=cols.device)[:, None, None] * N).view(H * N, R)
         rows = torch.arange(H * N, device=cols.device)[:, None].expand_as(flat)
         keep = ((flat == rows).cumsum(1) <= 1).flatten()  # a row's own index: first real, then padding
-        state[p + 'crow'] = F.pad(torch.bincount(rows.flatten()[keep], minlength=H * N).cumsum(0), (1, 0)).int()
+        state[p + 'crow'] = masks.csr_crow(rows.flatten()[keep], H * N)
         state[p + 'col'] = flat.flatten()[keep].int()
         state[p + 'slot'] = (keep.cumsum(0) - 1)[state[p + 'slot'].long()].int()
     return state
