@@ -120,7 +120,8 @@ def test_topo_features_equal_loop_of_matrix_powers_and_mask_is_f_self_convolutio
     torch.testing.assert_close(M, sum(a * torch.linalg.matrix_power(W, m) for m, a in enumerate(alpha)))
 
 def test_self_convolution_equals_a_double_loop_and_deconvolution_inverts_it():
-    f = torch.rand(3, 7, dtype=torch.float64)
+    # f_0 away from 0: deconvolution divides by 2 f_0, which amplifies rounding as f_0 -> 0
+    f = 0.5 + torch.rand(3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     ref = torch.zeros(3, 13, dtype=torch.float64)
     for k in range(7):
         for l in range(7):
