@@ -160,12 +160,17 @@ def features_mask(h, w, f):
 @torch.no_grad()
 def mask_rows(runs):
     """The learned masks to draw, [(title, [an h x w image per head])]: for each masked variant among the runs, its
-    first run's model, per layer the centre token's row of the mask. A variant that samples walks (grf) gets a second
-    row per layer, the exact mask of the same f, and the estimate's relative error is printed."""
+    first run that kept its ckpt.pt (checkpoints are not committed with results/), per layer the centre token's row of
+    the mask. A variant that samples walks (grf) gets a second row per layer, the exact mask of the same f, and the
+    estimate's relative error is printed."""
     rows = []
     for attn, cls in VARIANTS.items():
-        run = next((r for r in runs if r['config']['attn'] == attn), None)
-        if run is None or not is_masked(cls):
+        mine = [r for r in runs if r['config']['attn'] == attn]
+        run = next((r for r in mine if os.path.isfile(os.path.join(r['dir'], 'ckpt.pt'))), None)
+        if not mine or not is_masked(cls):
+            continue
+        if run is None:
+            print(f"{attn}: no ckpt.pt in {', '.join(r['dir'] for r in mine)}: no mask picture")
             continue
         model = load_model(run['dir'])
         for layer, block in enumerate(model.blocks):

@@ -136,6 +136,17 @@ def test_a_variant_registered_in_variants_gets_its_row_its_knob_and_its_mask_pic
         for image, decay in zip(images, [0.3, 0.7]):
             torch.testing.assert_close(image, (decay ** hops).float())
 
+def test_mask_pictures_come_from_the_first_run_with_a_checkpoint_and_a_variant_without_one_is_named(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(model.VARIANTS, 'window', WindowAttention)
+    root = str(tmp_path)
+    fake_run(root, 'topo-s0', 'topo', 80.0, **SMALL)  # a finished run whose checkpoint is gone
+    fake_run(root, 'window-s0', 'window', 80.0, **SMALL)
+    fake_model_run(root, 'window-s1', 81.0, [0.3, 0.7], attn='window')
+    pictures = report.mask_rows(report.load_runs(root))
+    assert [title for title, _ in pictures] == ['window L0: M[centre, :]', 'window L1: M[centre, :]']
+    torch.testing.assert_close(pictures[0][1][1][1, 2], torch.tensor(0.7))  # window-s1's head 1, one hop from the centre
+    assert f"topo: no ckpt.pt in {os.path.join(root, 'topo-s0')}: no mask picture" in capsys.readouterr().out
+
 def test_pictures_are_named_after_the_datasets_unless_a_name_is_given(tmp_path):
     fake_run(str(tmp_path), 'a-s0', 'linear', 80.0, dataset='fmnist')
     fake_run(str(tmp_path), 'b-s0', 'linear', 70.0, dataset='cifar10')
