@@ -130,12 +130,15 @@ def test_resume_after_an_epoch_and_mid_epoch_is_exact(uninterrupted, first_epoch
 
 def test_a_crash_mid_epoch_loses_only_the_steps_since_the_last_ckpt_interval_save(uninterrupted, tmp_path):
     out = str(tmp_path / 'run')
-    args = [*SYNTHETIC, '--ckpt_interval=12']  # log steps 8, 16, 24: the first save is at step 16
+    os.makedirs(out)
+    with open(os.path.join(out, 'metrics.jsonl'), 'w') as f:  # an old run's records, the last one cut short
+        f.write('{"kind": "train", "step": 8, "loss": 9.0}\n{"kind": "eval", "st')
+    args = [*SYNTHETIC, '--ckpt_interval=12']  # log steps 8, 16, 24: the first save is at step 16, none at 24
     crash = ("import runpy, sys, torch\n"
              "real_step, calls = torch.optim.AdamW.step, []\n"
              "def step_then_die(self, *args, **kwargs):\n"
              "    calls.append(1)\n"
-             "    if len(calls) > 20: raise KeyboardInterrupt('simulated crash at step 20')\n"
+             "    if len(calls) > 28: raise KeyboardInterrupt('simulated crash at step 28')\n"
              "    return real_step(self, *args, **kwargs)\n"
              "torch.optim.AdamW.step = step_then_die\n"
              f"sys.argv = ['train.py', *{args + [f'--out_dir={out}']!r}]\n"
@@ -143,10 +146,12 @@ def test_a_crash_mid_epoch_loses_only_the_steps_since_the_last_ckpt_interval_sav
     p = subprocess.run([sys.executable, '-c', crash], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode != 0 and 'simulated crash' in p.stderr and 'at step 16' in p.stdout
     assert checkpoint(out)['step'] == 16 and checkpoint(out)['epoch'] == 0  # mid-epoch 1, nothing evaluated yet
+    assert [r['step'] for r in records(out, 'train')] == [8, 16, 24]  # the old run's records went at the start
     train(*args, '--init_from=resume', out=out)
     assert_same_model(checkpoint(uninterrupted)['model'], checkpoint(out)['model'])
-    loss = lambda run: {r['step']: r['loss'] for r in records(run, 'train')}
-    assert loss(out) == {**loss(out), **loss(uninterrupted)}  # every step's logged loss as in the run without a crash
+    logged = lambda run, kind, keys: [[r[k] for k in keys] for r in records(run, kind)]
+    for kind, keys in ('train', ('step', 'loss')), ('eval', ('step', 'loss', 'top1')):  # step 24 logged once
+        assert logged(out, kind, keys) == logged(uninterrupted, kind, keys)
 
 def test_checkpoint_holds_everything_needed_to_resume(first_epoch):
     c = checkpoint(first_epoch)

@@ -306,8 +306,13 @@ def stop_if_not_finite(loss):
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
-if master:
+if master:  # metrics.jsonl keeps the records up to the start step: a resumed run logs the later ones again
     os.makedirs(out_dir, exist_ok=True)
+    metrics = os.path.join(out_dir, 'metrics.jsonl')
+    lines = open(metrics).readlines() if os.path.exists(metrics) else []
+    with open(metrics + '.tmp', 'w') as f:  # a line cut short by a crash has no newline
+        f.writelines(l for l in lines if l.endswith('\n') and json.loads(l)['step'] <= step)
+    os.replace(metrics + '.tmp', metrics)
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)), config=config)
