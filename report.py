@@ -158,19 +158,23 @@ def features_mask(h, w, f):
     return masks.topo_mask(powers.to(f.dtype), f)
 
 @torch.no_grad()
+def first_checkpointed(runs, attn, skipped):
+    """The first run of attn that kept its ckpt.pt (checkpoints are not committed with results/), or None; a variant
+    whose runs kept none is named, with what it is left out of."""
+    mine = [r for r in runs if r['config']['attn'] == attn]
+    run = next((r for r in mine if os.path.isfile(os.path.join(r['dir'], 'ckpt.pt'))), None)
+    if mine and run is None:
+        print(f"{attn}: no ckpt.pt in {', '.join(r['dir'] for r in mine)}: {skipped}")
+    return run
+
 def mask_rows(runs):
     """The learned masks to draw, [(title, [an h x w image per head])]: for each masked variant among the runs, its
-    first run that kept its ckpt.pt (checkpoints are not committed with results/), per layer the centre token's row of
-    the mask. A variant that samples walks (grf) gets a second row per layer, the exact mask of the same f, and the
+    first run that kept its ckpt.pt, per layer the centre token's row of the mask. A variant that samples walks (grf) gets a second row per layer, the exact mask of the same f, and the
     estimate's relative error is printed."""
     rows = []
     for attn, cls in VARIANTS.items():
-        mine = [r for r in runs if r['config']['attn'] == attn]
-        run = next((r for r in mine if os.path.isfile(os.path.join(r['dir'], 'ckpt.pt'))), None)
-        if not mine or not is_masked(cls):
-            continue
+        run = first_checkpointed(runs, attn, 'no mask picture') if is_masked(cls) else None
         if run is None:
-            print(f"{attn}: no ckpt.pt in {', '.join(r['dir'] for r in mine)}: no mask picture")
             continue
         model = load_model(run['dir'])
         for layer, block in enumerate(model.blocks):
@@ -222,7 +226,7 @@ def mask_swap(runs, data_dir, walks=(20, 100, 1000), walk_seeds=3):
             "|---|---|---|" + "---|" * len(walks)]
     notes = []
     for attn in ('topo', 'grf'):
-        r = next((r for r in runs if r['config']['attn'] == attn), None)
+        r = first_checkpointed(runs, attn, 'not in the mask swap')
         if r is None:
             continue
         ckpt, cfg = load_checkpoint(r['dir'])
@@ -277,7 +281,7 @@ def walk_errors(runs, walks=(5, 20, 100), ensembles=20):
     M = Phi Phi^T exact: f = 0.5^k on the 14x14 grid (K 10, p_halt 0.1), and the learned f of each layer of
     the first grf model among the runs, on its own grid."""
     cases = [('0.5^k (14x14 grid)', 14, 14, 0.5 ** torch.arange(11.0, dtype=torch.float64)[None], 0.1)]
-    r = next((r for r in runs if r['config']['attn'] == 'grf'), None)
+    r = first_checkpointed(runs, 'grf', 'no learned f in the walk errors')
     if r is not None:
         model = load_model(r['dir'])
         for layer, block in enumerate(model.blocks):

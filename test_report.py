@@ -139,13 +139,19 @@ def test_a_variant_registered_in_variants_gets_its_row_its_knob_and_its_mask_pic
 def test_mask_pictures_come_from_the_first_run_with_a_checkpoint_and_a_variant_without_one_is_named(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(model.VARIANTS, 'window', WindowAttention)
     root = str(tmp_path)
-    fake_run(root, 'topo-s0', 'topo', 80.0, **SMALL)  # a finished run whose checkpoint is gone
+    fake_run(root, 'topo-s0', 'topo', 80.0, **SMALL)  # finished runs whose checkpoints are gone
+    fake_run(root, 'grf-s0', 'grf', 80.0, **SMALL)
     fake_run(root, 'window-s0', 'window', 80.0, **SMALL)
     fake_model_run(root, 'window-s1', 81.0, [0.3, 0.7], attn='window')
     pictures = report.mask_rows(report.load_runs(root))
     assert [title for title, _ in pictures] == ['window L0: M[centre, :]', 'window L1: M[centre, :]']
     torch.testing.assert_close(pictures[0][1][1][1, 2], torch.tensor(0.7))  # window-s1's head 1, one hop from the centre
     assert f"topo: no ckpt.pt in {os.path.join(root, 'topo-s0')}: no mask picture" in capsys.readouterr().out
+    assert rows(report.mask_swap(report.load_runs(root), data_dir='unused')) == []  # and the other tables go on
+    assert [r[0] for r in rows(report.walk_errors(report.load_runs(root), walks=(2,), ensembles=1))] == ['0.5^k (14x14 grid)']
+    out = capsys.readouterr().out
+    assert f"topo: no ckpt.pt in {os.path.join(root, 'topo-s0')}: not in the mask swap" in out
+    assert f"grf: no ckpt.pt in {os.path.join(root, 'grf-s0')}: no learned f in the walk errors" in out
 
 def test_pictures_are_named_after_the_datasets_unless_a_name_is_given(tmp_path):
     fake_run(str(tmp_path), 'a-s0', 'linear', 80.0, dataset='fmnist')
