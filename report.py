@@ -157,7 +157,6 @@ def features_mask(h, w, f):
     powers = masks.matrix_powers(masks.grid_adjacency(h, w).double(), 2 * f.shape[1] - 2)
     return masks.topo_mask(powers.to(f.dtype), f)
 
-@torch.no_grad()
 def first_checkpointed(runs, attn, skipped):
     """The first run of attn that kept its ckpt.pt (checkpoints are not committed with results/), or None; a variant
     whose runs kept none is named, with what it is left out of."""
@@ -167,10 +166,11 @@ def first_checkpointed(runs, attn, skipped):
         print(f"{attn}: no ckpt.pt in {', '.join(r['dir'] for r in mine)}: {skipped}")
     return run
 
+@torch.no_grad()
 def mask_rows(runs):
     """The learned masks to draw, [(title, [an h x w image per head])]: for each masked variant among the runs, its
-    first run that kept its ckpt.pt, per layer the centre token's row of the mask. A variant that samples walks (grf) gets a second row per layer, the exact mask of the same f, and the
-    estimate's relative error is printed."""
+    first run that kept its ckpt.pt, per layer the centre token's row of the mask. A variant that samples walks
+    (grf) gets a second row per layer, the exact mask of the same f, and the estimate's relative error is printed."""
     rows = []
     for attn, cls in VARIANTS.items():
         run = first_checkpointed(runs, attn, 'no mask picture') if is_masked(cls) else None
