@@ -33,10 +33,7 @@ def grid_neighbors(h, w):
 def grid_adjacency(h, w):
     """W = D^-1/2 A D^-1/2 of the 4-neighbour h x w grid (no diagonals, wrap or self loops), dense N x N."""
     nbr, deg = grid_neighbors(h, w)
-    N = h * w
-    A = torch.zeros(N, N)
-    i = torch.arange(N)[:, None].expand_as(nbr)
-    A[i[nbr >= 0], nbr[nbr >= 0]] = 1.0
+    A = F.one_hot(nbr + 1, h * w + 1).sum(1)[:, 1:].float()  # padding -1 lands in column 0, dropped
     s = deg.float().clamp(min=1).rsqrt()
     return s[:, None] * A * s[None, :]
 
@@ -312,10 +309,11 @@ def toeplitz_linear_attention_fft(q, k, v, table, h, w, eps=EPS):
 
 def csr_transpose(crow, col):
     """The CSR of P^T (crow_t, col_t) and perm, P's values in P^T's order, from P's CSR (crow, col), for
-    grf_linear_attention. Depends on the walks alone: compute it once per ensemble. O(nnz log nnz)."""
+    grf_linear_attention; and rows, csr_rows(crow), for csr_to_dense. Depends on the walks alone: compute it
+    once per ensemble. O(nnz log nnz)."""
     rows, col = csr_rows(crow), col.long()
     perm = torch.argsort(col * (crow.shape[0] - 1) + rows)  # column-major order: the rows of P^T
-    return dict(crow_t=csr_crow(col[perm], crow.shape[0] - 1), col_t=rows[perm].int(), perm=perm)
+    return dict(crow_t=csr_crow(col[perm], crow.shape[0] - 1), col_t=rows[perm].int(), perm=perm, rows=rows)
 
 def _spmm(A, X):
     """A @ X for a sparse CSR A, written straight into its result (A @ X fills and copies one first). The result

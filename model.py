@@ -209,8 +209,7 @@ class GRFAttention(Attention):
 
     def layout_sparse(self):
         """Phi_hat's row per entry (dense path) and the CSR of Phi_hat^T (fast path), rebuilt whenever the walks change."""
-        derived = masks.csr_transpose(self.grf_crow, self.grf_col) | {'rows': masks.csr_rows(self.grf_crow)}
-        for name, t in derived.items():
+        for name, t in masks.csr_transpose(self.grf_crow, self.grf_col).items():
             self.register_buffer('grf_' + name, t, persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
