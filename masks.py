@@ -215,45 +215,51 @@ def plain_linear_attention(q, k, v, eps=EPS):
         return num / (den + eps)
 
 class _MaskedLinear(torch.autograd.Function):
-    """out = (A v) / (A 1 + eps), A = (phi(q) phi(k)^T) * M, in float32 from q, k, v of any dtype. Saves only q, k, v
-    (in their own dtype) and M, and recomputes A in backward: the memory kept between forward and backward is
-    O(N d) per head and image instead of two float32 N x N tensors. Backward, with g = dL/dout:
-    dnum = g / den, dA = dnum v^T - ((g . out) / den) 1^T, dv = A^T dnum, dS = dA * M, dM = sum over the batch
-    of dA * S (S = phi(q) phi(k)^T), dq = dS phi(k) * [q > 0], dk = dS^T phi(q) * [k > 0]."""
+    """out = (A v) / (A 1 + eps), A = (phi(q) phi(k)^T) * M, in float32 from q, k, v of any dtype. Keeps S = phi(q) phi(k)^T
+    and A for backward, or with recompute only q, k, v (in their own dtype) and M, recomputing S and A: O(N d) kept per
+    head and image instead of two float32 N x N tensors, for two more O(N^2 d) products. Backward, with g = dL/dout:
+    dnum = g / den, dA = [dnum, -(g . out) / den] [v, 1]^T, dv = A^T dnum, dS = dA * M, dM = sum over the batch
+    of dA * S, dq = dS phi(k) * [q > 0], dk = dS^T phi(q) * [k > 0]."""
     @staticmethod
-    def forward(ctx, q, k, v, mask, eps):
-        ctx.save_for_backward(q, k, v, mask)
+    def forward(ctx, q, k, v, mask, eps, recompute):
         ctx.eps = eps
-        return _MaskedLinear.terms(q, k, v, mask, eps=eps)[0]
+        out, den, s, a = _MaskedLinear.terms(q, k, v, mask, eps=eps)
+        ctx.save_for_backward(q, k, v, mask, *(() if recompute else (out, den, s, a)))
+        return out
 
     @staticmethod
     def terms(q, k, v, mask, eps):
+        """out, den = A 1 + eps, S, A; the numerator and A 1 come from one product with [v, 1]."""
         fq, fk, v, mask = _fp32(q.relu(), k.relu(), v, mask)
         s = fq @ fk.transpose(-2, -1)
         a = s * mask
-        den = a.sum(-1, keepdim=True) + eps
-        return (a @ v) / den, fq, fk, v, mask, s, a, den
+        y = a @ _with_ones(v)
+        den = y[..., -1:] + eps
+        return y[..., :-1] / den, den, s, a
 
     @staticmethod
     def backward(ctx, g):
-        q, k, v, mask = ctx.saved_tensors
-        out, fq, fk, v32, mask32, s, a, den = _MaskedLinear.terms(q, k, v, mask, eps=ctx.eps)
-        dnum = g.float() / den
-        da = dnum @ v32.transpose(-2, -1) - (g.float() * out).sum(-1, keepdim=True) / den
+        q, k, v, mask, *kept = ctx.saved_tensors
+        out, den, s, a = kept or _MaskedLinear.terms(q, k, v, mask, eps=ctx.eps)
+        g = g.float()
+        dnum = g / den
+        dden = (g * out).sum(-1, keepdim=True) / den
+        da = torch.cat([dnum, -dden], -1) @ _with_ones(v.float()).transpose(-2, -1)
         dv = a.transpose(-2, -1) @ dnum
         del a, out
-        ds = da * mask32
+        ds = da * mask.float()
         dmask = (da * s).sum_to_size(mask.shape) if ctx.needs_input_grad[3] else None
         del da, s
-        dq = (ds @ fk) * (q > 0)
-        dk = (ds.transpose(-2, -1) @ fq) * (k > 0)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask, None
+        dq = (ds @ k.relu().float()) * (q > 0)
+        dk = (ds.transpose(-2, -1) @ q.relu().float()) * (k > 0)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask, None, None
 
-def masked_linear_attention(q, k, v, mask, eps=EPS):
+def masked_linear_attention(q, k, v, mask, eps=EPS, recompute=True):
     """Dense reference: out_i = sum_j M_ij (phi(q_i).phi(k_j)) v_j / (sum_j M_ij phi(q_i).phi(k_j) + eps).
-    mask [..., N, N] broadcasts over the batch. O(N^2 d) time, O(N^2) transient memory, O(N d) kept for backward."""
+    mask [..., N, N] broadcasts over the batch. O(N^2 d) time, O(N^2) transient memory; kept for backward: O(N d)
+    with recompute, else the N x N scores (less time)."""
     with _no_autocast(q.device):
-        return _MaskedLinear.apply(q, k, v, mask, eps)  # apply takes no keywords
+        return _MaskedLinear.apply(q, k, v, mask, eps, recompute)  # apply takes no keywords
 
 def _with_ones(v):
     # append a ones channel: the same contraction then yields numerator (first dv) and denominator (last)

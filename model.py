@@ -102,6 +102,9 @@ class Attention(nn.Module):
     sampled = ()       # names of buffers drawn at random (walks), and the settings they are drawn from (`walks`):
     walks = ()         # fine-tuning takes them only if all of those are equal
     dense_max_n = None # with fast_mix(): attn_impl='auto' takes the dense path up to this many tokens (bench.py)
+    # the dense path keeps its N x N scores for backward up to this many tokens, per device type, and recomputes
+    # them above (O(N d) kept, for two more O(N^2 d) products); a device type not named always recomputes
+    scores_kept_max_n = {'cpu': 256}
 
     def __init__(self, c, layer):
         super().__init__()
@@ -121,7 +124,8 @@ class Attention(nn.Module):
         """The token mixing, [B, H, N, d] -> [B, H, N, d]."""
         if self.fast:
             return self.fast_mix(q, k, v)
-        return masks.masked_linear_attention(q, k, v, self.mask())
+        recompute = q.shape[-2] > self.scores_kept_max_n.get(q.device.type, 0)
+        return masks.masked_linear_attention(q, k, v, self.mask(), recompute=recompute)
 
     def forward(self, x):
         B, N, C = x.shape

@@ -74,11 +74,12 @@ def plain_masked(q, k, v, M):
     a = (q.relu().float() @ k.relu().float().transpose(-2, -1)) * M.float()
     return (a @ v.float()) / (a.sum(-1, keepdim=True) + masks.EPS)
 
+@pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("mask_shape", [(7, 7), (3, 7, 7), (2, 3, 7, 7)])
-def test_masked_linear_backward_equals_autograd_of_the_plain_formula(mask_shape):
+def test_masked_linear_backward_equals_autograd_of_the_plain_formula(mask_shape, recompute):
     q, k, v = [x.requires_grad_() for x in qkv(2, 3, 7, 4, seed=11)]
     M = torch.rand(mask_shape, generator=torch.Generator().manual_seed(4)).requires_grad_()
-    fast = grads(masks.masked_linear_attention, [q, k, v, M])
+    fast = grads(lambda *t: masks.masked_linear_attention(*t, recompute=recompute), [q, k, v, M])
     ref = grads(plain_masked, [q, k, v, M])
     for a, b in zip(fast, ref):
         assert a.shape == b.shape and rel_err(a, b) < 1e-5
