@@ -1,16 +1,16 @@
 """
 Collects every result.json under a folder into a Markdown table (mean +- std of the final top-1 per variant of
-model.VARIANTS, beside the published top-1 that the runs' config records), and draws the test-accuracy curves and
-the learned masks (matplotlib, optional) into assets/, named after the runs' dataset.
+model.VARIANTS, the epochs each trained, beside the published top-1 that the runs' config records), and draws the
+test-accuracy curves and the learned masks (matplotlib, optional) beside the runs: <folder>/curves.png, masks.png.
 
-    python report.py out/sweep                 # table + assets/<dataset>_curves.png + assets/<dataset>_masks.png
+    python report.py out/sweep                 # the table + out/sweep/curves.png + out/sweep/masks.png
     python report.py out/sweep --no_plots      # the table alone
-    python report.py out/sweep --name=fmnist-30ep   # the pictures as assets/fmnist-30ep_curves.png, ..._masks.png
+    python report.py out/sweep --out=assets/mine   # the pictures as assets/mine/curves.png and masks.png
     python report.py out/a out/b --no_plots    # several folders: a row per variant and per setting that differs
     python report.py out/sweep --no_plots --mask_swap=DATA_DIR   # + the topo/grf models with their masks swapped
     python report.py out/sweep --no_plots --walk_error   # + the GRF mask's error per walk coupling and walk count
 
-Runs of several datasets share one title, and their files are named after all of them (assets/fmnist+cifar10_curves.png).
+With several folders the pictures go to the folder that holds them all (or --out).
 """
 import ast
 import glob
@@ -95,6 +95,11 @@ def published(config):
         values[attn] = value
     return values
 
+def epochs_trained(r):
+    """The epochs the run trained (fewer than its setting when max_steps stopped it), from result.json; runs that
+    predate the record ran all of theirs."""
+    return round(r['epochs_trained'], 2) if 'epochs_trained' in r else r['config']['epochs']
+
 def cell(value):
     if value is None:
         return '–'
@@ -112,7 +117,7 @@ def table(runs):
         groups = {}
         for r in runs:
             if r['config']['attn'] == attn:
-                groups.setdefault((*(value(r, k) for k in columns), r['config']['epochs']), []).append(r)
+                groups.setdefault((*(value(r, k) for k in columns), epochs_trained(r)), []).append(r)
         for (*values, epochs), rs in sorted(groups.items(), key=lambda g: str(g[0])):
             acc = [r['final']['top1'] for r in rs]
             spread = f" ± {statistics.stdev(acc):.2f}" if len(acc) > 1 else ""  # one seed has no spread
@@ -120,7 +125,7 @@ def table(runs):
             settings = ''.join(f"{cell(v)} | " for v in values)
             paper = [v for v in dict.fromkeys(published(r['config']).get(attn) for r in rs) if v is not None]
             rows.append(f"| {attn} | {settings}{statistics.mean(acc):.2f}{spread} | {len(acc)} "
-                        f"| {epochs} | {ips:,.0f} | {', '.join(paper)} |")
+                        f"| {epochs:g} | {ips:,.0f} | {', '.join(paper)} |")
     return '\n'.join(rows)
 
 def curves(runs, path):
@@ -304,11 +309,11 @@ def walk_errors(runs, walks=(5, 20, 100), ensembles=20):
             rows.append(f"| {title} | {n} |" + ''.join(cells))
     return '\n'.join(rows)
 
-def asset_paths(runs, name=None):
-    """Where the pictures go: assets/<name>_curves.png and assets/<name>_masks.png, name by default the runs'
-    datasets (so a second sweep of one dataset needs its own name, or it replaces the first one's pictures)."""
-    name = name or '+'.join(datasets(runs))
-    return f'assets/{name}_curves.png', f'assets/{name}_masks.png'
+
+def picture_paths(roots, out=None):
+    """Where the pictures go: <out>/curves.png and <out>/masks.png, out by default the folder that holds every root."""
+    out = out or os.path.commonpath([os.path.abspath(r) for r in roots])
+    return os.path.join(out, 'curves.png'), os.path.join(out, 'masks.png')
 
 if __name__ == '__main__':
     if {'-h', '--help'} & set(sys.argv):
@@ -319,8 +324,8 @@ if __name__ == '__main__':
         sys.exit(f"no result.json under {', '.join(roots)}")
     print(table(runs))
     if '--no_plots' not in sys.argv:
-        curves_path, masks_path = asset_paths(runs, next((a[7:] for a in sys.argv if a.startswith('--name=')), None))
-        os.makedirs('assets', exist_ok=True)
+        curves_path, masks_path = picture_paths(roots, next((a[6:] for a in sys.argv if a.startswith('--out=')), None))
+        os.makedirs(os.path.dirname(curves_path) or '.', exist_ok=True)
         curves(runs, curves_path)
         mask_pictures(runs, masks_path)
         print(f"wrote {curves_path}, {masks_path}")

@@ -153,13 +153,20 @@ def test_mask_pictures_come_from_the_first_run_with_a_checkpoint_and_a_variant_w
     assert f"topo: no ckpt.pt in {os.path.join(root, 'topo-s0')}: not in the mask swap" in out
     assert f"grf: no ckpt.pt in {os.path.join(root, 'grf-s0')}: no learned f in the walk errors" in out
 
-def test_pictures_are_named_after_the_datasets_unless_a_name_is_given(tmp_path):
-    fake_run(str(tmp_path), 'a-s0', 'linear', 80.0, dataset='fmnist')
-    fake_run(str(tmp_path), 'b-s0', 'linear', 70.0, dataset='cifar10')
-    runs = report.load_runs(str(tmp_path))
-    fmnist_first = sorted(runs, key=lambda r: r['config']['dataset'] != 'fmnist')
-    assert report.asset_paths(fmnist_first) == ('assets/fmnist+cifar10_curves.png', 'assets/fmnist+cifar10_masks.png')
-    assert report.asset_paths(runs, 'fmnist-30ep') == ('assets/fmnist-30ep_curves.png', 'assets/fmnist-30ep_masks.png')
+def test_pictures_go_beside_the_runs_unless_out_is_given(tmp_path):
+    a, b = str(tmp_path / 'study' / 'a'), str(tmp_path / 'study' / 'b')
+    assert report.picture_paths([a]) == (os.path.join(a, 'curves.png'), os.path.join(a, 'masks.png'))
+    assert report.picture_paths([a, b])[0] == str(tmp_path / 'study' / 'curves.png')
+    assert report.picture_paths([a, b], out='assets/x') == ('assets/x/curves.png', 'assets/x/masks.png')
+
+def test_epochs_column_gives_the_epochs_trained_when_max_steps_stopped_the_run(tmp_path):
+    p = subprocess.run([sys.executable, 'train.py', 'configs/fmnist.py', '--attn=linear', '--epochs=3',
+                        f'--max_steps={STEPS_PER_EPOCH // 2}', f'--out_dir={tmp_path}/linear-s0', *SYNTHETIC.split()],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    fake_run(str(tmp_path), 'linear-s1', 'linear', 80.0, epochs=3)  # a run from before result.json recorded it
+    epochs = sorted(row[-3] for row in rows(report.table(report.load_runs(str(tmp_path)))))
+    assert epochs == ['0.5', '3']  # the columns end: epochs, images/s, published
 
 def sweep(*args):
     p = subprocess.run([sys.executable, 'sweep.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=900)

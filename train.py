@@ -389,6 +389,7 @@ if result is None:  # nothing left to train: report the checkpoint as it is
     result = evaluate()
 if master:
     summary = {'config': config, 'final': result, 'best': best, 'num_params': raw_model.num_params(), 'steps': step,
+               'epochs_trained': step / steps_per_epoch,
                'images_per_s': images_seen / max(train_time, 1e-9), 'wall_time_s': wall_before + time.time() - t_start}
     with open(os.path.join(out_dir, 'result.json'), 'w') as f:
         json.dump(summary, f, indent=2)
