@@ -1,9 +1,9 @@
 """
-Runs the FashionMNIST comparison: `train.py configs/fmnist.py` for every attention and seed, then prints
-the table of report.py. A run whose result.json exists is skipped and one with only a checkpoint resumes,
+Runs a comparison: `train.py <config_file>` (configs/fmnist.py unless set) for every attention and seed, then
+prints the table of report.py. A run whose result.json exists is skipped and one with only a checkpoint resumes,
 so an interrupted sweep continues where it stopped.
 
-    python sweep.py                                   # every variant x 3 seeds x 30 epochs (the seed's protocol)
+    python sweep.py                                   # every variant x 3 seeds x configs/fmnist.py's 30 epochs
     python sweep.py --epochs=10 --seeds=1 --jobs=2    # a shorter CPU protocol, two trainings at a time
     python report.py out/sweep                        # the table, the curves and the mask pictures
 """
@@ -17,7 +17,7 @@ from model import VARIANTS
 
 attns = ','.join(VARIANTS) # comma-separated variants
 seeds = 3                  # seeds 0 .. seeds-1 of each variant
-epochs = 30                # per run
+epochs = 0                 # per run (0: the config file's)
 jobs = 1                   # trainings at a time
 threads = 0                # CPU threads per training (0 = the cores split between the jobs)
 config_file = 'configs/fmnist.py'
@@ -41,8 +41,9 @@ for attn, seed in runs:
         print(f"{out_dir}: done, skipped")
         continue
     resume = os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
-    cmd = [sys.executable, 'train.py', config_file, f'--attn={attn}', f'--seed={seed}', f'--epochs={epochs}',
-           f'--out_dir={out_dir}'] + (['--init_from=resume'] if resume else []) + args.replace('{seed}', str(seed)).split()
+    cmd = [sys.executable, 'train.py', config_file, f'--attn={attn}', f'--seed={seed}', f'--out_dir={out_dir}']
+    cmd += ([f'--epochs={epochs}'] if epochs else []) + (['--init_from=resume'] if resume else [])
+    cmd += args.replace('{seed}', str(seed)).split()
     pending.append((out_dir, cmd))
 
 t0 = time.time()
