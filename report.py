@@ -312,7 +312,7 @@ def walk_errors(runs, walks=(5, 20, 100), ensembles=20):
 
 def picture_paths(roots, out=None):
     """Where the pictures go: <out>/curves.png and <out>/masks.png, out by default the folder that holds every root."""
-    out = out or os.path.commonpath([os.path.abspath(r) for r in roots])
+    out = out or os.path.commonpath([os.path.abspath(r) for r in roots] if len({os.path.isabs(r) for r in roots}) > 1 else roots)
     return os.path.join(out, 'curves.png'), os.path.join(out, 'masks.png')
 
 if __name__ == '__main__':
