@@ -62,14 +62,9 @@ def check_config(c):
     if not c.mask_init_decay > 0: bad('mask_init_decay', c.mask_init_decay, "a number > 0")
     if not c.table_init_decay > 0: bad('table_init_decay', c.table_init_decay, "a number > 0")
 
-# settings added after checkpoints were saved without them, with the value those checkpoints ran with
-PREDATES = {'grf_coupling': 'iid', 'topo_form': 'features'}
-
 def saved_config(saved):
-    """ViTConfig of a saved run's config dict: a setting the run predates takes the value it ran with
-    (PREDATES), else its default; keys that are not model settings are ignored."""
-    known = {k: v for k, v in saved.items() if k in ViTConfig.__dataclass_fields__}
-    return ViTConfig(**{**{k: v for k, v in PREDATES.items() if k not in saved}, **known})
+    """ViTConfig of a saved run's config dict; keys that are not model settings are ignored."""
+    return ViTConfig(**{k: v for k, v in saved.items() if k in ViTConfig.__dataclass_fields__})
 
 def amp_dtype(device_type):
     """The dtype to train in: bf16 on a CUDA GPU that computes it natively (Ampere on), fp16 (with a loss scaler)
@@ -217,7 +212,6 @@ class GRFAttention(Attention):
             self.register_buffer('grf_' + name, t, persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        upgrade_walks(state_dict, prefix)
         # walk buffers are as long as the walks sampled: take the saved shapes before loading
         for name in self.sampled:
             if prefix + name in state_dict:
@@ -239,21 +233,6 @@ class GRFAttention(Attention):
     def fast_mix(self, q, k, v):
         transpose = {name: getattr(self, 'grf_' + name) for name in ('crow_t', 'col_t', 'perm')}
         return masks.grf_linear_attention(q, k, v, self.grf_crow, self.grf_col, self.grf_values(), transpose)
-
-def upgrade_walks(state, prefix=''):
-    """Checkpoints from before the CSR layout saved Phi_hat's support padded (ELL): grf_cols [H, N, R], each row's
-    distinct nodes then repeats of its own index, and grf_slot indexing the H*N*R slots. Rewrites them in state as
-    grf_crow, grf_col and grf_slot (indexing grf_col); the values keep their order."""
-    for key in [k for k in state if k.startswith(prefix) and k.endswith('grf_cols')]:
-        p, cols = key[:-len('cols')], state.pop(key)
-        H, N, R = cols.shape
-        flat = (cols + torch.arange(H, device=cols.device)[:, None, None] * N).view(H * N, R)
-        rows = torch.arange(H * N, device=cols.device)[:, None].expand_as(flat)
-        keep = ((flat == rows).cumsum(1) <= 1).flatten()  # a row's own index: first real, then padding
-        state[p + 'crow'] = masks.csr_crow(rows.flatten()[keep], H * N)
-        state[p + 'col'] = flat.flatten()[keep].int()
-        state[p + 'slot'] = (keep.cumsum(0) - 1)[state[p + 'slot'].long()].int()
-    return state
 
 # attn -> its class. A new variant: its math in masks.py, its class above, its entry here (README, "Adding a mask").
 VARIANTS = {'softmax': SoftmaxAttention, 'linear': LinearAttention, 'toeplitz': ToeplitzAttention,
@@ -316,7 +295,7 @@ class ViT(nn.Module):
         settings are (coefficient vectors of another length cut or extended, so K may change; parameters of another
         grid start afresh); the sampled walks if all their `walks` settings are. The rest keeps its initialisation.
         -> {'loaded': [...], 'truncated': [...], 'fresh': [...]}"""
-        c, state = self.config, upgrade_walks(dict(state))
+        c = self.config
         variant = VARIANTS[c.attn]
         same_mask = src.attn == c.attn and all(getattr(src, k) == getattr(c, k) for k in variant.form)
         same_walks = same_mask and all(getattr(src, k) == getattr(c, k) for k in variant.walks)

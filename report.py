@@ -71,7 +71,7 @@ def train_defaults():
     return {k: ast.literal_eval(v) for k, v in re.findall(r"^(\w+) = ([^#\n]*?)\s*(?:#.*)?$", source, re.M)}
 
 def recipe(r, k, defaults):
-    """The run's setting k that is not a knob; a setting the run predates ran at its default (PREDATES first)."""
+    """The run's setting k that is not a knob; a setting the run predates ran at its default."""
     if k in r['config']:
         return r['config'][k]
     return getattr(saved_config(r['config']), k, defaults.get(k))
