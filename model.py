@@ -151,7 +151,7 @@ class ToeplitzAttention(Attention):
         self.register_buffer('toeplitz_index', masks.toeplitz_index(self.h, self.w), persistent=False)
 
     def dense_mask(self):
-        return masks.toeplitz_mask(self.table_logits.exp(), self.h, self.w, self.toeplitz_index)
+        return masks.toeplitz_mask(self.table_logits.exp(), self.toeplitz_index)
 
     def fast_mix(self, q, k, v):
         return masks.toeplitz_linear_attention_fft(q, k, v, self.table_logits.exp(), h=self.h, w=self.w)
@@ -172,7 +172,7 @@ class TopoAttention(Attention):
             self.alpha_logits = nn.Parameter(start)
         else:
             self.f_logits = nn.Parameter(start)
-        W = masks.grid_adjacency(self.h, self.w).double()
+        W = masks.normalized_adjacency(masks.grid_graph(self.h, self.w)).double()
         powers = K if self.alpha_form else 2 * K
         self.register_buffer('W_powers', masks.matrix_powers(W, powers).float(), persistent=False)
 
@@ -187,29 +187,27 @@ class GRFAttention(Attention):
     every process, and saved with the model; sample_walks redraws them."""
     settings = ('grf_walks', 'grf_p_halt', 'grf_coupling', 'mask_max_len', 'mask_init_decay')
     sampled = ('grf_crow', 'grf_col', 'grf_slot', 'grf_fidx', 'grf_load')
+    derived = ('grf_rows', 'grf_crow_t', 'grf_col_t', 'grf_perm')  # from grf_crow and grf_col, not saved
     walks = ('image_size', 'patch_size', 'grf_walks', 'grf_p_halt', 'grf_coupling', 'mask_max_len', 'mask_seed')
     dense_max_n = 256
 
     def __init__(self, c, layer):
         super().__init__(c, layer)
         self.f_logits = nn.Parameter(decay_logits(c.mask_init_decay, torch.arange(c.mask_max_len + 1), c.heads))
+        self.graph = masks.grid_graph(self.h, self.w)
         self.walk_settings = dict(n_walks=c.grf_walks, p_halt=c.grf_p_halt, max_len=c.mask_max_len, coupling=c.grf_coupling)
         self.walk_seed = c.mask_seed * 10_007 + layer
         self.sample_walks()
 
     def sample_walks(self, draw=0):
-        """(Re)draw the walks of every head: draw r of this layer is seeded by (mask_seed, layer, r) alone,
-        so every rank draws the same walks and a resumed run the same as an uninterrupted one."""
+        """(Re)draw the walks of every head: draw r of this layer is seeded by (mask_seed, layer, r) alone, head j by
+        seed * 1_000_003 + j, so every rank draws the same walks and a resumed run the same as an uninterrupted one."""
         seed = self.walk_seed if draw == 0 else hash((self.walk_seed, draw)) % 2 ** 31  # int hashes: fixed
-        layout = masks.grf_walk_layout(self.h, self.w, heads=self.heads, seed=seed, **self.walk_settings)
-        for name in self.sampled:
-            self.register_buffer(name, layout[name.removeprefix('grf_')].to(self.f_logits.device))
-        self.layout_sparse()
-
-    def layout_sparse(self):
-        """Phi_hat's row per entry (dense path) and the CSR of Phi_hat^T (fast path), rebuilt whenever the walks change."""
-        for name, t in masks.csr_transpose(self.grf_crow, self.grf_col).items():
-            self.register_buffer('grf_' + name, t, persistent=False)
+        generators = [torch.Generator().manual_seed(seed * 1_000_003 + j) for j in range(self.heads)]
+        layout = masks.grf_walk_layout(self.graph, generators, **self.walk_settings)
+        for name in self.sampled + self.derived:
+            t = layout[name.removeprefix('grf_')].to(self.f_logits.device)
+            self.register_buffer(name, t, persistent=name in self.sampled)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # walk buffers are as long as the walks sampled: take the saved shapes before loading
@@ -218,21 +216,25 @@ class GRFAttention(Attention):
                 old = getattr(self, name)
                 setattr(self, name, torch.empty_like(state_dict[prefix + name], device=old.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.layout_sparse()
+        rows = torch.repeat_interleave(self.grf_crow.diff().long())  # the row of each non-zero: crow's inverse
+        layout = masks.csr_layout(rows, self.grf_col.long(), n=self.grf_crow.shape[0] - 1)
+        for name in self.derived:
+            self.register_buffer(name, layout[name.removeprefix('grf_')], persistent=False)
+
+    def layout(self):
+        """Phi_hat's CSR layout, block-diagonal over the heads (masks.grf_walk_layout), from this layer's buffers."""
+        return {name.removeprefix('grf_'): getattr(self, name) for name in self.sampled + self.derived}
 
     def grf_values(self):
-        """The values of Phi_hat = sum_t f_t C_t [nnz], in the order of its CSR (grf_crow, grf_col; block-diagonal
-        over the heads), differentiable in f."""
-        f = self.f_logits.exp().flatten()
-        return masks.grf_features(self.grf_slot, self.grf_fidx, self.grf_load, f, nnz=self.grf_col.shape[0])
+        """The values of Phi_hat = sum_t f_t C_t [nnz], in the order of its CSR, differentiable in f."""
+        return masks.grf_features(self.layout(), self.f_logits.exp().flatten())
 
     def dense_mask(self):
-        P = masks.csr_to_dense(self.grf_crow, self.grf_col, self.grf_values(), self.h * self.w, rows=self.grf_rows)
+        P = masks.csr_to_dense(self.layout(), self.grf_values(), self.h * self.w)
         return P @ P.transpose(-2, -1)
 
     def fast_mix(self, q, k, v):
-        transpose = {name: getattr(self, 'grf_' + name) for name in ('crow_t', 'col_t', 'perm')}
-        return masks.grf_linear_attention(q, k, v, self.grf_crow, self.grf_col, self.grf_values(), transpose)
+        return masks.grf_linear_attention(q, k, v, self.layout(), self.grf_values())
 
 # attn -> its class. A new variant: its math in masks.py, its class above, its entry here (README, "Adding a mask").
 VARIANTS = {'softmax': SoftmaxAttention, 'linear': LinearAttention, 'toeplitz': ToeplitzAttention,

@@ -72,7 +72,7 @@ def test_topo_model_mask_is_the_power_series_of_its_alpha_and_every_alpha_gets_a
     with torch.no_grad():
         attn.alpha_logits.add_(torch.randn_like(attn.alpha_logits))
     alpha = attn.alpha_logits.exp().detach().double()
-    W = masks.grid_adjacency(4, 4).double()
+    W = masks.normalized_adjacency(masks.grid_graph(4, 4)).double()
     M = sum(alpha[:, k, None, None] * torch.linalg.matrix_power(W, k) for k in range(7))
     torch.testing.assert_close(attn.mask().double(), M, rtol=1e-5, atol=1e-6)
     assert (attn.mask() >= 0).all()
@@ -83,7 +83,7 @@ def test_topo_model_mask_is_phi_phi_transpose_of_its_f():
     model = ViT(tiny(attn="topo", topo_form="features"))
     attn = model.blocks[0].attn
     f = attn.f_logits.exp().detach()
-    W = masks.grid_adjacency(4, 4)
+    W = masks.normalized_adjacency(masks.grid_graph(4, 4))
     Phi = sum(f[:, k, None, None] * torch.linalg.matrix_power(W, k) for k in range(5))
     torch.testing.assert_close(attn.mask().detach(), Phi @ Phi.transpose(1, 2), rtol=1e-5, atol=1e-6)
 
@@ -106,7 +106,7 @@ def test_same_seed_gives_identical_walks():
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 def phi_hat(attn):
-    return masks.csr_to_dense(attn.grf_crow, attn.grf_col, attn.grf_values().detach(), attn.h * attn.w)
+    return masks.csr_to_dense(attn.layout(), attn.grf_values().detach(), attn.h * attn.w)
 
 def test_layers_heads_and_seeds_get_different_walks():
     model, other = ViT(tiny(attn="grf")), ViT(tiny(attn="grf", mask_seed=1))
@@ -120,7 +120,7 @@ def test_grf_model_walks_are_drawn_with_its_coupling(coupling):
     """Layer 0, head 0 holds the walks masks.sample_grf_walks draws with the model's coupling and seed."""
     attn = ViT(tiny(attn="grf", grf_coupling=coupling, mask_seed=3)).blocks[0].attn
     g = torch.Generator().manual_seed((3 * 10_007 + 0) * 1_000_003 + 0)
-    step, start, node, load = masks.sample_grf_walks(4, 4, 4, 0.1, 4, g, coupling)
+    step, start, node, load = masks.sample_grf_walks(masks.grid_graph(4, 4), 4, 0.1, 4, g, coupling)
     f = attn.f_logits.exp().detach()[0]
     want = torch.zeros(16, 16).index_put_((start, node), f[step] * load, accumulate=True)
     torch.testing.assert_close(phi_hat(attn)[0], want)
