@@ -6,7 +6,8 @@ A Vision Transformer whose attention is one of five token mixers, one class each
   topo      linear attention masked by M = sum_k alpha_k W^k (exact; the paper's M_alpha(G)),   O(N^2)
             or by M = Phi Phi^T, Phi = sum_k f_k W^k (topo_form='features', what grf estimates)
   grf       the same mask estimated with graph random features (sparse Phi_hat)      O(N)
-Patches are nodes of the h x w grid; learned absolute positions; global average pooling; no CLS token.
+Patches are nodes of the h x w grid (topo and grf: of the graph GRAPHS[graph] on it); learned absolute positions; global
+average pooling; no CLS token.
 """
 import inspect
 import math
@@ -20,6 +21,8 @@ import masks
 
 IMPLS = ('auto', 'dense', 'fast')
 TOPO_FORMS = ('alpha', 'features')
+# graph -> the graph on the h x w patch grid that topo and grf mask with, graph = (nbr, deg) (masks.py)
+GRAPHS = {'grid4': masks.grid_graph, 'grid8': lambda h, w: masks.grid_graph(h, w, diagonals=True)}
 
 @dataclass
 class ViTConfig:
@@ -40,6 +43,7 @@ class ViTConfig:
     grf_coupling: str = 'repelling' # how the n walks of a node are drawn together: one of masks.COUPLINGS
     mask_max_len: int = 10       # K: highest power of W in the topological mask / longest walk
     mask_seed: int = 0           # GRF walks are sampled from (mask_seed, layer, head): same on every process
+    graph: str = 'grid4'         # topo, grf: the patch graph, a key of GRAPHS (grid4: the paper's; toeplitz: a grid mask)
     topo_form: str = 'alpha'     # topo: 'alpha' learns M = sum_k alpha_k W^k (the reference); 'features' M = Phi Phi^T
     mask_init_decay: float = 0.5 # alpha_k (topo) or f_k (topo features, grf) = decay^k at initialisation
     table_init_decay: float = 1.0 # toeplitz: t[dr, dc] = decay^(|dr| + |dc|) at initialisation (1: unmasked)
@@ -54,6 +58,7 @@ def check_config(c):
     if c.dim % c.heads: bad('dim', c.dim, f"a multiple of heads={c.heads}")
     if not 0 < c.grf_p_halt <= 1: bad('grf_p_halt', c.grf_p_halt, "0 < p_halt <= 1")
     if c.topo_form not in TOPO_FORMS: bad('topo_form', c.topo_form, ', '.join(TOPO_FORMS))
+    if c.graph not in GRAPHS: bad('graph', c.graph, ', '.join(GRAPHS))
     if c.grf_walks < 1: bad('grf_walks', c.grf_walks, "an integer >= 1")
     if c.grf_coupling not in masks.COUPLINGS: bad('grf_coupling', c.grf_coupling, ', '.join(masks.COUPLINGS))
     if c.grf_coupling.endswith('antithetic') and c.grf_walks % 2:
@@ -157,10 +162,10 @@ class ToeplitzAttention(Attention):
         return masks.toeplitz_linear_attention_fft(q, k, v, self.table_logits.exp(), h=self.h, w=self.w)
 
 class TopoAttention(Attention):
-    """The exact topological mask of the grid graph, coefficients starting at decay^k. topo_form='alpha' learns
+    """The exact topological mask of the patch graph, coefficients starting at decay^k. topo_form='alpha' learns
     alpha = exp(logits) >= 0 in M = sum_k alpha_k W^k (W^0 .. W^K; M >= 0 entry-wise as W >= 0); 'features' learns
     f = exp(logits) in M = Phi Phi^T = sum_m (f * f)_m W^m (W^0 .. W^2K), the mask that grf estimates."""
-    settings = ('topo_form', 'mask_max_len', 'mask_init_decay')
+    settings = ('topo_form', 'graph', 'mask_max_len', 'mask_init_decay')
     form = ('topo_form',)
 
     def __init__(self, c, layer):
@@ -172,7 +177,7 @@ class TopoAttention(Attention):
             self.alpha_logits = nn.Parameter(start)
         else:
             self.f_logits = nn.Parameter(start)
-        W = masks.normalized_adjacency(masks.grid_graph(self.h, self.w)).double()
+        W = masks.normalized_adjacency(GRAPHS[c.graph](self.h, self.w)).double()
         powers = K if self.alpha_form else 2 * K
         self.register_buffer('W_powers', masks.matrix_powers(W, powers).float(), persistent=False)
 
@@ -182,19 +187,19 @@ class TopoAttention(Attention):
         return masks.topo_mask(self.W_powers, self.f_logits.exp())
 
 class GRFAttention(Attention):
-    """M_hat = Phi_hat Phi_hat^T with Phi_hat = sum_t f_t C_t estimated from random walks on the grid (masks.py),
+    """M_hat = Phi_hat Phi_hat^T with Phi_hat = sum_t f_t C_t estimated from random walks on the patch graph (masks.py),
     f = exp(logits) >= 0 starting at decay^k. The walks are sampled once, from (mask_seed, layer), identically on
     every process, and saved with the model; sample_walks redraws them."""
-    settings = ('grf_walks', 'grf_p_halt', 'grf_coupling', 'mask_max_len', 'mask_init_decay')
+    settings = ('graph', 'grf_walks', 'grf_p_halt', 'grf_coupling', 'mask_max_len', 'mask_init_decay')
     sampled = ('grf_crow', 'grf_col', 'grf_slot', 'grf_fidx', 'grf_load')
     derived = ('grf_rows', 'grf_crow_t', 'grf_col_t', 'grf_perm')  # from grf_crow and grf_col, not saved
-    walks = ('image_size', 'patch_size', 'grf_walks', 'grf_p_halt', 'grf_coupling', 'mask_max_len', 'mask_seed')
+    walks = ('image_size', 'patch_size', 'graph', 'grf_walks', 'grf_p_halt', 'grf_coupling', 'mask_max_len', 'mask_seed')
     dense_max_n = 256
 
     def __init__(self, c, layer):
         super().__init__(c, layer)
         self.f_logits = nn.Parameter(decay_logits(c.mask_init_decay, torch.arange(c.mask_max_len + 1), c.heads))
-        self.graph = masks.grid_graph(self.h, self.w)
+        self.graph = GRAPHS[c.graph](self.h, self.w)
         self.walk_settings = dict(n_walks=c.grf_walks, p_halt=c.grf_p_halt, max_len=c.mask_max_len, coupling=c.grf_coupling)
         self.walk_seed = c.mask_seed * 10_007 + layer
         self.sample_walks()

@@ -79,18 +79,20 @@ def test_topo_model_mask_is_the_power_series_of_its_alpha_and_every_alpha_gets_a
     model(IMAGES).logsumexp(-1).sum().backward()
     assert (attn.alpha_logits.grad.abs() > 0).all()
 
-def test_topo_model_mask_is_phi_phi_transpose_of_its_f():
-    model = ViT(tiny(attn="topo", topo_form="features"))
+@pytest.mark.parametrize("graph", ["grid4", "grid8"])
+def test_topo_model_mask_is_phi_phi_transpose_of_its_f(graph):
+    model = ViT(tiny(attn="topo", topo_form="features", graph=graph))
     attn = model.blocks[0].attn
     f = attn.f_logits.exp().detach()
-    W = masks.normalized_adjacency(masks.grid_graph(4, 4))
+    W = masks.normalized_adjacency(masks.grid_graph(4, 4, diagonals=graph == "grid8"))
     Phi = sum(f[:, k, None, None] * torch.linalg.matrix_power(W, k) for k in range(5))
     torch.testing.assert_close(attn.mask().detach(), Phi @ Phi.transpose(1, 2), rtol=1e-5, atol=1e-6)
 
-def test_grf_model_mask_estimates_topo_mask():
-    """With many walks the GRF model's mask approaches the exact mask of the same f."""
-    grf = ViT(tiny(attn="grf", grf_walks=2000, depth=1, heads=1))
-    topo = ViT(tiny(attn="topo", depth=1, heads=1, topo_form="features"))
+@pytest.mark.parametrize("graph", ["grid4", "grid8"])
+def test_grf_model_mask_estimates_topo_mask(graph):
+    """With many walks the GRF model's mask approaches the exact mask of the same f, on the same patch graph."""
+    grf = ViT(tiny(attn="grf", grf_walks=2000, depth=1, heads=1, graph=graph))
+    topo = ViT(tiny(attn="topo", depth=1, heads=1, topo_form="features", graph=graph))
     exact, est = topo.blocks[0].attn.mask().detach()[0], grf.blocks[0].attn.mask().detach()[0]
     off = ~torch.eye(16, dtype=torch.bool)
     assert ((est - exact)[off].norm() / exact[off].norm()) < 0.05
@@ -188,6 +190,7 @@ def test_param_groups_cover_every_parameter_once(attn):
     (dict(attn="topo", topo_form="beta"), ["topo_form='beta'", "alpha", "features"]),
     (dict(attn="grf", grf_coupling="lazy"), ["grf_coupling='lazy'", "iid", "repelling_antithetic"]),
     (dict(attn="grf", grf_coupling="antithetic", grf_walks=5), ["grf_walks=5", "even"]),
+    (dict(attn="topo", graph="knn"), ["graph='knn'", "valid: grid4, grid8"]),
 ])
 def test_bad_config_raises_value_error_naming_value_and_valid_ones(kw, words):
     with pytest.raises(ValueError) as e:
