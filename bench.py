@@ -340,7 +340,7 @@ def walks_bench():
     print(f"sampling {grf_walks} walks per node on a {side}x{side} grid (N = {side * side:,}), p_halt {grf_p_halt}, K {mask_max_len}")
     for coupling in masks.COUPLINGS:
         g = torch.Generator().manual_seed(seed)
-        sample = lambda: masks.sample_grf_walks(side, side, grf_walks, grf_p_halt,
+        sample = lambda: masks.sample_grf_walks(masks.grid_graph(side, side), grf_walks, grf_p_halt,
                                                 max_len=mask_max_len, generator=g, coupling=coupling)
         median = statistics.median([timed(sample) for _ in range(repeats)])
         base = base or median

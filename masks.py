@@ -1,8 +1,8 @@
 """
 The math of the attention masks, as small pure functions on tensors.
 
-Tokens are the nodes of an h x w patch grid, node i = row*w + col (row-major), N = h*w.
-q, k, v are [..., N, d]; phi(x) = relu(x) is the linear-attention feature map.
+Tokens are the N nodes of a graph: the h x w grid of patches, node i = row*w + col (row-major), N = h*w, in the paper
+with 4-neighbour links. q, k, v are [..., N, d]; phi(x) = relu(x) is the linear-attention feature map.
 Every linear form runs in float32 (autocast disabled) and adds EPS to its denominator.
 Reference: Reid et al., "Linear Transformer Topological Masking with Graph Random Features", ICLR 2025.
 """
@@ -13,42 +13,36 @@ import torch.nn.functional as F
 EPS = 1e-6
 warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta')  # the GRF fast path uses CSR
 
-def _fp32(*xs):
-    return [x.float() for x in xs]
-
-def _no_autocast(device):
-    return torch.autocast(device_type=device.type, enabled=False)
-
 # -----------------------------------------------------------------------------
-# the grid graph
+# graphs and the exact topological mask. A graph (undirected, no self loops) is graph = (nbr, deg): a neighbour table
+# nbr [N, max_deg], each row's neighbours first and then -1 padding, and the degrees deg [N]
 
-def grid_neighbors(h, w):
-    """Neighbour table of the 4-neighbour h x w grid: nbr [N, 4] (padded with -1), deg [N]. O(N)."""
+def grid_graph(h, w, diagonals=False):
+    """The h x w grid, node (r, c) linked to (r +- 1, c), (r, c +- 1) and, with diagonals, (r +- 1, c +- 1) (king moves),
+    where those are on the grid (no wrap): nbr [N, 4 or 8] (rows descending, so -1 padding last), deg [N]. O(N)."""
     r, c = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
-    nbr = torch.stack([torch.where((rr >= 0) & (rr < h) & (cc >= 0) & (cc < w), rr * w + cc, -1)
-                       for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1))], dim=1)
-    nbr = nbr.sort(dim=1, descending=True).values  # valid neighbours first, -1 padding last
+    moves = [(-1, 0), (1, 0), (0, -1), (0, 1)] + [(-1, -1), (-1, 1), (1, -1), (1, 1)] * diagonals
+    nbr = torch.stack([torch.where((r + dr >= 0) & (r + dr < h) & (c + dc >= 0) & (c + dc < w), (r + dr) * w + c + dc, -1)
+                       for dr, dc in moves], dim=1)
+    nbr = nbr.sort(dim=1, descending=True).values
     return nbr, (nbr >= 0).sum(1)
 
-def grid_adjacency(h, w):
-    """W = D^-1/2 A D^-1/2 of the 4-neighbour h x w grid (no diagonals, wrap or self loops), dense N x N."""
-    nbr, deg = grid_neighbors(h, w)
-    A = F.one_hot(nbr + 1, h * w + 1).sum(1)[:, 1:].float()  # padding -1 lands in column 0, dropped
+def normalized_adjacency(graph):
+    """W = D^-1/2 A D^-1/2 of graph = (nbr, deg), dense N x N: W_ij = 1 / sqrt(deg_i deg_j) if i ~ j, else 0. O(N^2)."""
+    nbr, deg = graph
+    A = torch.zeros(nbr.shape[0], nbr.shape[0] + 1).scatter_(1, nbr + 1, 1.0)[:, 1:]  # padding -1 lands in column 0, dropped
     s = deg.float().clamp(min=1).rsqrt()
     return s[:, None] * A * s[None, :]
 
 def matrix_powers(W, n):
-    """[W^0, W^1, ..., W^n] stacked, [n+1, N, N], as W^(k+1) = W W^k with W sparse: O(n N nnz(W)) once
-    (O(n N^2) on a grid, instead of O(n N^3) dense); memory (n+1) N^2."""
+    """[W^0, W^1, ..., W^n] stacked, [n+1, N, N], as W^(k+1) = W W^k with W sparse: O(n N nnz(W)) once (O(n N^2) at
+    bounded degree, instead of O(n N^3) dense); memory (n+1) N^2."""
     P = torch.empty(n + 1, *W.shape, dtype=W.dtype, device=W.device)
     P[0] = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
     Ws = W.to_sparse_csr()
     for k in range(n):
         P[k + 1] = Ws @ P[k]
     return P
-
-# -----------------------------------------------------------------------------
-# the exact topological mask
 
 def power_series(W_powers, coeffs):
     """sum_k c_k W^k for coeffs [..., K+1] -> [..., N, N]; uses W_powers[:K+1]. O(K N^2).
@@ -58,15 +52,14 @@ def power_series(W_powers, coeffs):
 def self_convolution(f):
     """alpha = f * f, the discrete self-convolution over the last dim: alpha_m = sum_{k+l=m} f_k f_l, [..., 2K+1].
     One outer product scattered onto the anti-diagonals k + l = m (no loop over k)."""
-    K1 = f.shape[-1]
-    k = torch.arange(K1, device=f.device)
+    k = torch.arange(f.shape[-1], device=f.device)
     outer = (f[..., :, None] * f[..., None, :]).flatten(-2)
-    return torch.zeros(*f.shape[:-1], 2 * K1 - 1, dtype=f.dtype, device=f.device).index_add(-1, (k[:, None] + k).flatten(), outer)
+    alpha = torch.zeros(*f.shape[:-1], 2 * len(k) - 1, dtype=f.dtype, device=f.device)
+    return alpha.index_add(-1, (k[:, None] + k).flatten(), outer)
 
 def deconvolution(alpha):
-    """The f with (f * f)_m = alpha_m for m = 0 .. K (alpha [..., K+1]): f_0 = sqrt(alpha_0),
-    f_k = (alpha_k - sum_{p=1}^{k-1} f_p f_{k-p}) / (2 f_0). f may come out negative; (f * f)_m for m > K
-    is whatever it is. O(K^2)."""
+    """The f with (f * f)_m = alpha_m for m = 0 .. K (alpha [..., K+1]): f_0 = sqrt(alpha_0), f_k = (alpha_k -
+    sum_{p=1}^{k-1} f_p f_{k-p}) / (2 f_0). f may come out negative; (f * f)_m for m > K is whatever it is. O(K^2)."""
     f = [alpha[..., 0].sqrt()]
     for k in range(1, alpha.shape[-1]):
         f.append((alpha[..., k] - sum(f[p] * f[k - p] for p in range(1, k))) / (2 * f[0]))
@@ -95,33 +88,30 @@ def _repelling_picks(start, node, d, N, generator):
     """Neighbour slots for walkers sent out together: the k walkers of one start node standing on one node of
     degree d share one U ~ U(0,1); the j-th of them takes slot floor(((j/k + U) mod 1) d), so while k <= d no
     two take the same neighbour. Each walker's slot is still uniform. O(M log M) for M walkers (one sort)."""
-    key = start * N + node
-    key, order = torch.sort(key, stable=True)
+    key, order = torch.sort(start * N + node, stable=True)
     _, group, count = torch.unique_consecutive(key, return_inverse=True, return_counts=True)
-    first = torch.cumsum(count, 0) - count
-    j = torch.arange(key.shape[0]) - first[group]
+    j = torch.arange(key.shape[0]) - (torch.cumsum(count, 0) - count)[group]  # rank in its group
     U = torch.rand(count.shape[0], generator=generator, dtype=torch.float64)
     frac = (j.double() / count[group] + U[group]) % 1
     pick = torch.empty_like(node)
     pick[order] = (frac * d[order]).long().clamp(max=d[order] - 1)
     return pick
 
-def sample_grf_walks(h, w, n_walks, p_halt, max_len, generator=None, coupling='iid'):
-    """n_walks random walks from every node of the h x w grid, vectorised over all N*n walks. A walk starts at its
+def sample_grf_walks(graph, n_walks, p_halt, max_len, generator=None, coupling='iid'):
+    """n_walks random walks from every node of graph = (nbr, deg), vectorised over all N*n walks. A walk starts at its
     node with load 1; at step t at node u it records (t, start, u, load), then halts with probability p_halt (or at
     t = max_len), else hops to a uniform neighbour u' and multiplies its load by W[u,u'] deg(u) / (1 - p_halt).
     Records are summed per (t, start, u) and divided by n_walks: C_t[start, u], with E[sum_t f_t C_t] = sum_t f_t W^t.
-    coupling (COUPLINGS) correlates the n walks of one start node without changing any walk's law: 'antithetic'
-    pairs their halting draws, 'repelling' spreads walkers that meet on a node over its neighbours (Reid et al.,
-    ICLR 2024). Walks of different start nodes stay independent, so Phi_hat and the off-diagonal of M_hat stay
-    unbiased. Returns (step, start, node, load) of length nnz <= N n (max_len+1). O(N n max_len), repelling log(N n) more."""
+    coupling (COUPLINGS; _halts, _repelling_picks, after Reid et al., ICLR 2024) correlates the n walks of one start
+    node, never one walk's law nor walks of different start nodes, so Phi_hat and M_hat's off-diagonal stay unbiased.
+    Returns (step, start, node, load), nnz <= N n (max_len+1) each. O(N n max_len), repelling log(N n) more."""
     if coupling not in COUPLINGS:
         raise ValueError(f"coupling={coupling!r} is invalid; valid: {', '.join(COUPLINGS)}")
     antithetic = coupling.endswith('antithetic')
     if antithetic and n_walks % 2:
         raise ValueError(f"n_walks={n_walks} is invalid for coupling={coupling!r}; valid: an even number (walkers come in pairs)")
-    nbr, deg = grid_neighbors(h, w)
-    N = h * w
+    nbr, deg = graph
+    N = nbr.shape[0]
     start = torch.arange(N).repeat_interleave(n_walks)
     slot = torch.arange(N * n_walks)  # walker j of start node i sits in slot i*n + j
     node, load = start.clone(), torch.ones(N * n_walks, dtype=torch.float64)
@@ -148,71 +138,57 @@ def sample_grf_walks(h, w, n_walks, p_halt, max_len, generator=None, coupling='i
     load = torch.zeros(key.shape[0], dtype=torch.float64).index_add_(0, inv, load) / n_walks
     return key // (N * N), (key // N) % N, key % N, load.float()
 
-def csr_crow(rows, n):
-    """CSR row pointers [n + 1] of the entries in rows (sorted), int32 as MKL and cuSPARSE take them."""
-    return F.pad(torch.bincount(rows, minlength=n).cumsum(0), (1, 0)).int()
+def csr_layout(rows, cols, n):
+    """The CSR layout of the n x n matrix P with entries at (rows, cols), repeats summed: crow [n + 1] and col [nnz] (each
+    row's distinct columns ascending; int32, as MKL and cuSPARSE take them), slot [entries] (each entry's position in
+    col), rows [nnz] (each non-zero's row), P^T's crow_t and col_t, and perm (P's values in P^T's order). O(r log r)."""
+    pair, slot = torch.unique(rows * n + cols, return_inverse=True)
+    rows, cols = pair // n, pair % n
+    perm = torch.argsort(cols * n + rows)  # column-major order: the rows of P^T
+    crow, crow_t = (F.pad(torch.bincount(x, minlength=n).cumsum(0), (1, 0)).int() for x in (rows, cols))
+    return dict(crow=crow, col=cols.int(), slot=slot.int(), rows=rows, crow_t=crow_t, col_t=rows[perm].int(), perm=perm)
 
-def csr_rows(crow):
-    """The row of each entry of a CSR matrix, [nnz]: crow's inverse (its size depends on the data: torch.compile
-    breaks its graph there, so a model keeps it as a buffer)."""
-    return torch.repeat_interleave(torch.arange(crow.shape[0] - 1, device=crow.device), crow.diff().long())
-
-def grf_layout(start, node, N):
-    """CSR layout of the support of Phi_hat [N, N] from the records' (start, node): crow [N + 1], col [nnz] (each
-    row's distinct nodes, ascending; int32) and slot [records], the position in col of each record. O(r log r)."""
-    pair, slot = torch.unique(start * N + node, return_inverse=True)
-    return csr_crow(pair // N, N), (pair % N).int(), slot
-
-def grf_walk_layout(h, w, heads, n_walks, p_halt, max_len, coupling, seed):
-    """One walk ensemble per head (head j sampled with a generator seeded by seed * 1_000_003 + j), laid out by one
-    grf_layout call as one block-diagonal graph (head j's node i is node j*N + i), for grf_features with the
-    coefficients of all heads flattened, f [H*(K+1)]: crow [H*N + 1] and col [nnz] (the CSR of the block-diagonal
-    Phi_hat), and per record slot (its position in col), fidx (j*(K+1) + its step) and load."""
-    N = h * w
+def grf_walk_layout(graph, generators, n_walks, p_halt, max_len, coupling):
+    """One walk ensemble per head, head j drawn with generators[j] (one generator may serve all, head after head), laid
+    out by csr_layout as one block-diagonal graph (head j's node i is node j*N + i), plus per record fidx (j*(K+1) +
+    its step: it indexes f [H*(K+1)], all heads' coefficients flattened) and load, for grf_features. O(H N n K)."""
+    N = graph[0].shape[0]
     records = []
-    for j in range(heads):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + j)
-        step, start, node, load = sample_grf_walks(h, w, n_walks, p_halt, max_len=max_len, generator=g, coupling=coupling)
+    for j, g in enumerate(generators):
+        step, start, node, load = sample_grf_walks(graph, n_walks, p_halt, max_len=max_len, generator=g, coupling=coupling)
         records.append((j * (max_len + 1) + step, j * N + start, j * N + node, load))
     fidx, start, node, load = (torch.cat(x) for x in zip(*records))
-    crow, col, slot = grf_layout(start, node, heads * N)
-    return {'crow': crow, 'col': col, 'slot': slot.int(), 'fidx': fidx.int(), 'load': load}
+    return csr_layout(start, node, len(generators) * N) | {'fidx': fidx.int(), 'load': load}
 
-def grf_features(slot, step, load, f, nnz):
-    """Values of Phi_hat = sum_t f_t C_t in its CSR layout: vals[s] = sum of f[step] * load over the records in
-    slot s, [nnz]; differentiable in f. f is [K+1] (or any flat f with step indexing it). O(records)."""
-    return torch.zeros(nnz, dtype=f.dtype, device=f.device).index_add(0, slot, f[step] * load)
+def grf_features(layout, f):
+    """Values of Phi_hat = sum_t f_t C_t in its CSR layout (grf_walk_layout): vals[s] = sum of f[fidx] * load over the
+    records in slot s, [nnz]; differentiable in f, f [H*(K+1)]. O(records)."""
+    vals = torch.zeros(layout['col'].shape[0], dtype=f.dtype, device=f.device)
+    return vals.index_add(0, layout['slot'], f[layout['fidx']] * layout['load'])
 
-def csr_to_dense(crow, col, vals, N, rows=None):
-    """The diagonal N x N blocks [H, N, N] of a block-diagonal CSR matrix with H*N rows (crow, col, vals), which
-    hold all its entries; differentiable in vals. rows: csr_rows(crow), built here if None. O(H N^2)."""
-    rows = csr_rows(crow) if rows is None else rows
-    return vals.new_zeros((crow.shape[0] - 1) // N, N, N).index_put((rows // N, rows % N, col.long() % N), vals)
+def csr_to_dense(layout, vals, N):
+    """The diagonal N x N blocks [H, N, N] of a block-diagonal CSR matrix with H*N rows (csr_layout's rows and col,
+    values vals), which hold all its entries; differentiable in vals. O(H N^2)."""
+    rows, col = layout['rows'], layout['col'].long()
+    return vals.new_zeros((layout['crow'].shape[0] - 1) // N, N, N).index_put((rows // N, rows % N, col % N), vals)
 
 # -----------------------------------------------------------------------------
-# the Toeplitz (relative position) mask
+# the Toeplitz (relative position) mask of the grid; attention: dense references and efficient forms
 
 def toeplitz_index(h, w):
     """idx[i, j] into a flattened (2h-1) x (2w-1) table at offset (row_i - row_j, col_i - col_j), [N, N]."""
     r, c = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
     return (r[:, None] - r[None, :] + h - 1) * (2 * w - 1) + (c[:, None] - c[None, :] + w - 1)
 
-def toeplitz_mask(table, h, w, index=None):
-    """M_ij = t[row_i - row_j, col_i - col_j] for table [..., 2h-1, 2w-1] -> [..., N, N]; index: toeplitz_index(h, w),
-    precomputed on the table's device (built here if None). O(N^2)."""
-    index = toeplitz_index(h, w).to(table.device) if index is None else index
+def toeplitz_mask(table, index):
+    """M_ij = t[row_i - row_j, col_i - col_j] for table [..., 2h-1, 2w-1] -> [..., N, N], index: toeplitz_index(h, w). O(N^2)."""
     return table.flatten(-2)[..., index]
-
-# -----------------------------------------------------------------------------
-# attention: dense references and efficient forms
 
 def plain_linear_attention(q, k, v, eps=EPS):
     """out_i = phi(q_i)^T (sum_j phi(k_j) v_j^T) / (phi(q_i)^T sum_j phi(k_j) + eps). O(N d^2)."""
-    with _no_autocast(q.device):
-        q, k, v = _fp32(q.relu(), k.relu(), v)
-        num = q @ (k.transpose(-2, -1) @ v)
-        den = q @ k.sum(-2, keepdim=True).transpose(-2, -1)
-        return num / (den + eps)
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v = q.relu().float(), k.relu().float(), v.float()
+        return q @ (k.transpose(-2, -1) @ v) / (q @ k.sum(-2, keepdim=True).transpose(-2, -1) + eps)
 
 class _MaskedLinear(torch.autograd.Function):
     """out = (A v) / (A 1 + eps), A = (phi(q) phi(k)^T) * M, in float32 from q, k, v of any dtype. Keeps S = phi(q) phi(k)^T
@@ -230,7 +206,7 @@ class _MaskedLinear(torch.autograd.Function):
     @staticmethod
     def terms(q, k, v, mask, eps):
         """out, den = A 1 + eps, S, A; the numerator and A 1 come from one product with [v, 1]."""
-        fq, fk, v, mask = _fp32(q.relu(), k.relu(), v, mask)
+        fq, fk, v, mask = q.relu().float(), k.relu().float(), v.float(), mask.float()
         s = fq @ fk.transpose(-2, -1)
         a = s * mask
         y = a @ _with_ones(v)
@@ -258,7 +234,7 @@ def masked_linear_attention(q, k, v, mask, eps=EPS, recompute=True):
     """Dense reference: out_i = sum_j M_ij (phi(q_i).phi(k_j)) v_j / (sum_j M_ij phi(q_i).phi(k_j) + eps).
     mask [..., N, N] broadcasts over the batch. O(N^2 d) time, O(N^2) transient memory; kept for backward: O(N d)
     with recompute, else the N x N scores (less time)."""
-    with _no_autocast(q.device):
+    with torch.autocast(q.device.type, enabled=False):
         return _MaskedLinear.apply(q, k, v, mask, eps, recompute)  # apply takes no keywords
 
 def _with_ones(v):
@@ -303,8 +279,8 @@ def toeplitz_linear_attention_fft(q, k, v, table, h, w, eps=EPS):
     and phi(k_j) (d channels) on the grid are convolved with the table by a zero-padded 2-D FFT on a
     2h x 2w grid (two real channels per complex transform), Y_i = sum_j t[r_i - r_j, c_i - c_j] X_j, then contracted with phi(q_i).
     q, k, v [B, H, N, d], table [H, 2h-1, 2w-1]. O(N log N d^2) time, O(N d^2) memory."""
-    with _no_autocast(q.device):
-        q, k, v, table = _fp32(q.relu(), k.relu(), _with_ones(v), table)
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v, table = q.relu().float(), k.relu().float(), _with_ones(v).float(), table.float()
         B, H, N, d = q.shape
         x = (k[..., :, None] * v[..., None, :]).flatten(-2)  # [B, H, N, d*(dv+1)]
         x = x.transpose(-2, -1).reshape(B, H, -1, h, w)
@@ -312,14 +288,6 @@ def toeplitz_linear_attention_fft(q, k, v, table, h, w, eps=EPS):
         y = _GridConv.apply(x, kern)
         y = y.reshape(B, H, d, -1, N).permute(0, 1, 4, 2, 3)  # [B, H, N, d, dv+1]
         return _divide(torch.einsum('bhnd,bhnde->bhne', q, y), eps)
-
-def csr_transpose(crow, col):
-    """The CSR of P^T (crow_t, col_t) and perm, P's values in P^T's order, from P's CSR (crow, col), for
-    grf_linear_attention; and rows, csr_rows(crow), for csr_to_dense. Depends on the walks alone: compute it
-    once per ensemble. O(nnz log nnz)."""
-    rows, col = csr_rows(crow), col.long()
-    perm = torch.argsort(col * (crow.shape[0] - 1) + rows)  # column-major order: the rows of P^T
-    return dict(crow_t=csr_crow(col[perm], crow.shape[0] - 1), col_t=rows[perm].int(), perm=perm, rows=rows)
 
 def _spmm(A, X):
     """A @ X for a sparse CSR A, written straight into its result (A @ X fills and copies one first). The result
@@ -338,8 +306,7 @@ def _sparse(crow, col, vals):
 @torch.library.custom_op('topomask::grf_mix', mutates_args=())
 def _grf_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vals: torch.Tensor, crow: torch.Tensor,
              col: torch.Tensor, crow_t: torch.Tensor, col_t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """y_i = q_i^T U_i with U_i = sum_l P_il S_l, S_l = sum_j P_jl k_j v_j^T, for q, k, v [HN, B, d]: two
-    sparse-dense products, S = P^T (k v^T) and U = P S."""
+    """y_i = q_i^T U_i for q, k, v [HN, B, d] by two sparse-dense products, S = P^T (k v^T) and U = P S."""
     A, AT = _sparse(crow, col, vals), _sparse(crow_t, col_t, vals[perm])
     U = _spmm(A, _spmm(AT, _outer(k, v))).view(*q.shape, v.shape[2])
     return torch.einsum('nbd,nbde->nbe', q, U)
@@ -369,16 +336,15 @@ _grf_mix_backward.register_fake(lambda gy, q, k, v, vals, *structure: [torch.emp
 _grf_mix.register_autograd(lambda ctx, gy: (*_grf_mix_backward(gy, *ctx.saved_tensors), None, None, None, None, None),
                            setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 
-def grf_linear_attention(q, k, v, crow, col, vals, transpose=None, eps=EPS):
-    """Linear attention masked by M = P P^T, P given in CSR (crow, col, vals [nnz]; block-diagonal over the heads,
-    head j's rows and columns j*N .. j*N + N-1), never forming M:
+def grf_linear_attention(q, k, v, layout, vals, eps=EPS):
+    """Linear attention masked by M = P P^T, P in CSR (csr_layout's crow, col and its transpose's crow_t, col_t, perm;
+    values vals [nnz]; block-diagonal over the heads, head j's rows and columns j*N .. j*N + N-1), never forming M:
     S_l = sum_j P_jl phi(k_j) v_j^T, z_l = sum_j P_jl phi(k_j), U_i = sum_l P_il S_l, Z_i = sum_l P_il z_l,
-    out_i = phi(q_i)^T U_i / (phi(q_i)^T Z_i + eps). q, k, v [B, H, N, d]; transpose: csr_transpose(crow, col),
-    built here if None. O(N R d^2) time for R non-zeros per row, O(N d^2) transient memory, O(N d) kept for backward."""
-    t = csr_transpose(crow, col) if transpose is None else transpose
-    with _no_autocast(q.device):
-        q, k, v, vals = _fp32(q.relu(), k.relu(), _with_ones(v), vals)
+    out_i = phi(q_i)^T U_i / (phi(q_i)^T Z_i + eps). q, k, v [B, H, N, d]. O(N R d^2) time for R non-zeros per row,
+    O(N d^2) transient memory, O(N d) kept for backward."""
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v, vals = q.relu().float(), k.relu().float(), _with_ones(v).float(), vals.float()
         B, H, N, d = q.shape
         q, k, v = (x.permute(1, 2, 0, 3).reshape(H * N, B, -1) for x in (q, k, v))  # [HN, B, .]: rows of P lead
-        y = _grf_mix(q, k, v, vals, crow, col, t['crow_t'], t['col_t'], t['perm'])
+        y = _grf_mix(q, k, v, vals, *(layout[name] for name in ('crow', 'col', 'crow_t', 'col_t', 'perm')))
         return _divide(y.view(H, N, B, -1).permute(2, 0, 1, 3), eps)

@@ -6,7 +6,8 @@ A Vision Transformer whose attention is one of five token mixers, one class each
   topo      linear attention masked by M = sum_k alpha_k W^k (exact; the paper's M_alpha(G)),   O(N^2)
             or by M = Phi Phi^T, Phi = sum_k f_k W^k (topo_form='features', what grf estimates)
   grf       the same mask estimated with graph random features (sparse Phi_hat)      O(N)
-Patches are nodes of the h x w grid; learned absolute positions; global average pooling; no CLS token.
+Patches are nodes of the h x w grid (topo and grf: of the graph GRAPHS[graph] on it); learned absolute positions; global
+average pooling; no CLS token.
 """
 import inspect
 import math
@@ -20,6 +21,8 @@ import masks
 
 IMPLS = ('auto', 'dense', 'fast')
 TOPO_FORMS = ('alpha', 'features')
+# graph -> the graph on the h x w patch grid that topo and grf mask with, graph = (nbr, deg) (masks.py)
+GRAPHS = {'grid4': masks.grid_graph, 'grid8': lambda h, w: masks.grid_graph(h, w, diagonals=True)}
 
 @dataclass
 class ViTConfig:
@@ -40,6 +43,7 @@ class ViTConfig:
     grf_coupling: str = 'repelling' # how the n walks of a node are drawn together: one of masks.COUPLINGS
     mask_max_len: int = 10       # K: highest power of W in the topological mask / longest walk
     mask_seed: int = 0           # GRF walks are sampled from (mask_seed, layer, head): same on every process
+    graph: str = 'grid4'         # topo, grf: the patch graph, a key of GRAPHS (grid4: the paper's; toeplitz: a grid mask)
     topo_form: str = 'alpha'     # topo: 'alpha' learns M = sum_k alpha_k W^k (the reference); 'features' M = Phi Phi^T
     mask_init_decay: float = 0.5 # alpha_k (topo) or f_k (topo features, grf) = decay^k at initialisation
     table_init_decay: float = 1.0 # toeplitz: t[dr, dc] = decay^(|dr| + |dc|) at initialisation (1: unmasked)
@@ -54,6 +58,7 @@ def check_config(c):
     if c.dim % c.heads: bad('dim', c.dim, f"a multiple of heads={c.heads}")
     if not 0 < c.grf_p_halt <= 1: bad('grf_p_halt', c.grf_p_halt, "0 < p_halt <= 1")
     if c.topo_form not in TOPO_FORMS: bad('topo_form', c.topo_form, ', '.join(TOPO_FORMS))
+    if c.graph not in GRAPHS: bad('graph', c.graph, ', '.join(GRAPHS))
     if c.grf_walks < 1: bad('grf_walks', c.grf_walks, "an integer >= 1")
     if c.grf_coupling not in masks.COUPLINGS: bad('grf_coupling', c.grf_coupling, ', '.join(masks.COUPLINGS))
     if c.grf_coupling.endswith('antithetic') and c.grf_walks % 2:
@@ -62,14 +67,9 @@ def check_config(c):
     if not c.mask_init_decay > 0: bad('mask_init_decay', c.mask_init_decay, "a number > 0")
     if not c.table_init_decay > 0: bad('table_init_decay', c.table_init_decay, "a number > 0")
 
-# settings added after checkpoints were saved without them, with the value those checkpoints ran with
-PREDATES = {'grf_coupling': 'iid', 'topo_form': 'features'}
-
 def saved_config(saved):
-    """ViTConfig of a saved run's config dict: a setting the run predates takes the value it ran with
-    (PREDATES), else its default; keys that are not model settings are ignored."""
-    known = {k: v for k, v in saved.items() if k in ViTConfig.__dataclass_fields__}
-    return ViTConfig(**{**{k: v for k, v in PREDATES.items() if k not in saved}, **known})
+    """ViTConfig of a saved run's config dict; keys that are not model settings are ignored."""
+    return ViTConfig(**{k: v for k, v in saved.items() if k in ViTConfig.__dataclass_fields__})
 
 def amp_dtype(device_type):
     """The dtype to train in: bf16 on a CUDA GPU that computes it natively (Ampere on), fp16 (with a loss scaler)
@@ -156,16 +156,16 @@ class ToeplitzAttention(Attention):
         self.register_buffer('toeplitz_index', masks.toeplitz_index(self.h, self.w), persistent=False)
 
     def dense_mask(self):
-        return masks.toeplitz_mask(self.table_logits.exp(), self.h, self.w, self.toeplitz_index)
+        return masks.toeplitz_mask(self.table_logits.exp(), self.toeplitz_index)
 
     def fast_mix(self, q, k, v):
         return masks.toeplitz_linear_attention_fft(q, k, v, self.table_logits.exp(), h=self.h, w=self.w)
 
 class TopoAttention(Attention):
-    """The exact topological mask of the grid graph, coefficients starting at decay^k. topo_form='alpha' learns
+    """The exact topological mask of the patch graph, coefficients starting at decay^k. topo_form='alpha' learns
     alpha = exp(logits) >= 0 in M = sum_k alpha_k W^k (W^0 .. W^K; M >= 0 entry-wise as W >= 0); 'features' learns
     f = exp(logits) in M = Phi Phi^T = sum_m (f * f)_m W^m (W^0 .. W^2K), the mask that grf estimates."""
-    settings = ('topo_form', 'mask_max_len', 'mask_init_decay')
+    settings = ('topo_form', 'graph', 'mask_max_len', 'mask_init_decay')
     form = ('topo_form',)
 
     def __init__(self, c, layer):
@@ -177,7 +177,7 @@ class TopoAttention(Attention):
             self.alpha_logits = nn.Parameter(start)
         else:
             self.f_logits = nn.Parameter(start)
-        W = masks.grid_adjacency(self.h, self.w).double()
+        W = masks.normalized_adjacency(GRAPHS[c.graph](self.h, self.w)).double()
         powers = K if self.alpha_form else 2 * K
         self.register_buffer('W_powers', masks.matrix_powers(W, powers).float(), persistent=False)
 
@@ -187,73 +187,59 @@ class TopoAttention(Attention):
         return masks.topo_mask(self.W_powers, self.f_logits.exp())
 
 class GRFAttention(Attention):
-    """M_hat = Phi_hat Phi_hat^T with Phi_hat = sum_t f_t C_t estimated from random walks on the grid (masks.py),
+    """M_hat = Phi_hat Phi_hat^T with Phi_hat = sum_t f_t C_t estimated from random walks on the patch graph (masks.py),
     f = exp(logits) >= 0 starting at decay^k. The walks are sampled once, from (mask_seed, layer), identically on
     every process, and saved with the model; sample_walks redraws them."""
-    settings = ('grf_walks', 'grf_p_halt', 'grf_coupling', 'mask_max_len', 'mask_init_decay')
+    settings = ('graph', 'grf_walks', 'grf_p_halt', 'grf_coupling', 'mask_max_len', 'mask_init_decay')
     sampled = ('grf_crow', 'grf_col', 'grf_slot', 'grf_fidx', 'grf_load')
-    walks = ('image_size', 'patch_size', 'grf_walks', 'grf_p_halt', 'grf_coupling', 'mask_max_len', 'mask_seed')
+    derived = ('grf_rows', 'grf_crow_t', 'grf_col_t', 'grf_perm')  # from grf_crow and grf_col, not saved
+    walks = ('image_size', 'patch_size', 'graph', 'grf_walks', 'grf_p_halt', 'grf_coupling', 'mask_max_len', 'mask_seed')
     dense_max_n = 256
 
     def __init__(self, c, layer):
         super().__init__(c, layer)
         self.f_logits = nn.Parameter(decay_logits(c.mask_init_decay, torch.arange(c.mask_max_len + 1), c.heads))
+        self.graph = GRAPHS[c.graph](self.h, self.w)
         self.walk_settings = dict(n_walks=c.grf_walks, p_halt=c.grf_p_halt, max_len=c.mask_max_len, coupling=c.grf_coupling)
         self.walk_seed = c.mask_seed * 10_007 + layer
         self.sample_walks()
 
     def sample_walks(self, draw=0):
-        """(Re)draw the walks of every head: draw r of this layer is seeded by (mask_seed, layer, r) alone,
-        so every rank draws the same walks and a resumed run the same as an uninterrupted one."""
+        """(Re)draw the walks of every head: draw r of this layer is seeded by (mask_seed, layer, r) alone, head j by
+        seed * 1_000_003 + j, so every rank draws the same walks and a resumed run the same as an uninterrupted one."""
         seed = self.walk_seed if draw == 0 else hash((self.walk_seed, draw)) % 2 ** 31  # int hashes: fixed
-        layout = masks.grf_walk_layout(self.h, self.w, heads=self.heads, seed=seed, **self.walk_settings)
-        for name in self.sampled:
-            self.register_buffer(name, layout[name.removeprefix('grf_')].to(self.f_logits.device))
-        self.layout_sparse()
-
-    def layout_sparse(self):
-        """Phi_hat's row per entry (dense path) and the CSR of Phi_hat^T (fast path), rebuilt whenever the walks change."""
-        for name, t in masks.csr_transpose(self.grf_crow, self.grf_col).items():
-            self.register_buffer('grf_' + name, t, persistent=False)
+        generators = [torch.Generator().manual_seed(seed * 1_000_003 + j) for j in range(self.heads)]
+        layout = masks.grf_walk_layout(self.graph, generators, **self.walk_settings)
+        for name in self.sampled + self.derived:
+            t = layout[name.removeprefix('grf_')].to(self.f_logits.device)
+            self.register_buffer(name, t, persistent=name in self.sampled)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        upgrade_walks(state_dict, prefix)
         # walk buffers are as long as the walks sampled: take the saved shapes before loading
         for name in self.sampled:
             if prefix + name in state_dict:
                 old = getattr(self, name)
                 setattr(self, name, torch.empty_like(state_dict[prefix + name], device=old.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.layout_sparse()
+        rows = torch.repeat_interleave(self.grf_crow.diff().long())  # the row of each non-zero: crow's inverse
+        layout = masks.csr_layout(rows, self.grf_col.long(), n=self.grf_crow.shape[0] - 1)
+        for name in self.derived:
+            self.register_buffer(name, layout[name.removeprefix('grf_')], persistent=False)
+
+    def layout(self):
+        """Phi_hat's CSR layout, block-diagonal over the heads (masks.grf_walk_layout), from this layer's buffers."""
+        return {name.removeprefix('grf_'): getattr(self, name) for name in self.sampled + self.derived}
 
     def grf_values(self):
-        """The values of Phi_hat = sum_t f_t C_t [nnz], in the order of its CSR (grf_crow, grf_col; block-diagonal
-        over the heads), differentiable in f."""
-        f = self.f_logits.exp().flatten()
-        return masks.grf_features(self.grf_slot, self.grf_fidx, self.grf_load, f, nnz=self.grf_col.shape[0])
+        """The values of Phi_hat = sum_t f_t C_t [nnz], in the order of its CSR, differentiable in f."""
+        return masks.grf_features(self.layout(), self.f_logits.exp().flatten())
 
     def dense_mask(self):
-        P = masks.csr_to_dense(self.grf_crow, self.grf_col, self.grf_values(), self.h * self.w, rows=self.grf_rows)
+        P = masks.csr_to_dense(self.layout(), self.grf_values(), self.h * self.w)
         return P @ P.transpose(-2, -1)
 
     def fast_mix(self, q, k, v):
-        transpose = {name: getattr(self, 'grf_' + name) for name in ('crow_t', 'col_t', 'perm')}
-        return masks.grf_linear_attention(q, k, v, self.grf_crow, self.grf_col, self.grf_values(), transpose)
-
-def upgrade_walks(state, prefix=''):
-    """Checkpoints from before the CSR layout saved Phi_hat's support padded (ELL): grf_cols [H, N, R], each row's
-    distinct nodes then repeats of its own index, and grf_slot indexing the H*N*R slots. Rewrites them in state as
-    grf_crow, grf_col and grf_slot (indexing grf_col); the values keep their order."""
-    for key in [k for k in state if k.startswith(prefix) and k.endswith('grf_cols')]:
-        p, cols = key[:-len('cols')], state.pop(key)
-        H, N, R = cols.shape
-        flat = (cols + torch.arange(H, device=cols.device)[:, None, None] * N).view(H * N, R)
-        rows = torch.arange(H * N, device=cols.device)[:, None].expand_as(flat)
-        keep = ((flat == rows).cumsum(1) <= 1).flatten()  # a row's own index: first real, then padding
-        state[p + 'crow'] = masks.csr_crow(rows.flatten()[keep], H * N)
-        state[p + 'col'] = flat.flatten()[keep].int()
-        state[p + 'slot'] = (keep.cumsum(0) - 1)[state[p + 'slot'].long()].int()
-    return state
+        return masks.grf_linear_attention(q, k, v, self.layout(), self.grf_values())
 
 # attn -> its class. A new variant: its math in masks.py, its class above, its entry here (README, "Adding a mask").
 VARIANTS = {'softmax': SoftmaxAttention, 'linear': LinearAttention, 'toeplitz': ToeplitzAttention,
@@ -316,7 +302,7 @@ class ViT(nn.Module):
         settings are (coefficient vectors of another length cut or extended, so K may change; parameters of another
         grid start afresh); the sampled walks if all their `walks` settings are. The rest keeps its initialisation.
         -> {'loaded': [...], 'truncated': [...], 'fresh': [...]}"""
-        c, state = self.config, upgrade_walks(dict(state))
+        c = self.config
         variant = VARIANTS[c.attn]
         same_mask = src.attn == c.attn and all(getattr(src, k) == getattr(c, k) for k in variant.form)
         same_walks = same_mask and all(getattr(src, k) == getattr(c, k) for k in variant.walks)

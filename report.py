@@ -71,7 +71,7 @@ def train_defaults():
     return {k: ast.literal_eval(v) for k, v in re.findall(r"^(\w+) = ([^#\n]*?)\s*(?:#.*)?$", source, re.M)}
 
 def recipe(r, k, defaults):
-    """The run's setting k that is not a knob; a setting the run predates ran at its default (PREDATES first)."""
+    """The run's setting k that is not a knob; a setting the run predates ran at its default."""
     if k in r['config']:
         return r['config'][k]
     return getattr(saved_config(r['config']), k, defaults.get(k))
@@ -157,9 +157,9 @@ def load_model(run_dir):
     model.load_state_dict(ckpt['model'])
     return model
 
-def features_mask(h, w, f):
-    """The exact M = Phi Phi^T, Phi = sum_k f_k W^k, of the h x w grid per row of f [H, K+1], [H, N, N] in f's dtype."""
-    powers = masks.matrix_powers(masks.grid_adjacency(h, w).double(), 2 * f.shape[1] - 2)
+def features_mask(graph, f):
+    """The exact M = Phi Phi^T, Phi = sum_k f_k W^k, of graph = (nbr, deg) per row of f [H, K+1], [H, N, N] in f's dtype."""
+    powers = masks.matrix_powers(masks.normalized_adjacency(graph).double(), 2 * f.shape[1] - 2)
     return masks.topo_mask(powers.to(f.dtype), f)
 
 def first_checkpointed(runs, attn, skipped):
@@ -189,7 +189,7 @@ def mask_rows(runs):
             if not cls.sampled:
                 rows.append((f"{attn} L{layer}: M[centre, :]", list(mask[:, centre].view(-1, a.h, a.w))))
                 continue
-            exact = features_mask(a.h, a.w, a.f_logits.exp())
+            exact = features_mask(a.graph, a.f_logits.exp())
             err = ((mask - exact).norm() / exact.norm()).item()
             print(f"{attn} layer {layer}: ||M_hat - M|| / ||M|| = {err:.3f} (same learned f; f per head: "
                   + '; '.join(' '.join(f'{v:.2f}' for v in f[:4]) + ' ...' for f in a.f_logits.exp()) + ')')
@@ -268,16 +268,12 @@ def mask_swap(runs, data_dir, walks=(20, 100, 1000), walk_seeds=3):
         rows.append(f"| {attn} ({os.path.basename(r['dir'])}) | {r['final']['top1']:.2f} | {exact:.2f} |" + ''.join(cells))
     return '\n'.join(rows + [''] + notes)
 
-def grf_mask(h, w, f, n_walks, p_halt, coupling, generator):
-    """One GRF estimate M_hat = Phi_hat Phi_hat^T per row of f [H, K+1] (a fresh walk ensemble each), [H, N, N]."""
-    N = h * w
-    features = []
-    for fh in f:
-        step, start, node, load = masks.sample_grf_walks(h, w, n_walks=n_walks, p_halt=p_halt, max_len=f.shape[1] - 1,
-                                                         generator=generator, coupling=coupling)
-        crow, col, slot = masks.grf_layout(start, node, N)
-        features.append(masks.csr_to_dense(crow, col, masks.grf_features(slot, step, load.double(), fh, col.shape[0]), N))
-    P = torch.cat(features)
+def grf_mask(graph, f, n_walks, p_halt, coupling, generator):
+    """One GRF estimate M_hat = Phi_hat Phi_hat^T on graph = (nbr, deg) per row of f [H, K+1] (a fresh walk ensemble
+    each, drawn one after the other with generator), [H, N, N]."""
+    layout = masks.grf_walk_layout(graph, [generator] * len(f), n_walks=n_walks, p_halt=p_halt, max_len=f.shape[1] - 1,
+                                   coupling=coupling)
+    P = masks.csr_to_dense(layout, masks.grf_features(layout, f.flatten()), graph[0].shape[0])
     return P @ P.transpose(1, 2)
 
 @torch.no_grad()
@@ -285,17 +281,17 @@ def walk_errors(runs, walks=(5, 20, 100), ensembles=20):
     """Mean ||M_hat - M|| / ||M|| (norms over all heads) of GRF masks per walk coupling and number of walks,
     M = Phi Phi^T exact: f = 0.5^k on the 14x14 grid (K 10, p_halt 0.1), and the learned f of each layer of
     the first grf model among the runs, on its own grid."""
-    cases = [('0.5^k (14x14 grid)', 14, 14, 0.5 ** torch.arange(11.0, dtype=torch.float64)[None], 0.1)]
+    cases = [('0.5^k (14x14 grid)', masks.grid_graph(14, 14), 0.5 ** torch.arange(11.0, dtype=torch.float64)[None], 0.1)]
     r = first_checkpointed(runs, 'grf', 'no learned f in the walk errors')
     if r is not None:
         model = load_model(r['dir'])
         for layer, block in enumerate(model.blocks):
             a = block.attn
-            cases.append((f"learned, layer {layer} ({r['dir']}, {a.h}x{a.w})", a.h, a.w, a.f_logits.exp().double(),
+            cases.append((f"learned, layer {layer} ({r['dir']}, {a.h}x{a.w})", a.graph, a.f_logits.exp().double(),
                           a.walk_settings['p_halt']))
     rows = ["| f | walks |" + ''.join(f" {c} |" for c in masks.COUPLINGS), "|---|---|" + "---|" * len(masks.COUPLINGS)]
-    for title, h, w, f, p_halt in cases:
-        M = features_mask(h, w, f)
+    for title, graph, f, p_halt in cases:
+        M = features_mask(graph, f)
         for n in walks:
             cells = []
             for coupling in masks.COUPLINGS:
@@ -303,7 +299,7 @@ def walk_errors(runs, walks=(5, 20, 100), ensembles=20):
                     cells.append(" – |")  # antithetic walkers come in pairs
                     continue
                 g = torch.Generator().manual_seed(0)
-                errs = [((grf_mask(h, w, f, n_walks=n, p_halt=p_halt, coupling=coupling, generator=g) - M).norm()
+                errs = [((grf_mask(graph, f, n_walks=n, p_halt=p_halt, coupling=coupling, generator=g) - M).norm()
                          / M.norm()).item() for _ in range(ensembles)]
                 cells.append(f" {statistics.mean(errs):.3f} |")
             rows.append(f"| {title} | {n} |" + ''.join(cells))

@@ -10,14 +10,11 @@ import masks
 def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
-def brute_force_grid_W(h, w):
-    N = h * w
+def brute_force_W(N, edges):
+    """W = D^-1/2 A D^-1/2 of the undirected graph on N nodes with these edges, entry by entry."""
     A = torch.zeros(N, N, dtype=torch.float64)
-    for r in range(h):
-        for c in range(w):
-            for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1)):
-                if 0 <= r + dr < h and 0 <= c + dc < w:
-                    A[r * w + c, (r + dr) * w + c + dc] = 1
+    for i, j in edges:
+        A[i, j] = A[j, i] = 1
     d = A.sum(1)
     W = torch.zeros_like(A)
     for i in range(N):
@@ -25,6 +22,29 @@ def brute_force_grid_W(h, w):
             if A[i, j]:
                 W[i, j] = 1 / math.sqrt(d[i] * d[j])
     return W
+
+def grid_edges(h, w, moves=((1, 0), (0, 1))):
+    return [(r * w + c, (r + dr) * w + c + dc) for r in range(h) for c in range(w) for dr, dc in moves
+            if 0 <= r + dr < h and 0 <= c + dc < w]
+
+def brute_force_grid_W(h, w):
+    return brute_force_W(h * w, grid_edges(h, w))
+
+# a graph that is no grid: a ring of 12 nodes with three chords, so degrees 2 and 3 (with its loads' weights
+# sqrt(deg u / deg u') != 1), neighbours listed in no particular order
+RING_EDGES = [(i, (i + 1) % 12) for i in range(12)] + [(0, 6), (2, 9), (7, 3)]
+
+def graph_of(N, edges):
+    """graph = (nbr, deg) from an edge list: each node's neighbours in the order the edges name them, -1 padding."""
+    nbrs = [[] for _ in range(N)]
+    for i, j in edges:
+        nbrs[i].append(j)
+        nbrs[j].append(i)
+    width = max(len(n) for n in nbrs)
+    return torch.tensor([n + [-1] * (width - len(n)) for n in nbrs]), torch.tensor([len(n) for n in nbrs])
+
+GRAPHS = {'grid 3x4': (masks.grid_graph(3, 4), brute_force_grid_W(3, 4)),
+          'ring with chords': (graph_of(12, RING_EDGES), brute_force_W(12, RING_EDGES))}
 
 def softmax_attention(q, k, v):
     """softmax(q k^T / sqrt(d)) v, written out."""
@@ -34,24 +54,35 @@ def qkv(B, H, N, d, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(B, H, N, d, generator=g, dtype=dtype) for _ in range(3)]
 
-def sample_phi(h, w, f, n_walks, p_halt, generator, coupling='iid'):
+def sample_phi(graph, f, n_walks, p_halt, generator, coupling='iid'):
     """One GRF estimate Phi_hat as a dense matrix."""
-    N = h * w
-    step, start, node, load = masks.sample_grf_walks(h, w, n_walks, p_halt, f.shape[-1] - 1, generator, coupling)
-    crow, col, slot = masks.grf_layout(start, node, N)
-    return masks.csr_to_dense(crow, col, masks.grf_features(slot, step, load, f, col.shape[0]), N)[0]
+    layout = masks.grf_walk_layout(graph, [generator], n_walks, p_halt, f.shape[-1] - 1, coupling)
+    return masks.csr_to_dense(layout, masks.grf_features(layout, f), graph[0].shape[0])[0]
 
-# --- 1. the grid graph -------------------------------------------------------------------------
+# --- 1. graphs ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("h,w", [(1, 1), (1, 5), (3, 4), (8, 8)])
 def test_grid_adjacency_equals_brute_force(h, w):
-    W = masks.grid_adjacency(h, w).double()
+    W = masks.normalized_adjacency(masks.grid_graph(h, w)).double()
     torch.testing.assert_close(W, brute_force_grid_W(h, w), rtol=0, atol=1e-7)
 
 def test_grid_degrees_are_2_3_4():
-    nbr, deg = masks.grid_neighbors(5, 6)
+    nbr, deg = masks.grid_graph(5, 6)
     deg = deg.view(5, 6)
     assert deg[0, 0] == deg[4, 5] == 2 and deg[0, 3] == deg[2, 0] == 3 and deg[2, 3] == 4
+
+@pytest.mark.parametrize("h,w", [(1, 4), (3, 4), (5, 5)])
+def test_grid_with_diagonals_links_the_king_moves(h, w):
+    king = [(1, 0), (0, 1), (1, 1), (1, -1)]  # each undirected edge once
+    W = masks.normalized_adjacency(masks.grid_graph(h, w, diagonals=True)).double()
+    torch.testing.assert_close(W, brute_force_W(h * w, grid_edges(h, w, king)), rtol=0, atol=1e-7)
+    deg = masks.grid_graph(5, 6, diagonals=True)[1].view(5, 6)
+    assert deg[0, 0] == 3 and deg[0, 3] == 5 and deg[2, 3] == 8
+
+def test_adjacency_of_any_neighbour_table_equals_brute_force():
+    (nbr, deg), W = GRAPHS['ring with chords']
+    assert nbr.shape == (12, 3) and set(deg.tolist()) == {2, 3}
+    torch.testing.assert_close(masks.normalized_adjacency((nbr, deg)).double(), W, rtol=0, atol=1e-7)
 
 # --- 2. linear and softmax attention -----------------------------------------------------------
 
@@ -102,11 +133,12 @@ def test_sdpa_softmax_equals_handwritten():
 
 # --- 3. the exact topological mask -------------------------------------------------------------
 
-def test_topo_features_equal_loop_of_matrix_powers_and_mask_is_f_self_convolution():
-    h, w, K = 3, 5, 6
-    W = masks.grid_adjacency(h, w).double()
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_topo_features_equal_loop_of_matrix_powers_and_mask_is_f_self_convolution(graph):
+    """On the grid and on a graph that is no grid: Phi = sum_k f_k W^k and M = Phi Phi^T = sum_m alpha_m W^m."""
+    W, K = GRAPHS[graph][1], 6
     f = torch.rand(K + 1, dtype=torch.float64)
-    Phi_ref, Wk = torch.zeros_like(W), torch.eye(h * w, dtype=torch.float64)
+    Phi_ref, Wk = torch.zeros_like(W), torch.eye(W.shape[0], dtype=torch.float64)
     for k in range(K + 1):
         Phi_ref += f[k] * Wk
         Wk = Wk @ W
@@ -132,23 +164,26 @@ def test_self_convolution_equals_a_double_loop_and_deconvolution_inverts_it():
 
 # --- 4. graph random features are unbiased -----------------------------------------------------
 
+@pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("coupling", masks.COUPLINGS)
 @pytest.mark.parametrize("p_halt", [0.1, 0.5])
-def test_grf_is_unbiased_for_the_exact_mask(p_halt, coupling):
+def test_grf_is_unbiased_for_the_exact_mask(p_halt, coupling, graph):
     """Mean of T independent estimates vs Phi_G and M (off-diagonal), within 5 standard errors of the
     mean, the standard error estimated from the same T samples (so it shrinks like 1/sqrt(T n)).
-    For repelling walks this fails if the shared offset U is fixed (walkers then favour low neighbour slots)."""
-    h, w, K, n, T = 3, 4, 4, 8, 800
+    For repelling walks this fails if the shared offset U is fixed (walkers then favour low neighbour slots).
+    On the ring with chords, whose degrees differ, it fails if a hop's load weight is not W[u,u'] deg(u)."""
+    (nbr, deg), W = GRAPHS[graph]
+    K, n, T = 4, 8, 800
     f = 0.7 ** torch.arange(K + 1.0, dtype=torch.float64)
-    Phi = masks.power_series(masks.matrix_powers(masks.grid_adjacency(h, w).double(), K), f)
+    Phi = masks.power_series(masks.matrix_powers(W, K), f)
     g = torch.Generator().manual_seed(1)
-    S = torch.stack([sample_phi(h, w, f, n, p_halt, g, coupling) for _ in range(T)])
+    S = torch.stack([sample_phi((nbr, deg), f, n, p_halt, g, coupling) for _ in range(T)])
     se = S.std(0) / math.sqrt(T)
     z = (S.mean(0) - Phi).abs() / (se + 1e-12)
     assert z.max() < 5, f"Phi_hat biased: max z {z.max():.2f}"
     assert (S.mean(0) - Phi).abs().max() < 0.05 * Phi.abs().max()
     Mh = S @ S.transpose(1, 2)
-    off = ~torch.eye(h * w, dtype=torch.bool)
+    off = ~torch.eye(W.shape[0], dtype=torch.bool)
     zM = ((Mh.mean(0) - Phi @ Phi.T).abs() / (Mh.std(0) / math.sqrt(T) + 1e-12))[off]
     assert zM.max() < 5, f"off-diagonal M_hat biased: max z {zM.max():.2f}"
     # the diagonal shares its walks on both sides, so it is biased upward: the test can see bias
@@ -157,9 +192,9 @@ def test_grf_is_unbiased_for_the_exact_mask(p_halt, coupling):
 def test_grf_error_shrinks_like_one_over_sqrt_walks():
     h, w, K = 3, 4, 4
     f = 0.7 ** torch.arange(K + 1.0, dtype=torch.float64)
-    Phi = masks.power_series(masks.matrix_powers(masks.grid_adjacency(h, w).double(), K), f)
+    Phi = masks.power_series(masks.matrix_powers(brute_force_grid_W(h, w), K), f)
     g = torch.Generator().manual_seed(2)
-    mse = {n: torch.stack([(sample_phi(h, w, f, n, 0.2, g) - Phi).square().sum() for _ in range(200)]).mean()
+    mse = {n: torch.stack([(sample_phi(masks.grid_graph(h, w), f, n, 0.2, g) - Phi).square().sum() for _ in range(200)]).mean()
            for n in (4, 64)}
     assert 8 < mse[4] / mse[64] < 32  # 16x more walks -> 16x smaller mean squared error
 
@@ -167,7 +202,7 @@ def test_grf_walk_records_match_a_python_walk_loop():
     """The vectorised sampler and a walk-by-walk loop agree on the support and the load rule."""
     h, w, K, p = 2, 3, 3, 0.25
     W = brute_force_grid_W(h, w)
-    step, start, node, load = masks.sample_grf_walks(h, w, 50, p, K, torch.Generator().manual_seed(0))
+    step, start, node, load = masks.sample_grf_walks(masks.grid_graph(h, w), 50, p, K, torch.Generator().manual_seed(0))
     deg = (W > 0).sum(1).double()
     # every load recorded at (t, i, u) is (1/n) * a sum of products W[u,u'] deg(u) / (1-p) along walks of t hops
     assert step.max() <= K and (step[start == node].min() == 0)
@@ -180,23 +215,22 @@ def test_grf_walk_records_match_a_python_walk_loop():
 def test_grf_record_count_is_linear_in_nodes_walks_and_length():
     h = w = 128
     N, n, K = h * w, 20, 10
-    step, start, node, load = masks.sample_grf_walks(h, w, n, 0.1, K, torch.Generator().manual_seed(0))
-    assert step.numel() <= N * n * (K + 1)
-    crow, col, slot = masks.grf_layout(start, node, N)
+    layout = masks.grf_walk_layout(masks.grid_graph(h, w), [torch.Generator().manual_seed(0)], n, 0.1, K, 'iid')
+    records, crow, col = layout['load'].numel(), layout['crow'], layout['col']
+    assert records <= N * n * (K + 1)
     R = int(crow.diff().max())  # the most non-zeros in a row of Phi_hat: bounded, independent of N
-    assert crow.shape[0] == N + 1 and col.shape[0] <= step.numel() and R <= n * (K + 1)
-    held = sum(t.numel() * t.element_size() for t in (step, start, node, load, crow, col, slot))
-    print(f"\n128x128 grid, 20 walks, K 10: {step.numel():,} records, {col.shape[0]:,} non-zeros, R = {R}, {held / 2**20:.1f} MiB")
+    assert crow.shape[0] == N + 1 and col.shape[0] <= records and R <= n * (K + 1)
+    held = sum(t.numel() * t.element_size() for t in layout.values())
+    print(f"\n128x128 grid, 20 walks, K 10: {records:,} records, {col.shape[0]:,} non-zeros, R = {R}, {held / 2**20:.1f} MiB")
 
 def mask_error(h, w, f, n_walks, p_halt, coupling, ensembles, seed=0):
     """Mean ||M_hat - M|| / ||M|| over independent walk ensembles, M = Phi Phi^T from matrix powers."""
-    N = h * w
-    Phi = masks.power_series(masks.matrix_powers(masks.grid_adjacency(h, w).double(), f.shape[-1] - 1), f)
+    Phi = masks.power_series(masks.matrix_powers(brute_force_grid_W(h, w), f.shape[-1] - 1), f)
     M = Phi @ Phi.T
     g = torch.Generator().manual_seed(seed)
     errs = []
     for _ in range(ensembles):
-        P = sample_phi(h, w, f, n_walks, p_halt, g, coupling)
+        P = sample_phi(masks.grid_graph(h, w), f, n_walks, p_halt, g, coupling)
         errs.append(rel_err(P @ P.T, M))
     return sum(errs) / len(errs)
 
@@ -212,7 +246,7 @@ def walkers_per_first_hop(h, w, n, p_halt, coupling, seed=0):
     """[N, N] count of the walks of each start node that took their first hop to each node (from the records:
     every walk recorded at step 1 carries the load W[i,u] deg(i) / (1 - p_halt))."""
     N = h * w
-    step, start, node, load = masks.sample_grf_walks(h, w, n, p_halt, 1, torch.Generator().manual_seed(seed), coupling)
+    step, start, node, load = masks.sample_grf_walks(masks.grid_graph(h, w), n, p_halt, 1, torch.Generator().manual_seed(seed), coupling)
     W = brute_force_grid_W(h, w)
     deg = (W > 0).sum(1).double()
     hop = step == 1
@@ -240,18 +274,19 @@ def test_antithetic_pairs_halt_in_opposition():
 
 def test_bad_coupling_or_odd_antithetic_walks_raise():
     with pytest.raises(ValueError, match="coupling='lazy'.*iid, antithetic, repelling, repelling_antithetic"):
-        masks.sample_grf_walks(3, 3, 4, 0.1, 3, coupling='lazy')
+        masks.sample_grf_walks(masks.grid_graph(3, 3), 4, 0.1, 3, coupling='lazy')
     with pytest.raises(ValueError, match="n_walks=5.*even"):
-        masks.sample_grf_walks(3, 3, 5, 0.1, 3, coupling='repelling_antithetic')
+        masks.sample_grf_walks(masks.grid_graph(3, 3), 5, 0.1, 3, coupling='repelling_antithetic')
 
-def test_iid_walks_are_those_of_a_fixed_seed():
+@pytest.mark.parametrize("graph", [masks.grid_graph(2, 3), GRAPHS['ring with chords'][0]])
+def test_iid_walks_are_those_of_a_fixed_seed(graph):
     """The i.i.d. sampler draws as it always did, so checkpoints' walks and seeds keep their meaning:
-    a loop over walkers with the same draws gives the same records."""
-    h, w, n, p, K = 2, 3, 4, 0.3, 3
-    nbr, deg = masks.grid_neighbors(h, w)
-    got = masks.sample_grf_walks(h, w, n, p, K, torch.Generator().manual_seed(7))
+    a loop over walkers with the same draws gives the same records, on the grid and on any neighbour table."""
+    n, p, K = 4, 0.3, 3
+    nbr, deg = graph
+    got = masks.sample_grf_walks(graph, n, p, K, torch.Generator().manual_seed(7))
     g = torch.Generator().manual_seed(7)
-    walkers = [[i, i, 1.0] for i in range(h * w) for _ in range(n)]  # start, node, load
+    walkers = [[i, i, 1.0] for i in range(nbr.shape[0]) for _ in range(n)]  # start, node, load
     recs = {}
     for t in range(K + 1):
         for s, u, l in walkers:
@@ -286,7 +321,7 @@ def test_fft_toeplitz_equals_dense_toeplitz(h, w):
     q, k, v = [x.requires_grad_() for x in qkv(2, 3, h * w, 5)]
     table = (torch.rand(3, 2 * h - 1, 2 * w - 1) + 0.1).requires_grad_()
     fast = grads(lambda q, k, v, t: masks.toeplitz_linear_attention_fft(q, k, v, t, h, w), [q, k, v, table])
-    dense = grads(lambda q, k, v, t: masks.masked_linear_attention(q, k, v, masks.toeplitz_mask(t, h, w)),
+    dense = grads(lambda q, k, v, t: masks.masked_linear_attention(q, k, v, masks.toeplitz_mask(t, masks.toeplitz_index(h, w))),
                   [q, k, v, table])
     for a, b in zip(fast, dense):
         assert rel_err(a, b) < 1e-4
@@ -294,7 +329,7 @@ def test_fft_toeplitz_equals_dense_toeplitz(h, w):
 def test_toeplitz_mask_equals_offset_loop():
     h, w = 3, 4
     t = torch.rand(2 * h - 1, 2 * w - 1)
-    M = masks.toeplitz_mask(t, h, w)
+    M = masks.toeplitz_mask(t, masks.toeplitz_index(h, w))
     for i in range(h * w):
         for j in range(h * w):
             assert M[i, j] == t[i // w - j // w + h - 1, i % w - j % w + w - 1]
@@ -303,19 +338,20 @@ def test_toeplitz_mask_equals_offset_loop():
 def test_walk_layout_of_all_heads_holds_each_heads_own_walks(coupling):
     """grf_walk_layout lays the heads out as one block-diagonal graph in CSR; its Phi_hat per head must equal the dense
     sum of f[step] * load over the records that head's own generator samples, its rows must list exactly their
-    non-zero columns in ascending order, and nothing may fall outside the heads' diagonal blocks."""
-    h, w, H, K, seed = 3, 5, 3, 4, 7
-    N = h * w
+    non-zero columns in ascending order, nothing may fall outside the heads' diagonal blocks, and its transposed CSR
+    (crow_t, col_t, values in perm's order) must be the dense transpose."""
+    graph, H, K, seed = masks.grid_graph(3, 5), 3, 4, 7
+    N = 15
     f = torch.rand(H, K + 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    layout = masks.grf_walk_layout(h, w, heads=H, n_walks=6, p_halt=0.2, max_len=K, coupling=coupling, seed=seed)
+    generators = [torch.Generator().manual_seed(seed * 1_000_003 + j) for j in range(H)]
+    layout = masks.grf_walk_layout(graph, generators, n_walks=6, p_halt=0.2, max_len=K, coupling=coupling)
     crow, col = layout['crow'], layout['col']
-    vals = masks.grf_features(layout['slot'].long(), layout['fidx'].long(), layout['load'].double(), f.flatten(),
-                              nnz=col.shape[0])
+    vals = masks.grf_features(layout, f.flatten())
     assert crow.shape == (H * N + 1,) and crow[-1] == col.shape[0] == vals.shape[0]
-    P = masks.csr_to_dense(crow, col, vals, N)
+    P = masks.csr_to_dense(layout, vals, N)
     for j in range(H):
         g = torch.Generator().manual_seed(seed * 1_000_003 + j)
-        step, start, node, load = masks.sample_grf_walks(h, w, 6, 0.2, K, generator=g, coupling=coupling)
+        step, start, node, load = masks.sample_grf_walks(graph, 6, 0.2, K, generator=g, coupling=coupling)
         expected = torch.zeros(N, N, dtype=torch.float64)
         for t, a, b, l in zip(step.tolist(), start.tolist(), node.tolist(), load.double().tolist()):
             expected[a, b] += f[j, t] * l
@@ -323,19 +359,28 @@ def test_walk_layout_of_all_heads_holds_each_heads_own_walks(coupling):
         for i in range(N):  # the row's distinct nodes, ascending, as columns of the block-diagonal matrix
             row = col[crow[j * N + i]:crow[j * N + i + 1]].tolist()
             assert row == [j * N + u for u in expected[i].nonzero().flatten().tolist()]
+            assert layout['rows'][crow[j * N + i]:crow[j * N + i + 1]].tolist() == [j * N + i] * len(row)
+    PT = torch.sparse_csr_tensor(layout['crow_t'], layout['col_t'], vals[layout['perm']], (H * N, H * N),
+                                 check_invariants=True).to_dense()
+    assert torch.equal(PT, torch.block_diag(*P).T)
 
-@pytest.mark.parametrize("h,w", [(4, 4), (3, 5)])
-def test_grf_fast_equals_dense_grf_mask(h, w):
-    N, H, K = h * w, 2, 5
+GRAPHS_FOR_FAST = {'grid 4x4': masks.grid_graph(4, 4), 'grid 3x5': masks.grid_graph(3, 5),
+                   'grid 4x4 with diagonals': masks.grid_graph(4, 4, diagonals=True),
+                   'ring with chords': GRAPHS['ring with chords'][0]}
+
+@pytest.mark.parametrize("graph", GRAPHS_FOR_FAST)
+def test_grf_fast_equals_dense_grf_mask(graph):
+    graph = GRAPHS_FOR_FAST[graph]
+    N, H, K = graph[0].shape[0], 2, 5
     f = (0.6 ** torch.arange(K + 1.0)).repeat(H, 1).mul(torch.rand(H, K + 1) + 0.5).requires_grad_()
-    layout = masks.grf_walk_layout(h, w, heads=H, n_walks=6, p_halt=0.2, max_len=K, coupling='iid', seed=0)
-    crow, col = layout['crow'], layout['col']
-    vals_of = lambda f: masks.grf_features(layout['slot'], layout['fidx'], layout['load'], f.flatten(), col.shape[0])
+    generators = [torch.Generator().manual_seed(j) for j in range(H)]
+    layout = masks.grf_walk_layout(graph, generators, n_walks=6, p_halt=0.2, max_len=K, coupling='iid')
     q, k, v = [x.requires_grad_() for x in qkv(2, H, N, 4, seed=5)]
-    fast = grads(lambda q, k, v, f: masks.grf_linear_attention(q, k, v, crow, col, vals_of(f)), [q, k, v, f])
+    fast = grads(lambda q, k, v, f: masks.grf_linear_attention(q, k, v, layout, masks.grf_features(layout, f.flatten())),
+                 [q, k, v, f])
 
     def dense_fn(q, k, v, f):
-        P = masks.csr_to_dense(crow, col, vals_of(f), N)
+        P = masks.csr_to_dense(layout, masks.grf_features(layout, f.flatten()), N)
         return masks.masked_linear_attention(q, k, v, P @ P.transpose(-2, -1))
     dense = grads(dense_fn, [q, k, v, f])
     for a, b in zip(fast, dense):
@@ -355,13 +400,12 @@ def test_grf_fast_path_never_allocates_an_n_by_n_tensor():
 
     h = w = 32
     N, d = h * w, 4
-    step, start, node, load = masks.sample_grf_walks(h, w, 4, 0.3, 4, torch.Generator().manual_seed(0))
-    crow, col, slot = masks.grf_layout(start, node, N)
+    layout = masks.grf_walk_layout(masks.grid_graph(h, w), [torch.Generator().manual_seed(0)], 4, 0.3, 4, 'iid')
     f = torch.ones(5, requires_grad=True)
     q, k, v = [x.requires_grad_() for x in qkv(1, 1, N, d)]
     with Largest():
-        vals = masks.grf_features(slot, step, load, f, col.shape[0])
-        masks.grf_linear_attention(q, k, v, crow, col, vals).sum().backward()
+        vals = masks.grf_features(layout, f)
+        masks.grf_linear_attention(q, k, v, layout, vals).sum().backward()
     assert Largest.biggest < N * N / 8, Largest.biggest
 
 def test_self_convolution_is_a_handful_of_ops_whatever_k():

@@ -1,4 +1,5 @@
 """The ViT of model.py: every variant trains, GRF walks are reproducible and saved, bad configs fail."""
+import glob
 import math
 
 import pytest
@@ -71,25 +72,27 @@ def test_topo_model_mask_is_the_power_series_of_its_alpha_and_every_alpha_gets_a
     with torch.no_grad():
         attn.alpha_logits.add_(torch.randn_like(attn.alpha_logits))
     alpha = attn.alpha_logits.exp().detach().double()
-    W = masks.grid_adjacency(4, 4).double()
+    W = masks.normalized_adjacency(masks.grid_graph(4, 4)).double()
     M = sum(alpha[:, k, None, None] * torch.linalg.matrix_power(W, k) for k in range(7))
     torch.testing.assert_close(attn.mask().double(), M, rtol=1e-5, atol=1e-6)
     assert (attn.mask() >= 0).all()
     model(IMAGES).logsumexp(-1).sum().backward()
     assert (attn.alpha_logits.grad.abs() > 0).all()
 
-def test_topo_model_mask_is_phi_phi_transpose_of_its_f():
-    model = ViT(tiny(attn="topo", topo_form="features"))
+@pytest.mark.parametrize("graph", ["grid4", "grid8"])
+def test_topo_model_mask_is_phi_phi_transpose_of_its_f(graph):
+    model = ViT(tiny(attn="topo", topo_form="features", graph=graph))
     attn = model.blocks[0].attn
     f = attn.f_logits.exp().detach()
-    W = masks.grid_adjacency(4, 4)
+    W = masks.normalized_adjacency(masks.grid_graph(4, 4, diagonals=graph == "grid8"))
     Phi = sum(f[:, k, None, None] * torch.linalg.matrix_power(W, k) for k in range(5))
     torch.testing.assert_close(attn.mask().detach(), Phi @ Phi.transpose(1, 2), rtol=1e-5, atol=1e-6)
 
-def test_grf_model_mask_estimates_topo_mask():
-    """With many walks the GRF model's mask approaches the exact mask of the same f."""
-    grf = ViT(tiny(attn="grf", grf_walks=2000, depth=1, heads=1))
-    topo = ViT(tiny(attn="topo", depth=1, heads=1, topo_form="features"))
+@pytest.mark.parametrize("graph", ["grid4", "grid8"])
+def test_grf_model_mask_estimates_topo_mask(graph):
+    """With many walks the GRF model's mask approaches the exact mask of the same f, on the same patch graph."""
+    grf = ViT(tiny(attn="grf", grf_walks=2000, depth=1, heads=1, graph=graph))
+    topo = ViT(tiny(attn="topo", depth=1, heads=1, topo_form="features", graph=graph))
     exact, est = topo.blocks[0].attn.mask().detach()[0], grf.blocks[0].attn.mask().detach()[0]
     off = ~torch.eye(16, dtype=torch.bool)
     assert ((est - exact)[off].norm() / exact[off].norm()) < 0.05
@@ -105,7 +108,7 @@ def test_same_seed_gives_identical_walks():
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 def phi_hat(attn):
-    return masks.csr_to_dense(attn.grf_crow, attn.grf_col, attn.grf_values().detach(), attn.h * attn.w)
+    return masks.csr_to_dense(attn.layout(), attn.grf_values().detach(), attn.h * attn.w)
 
 def test_layers_heads_and_seeds_get_different_walks():
     model, other = ViT(tiny(attn="grf")), ViT(tiny(attn="grf", mask_seed=1))
@@ -119,16 +122,26 @@ def test_grf_model_walks_are_drawn_with_its_coupling(coupling):
     """Layer 0, head 0 holds the walks masks.sample_grf_walks draws with the model's coupling and seed."""
     attn = ViT(tiny(attn="grf", grf_coupling=coupling, mask_seed=3)).blocks[0].attn
     g = torch.Generator().manual_seed((3 * 10_007 + 0) * 1_000_003 + 0)
-    step, start, node, load = masks.sample_grf_walks(4, 4, 4, 0.1, 4, g, coupling)
+    step, start, node, load = masks.sample_grf_walks(masks.grid_graph(4, 4), 4, 0.1, 4, g, coupling)
     f = attn.f_logits.exp().detach()[0]
     want = torch.zeros(16, 16).index_put_((start, node), f[step] * load, accumulate=True)
     torch.testing.assert_close(phi_hat(attn)[0], want)
 
-def test_settings_a_saved_run_predates_take_the_value_it_ran_with():
-    assert saved_config({"attn": "grf", "epochs": 3}).grf_coupling == "iid"  # walks were i.i.d. before the setting
-    assert saved_config({"attn": "grf", "grf_coupling": "repelling"}).grf_coupling == "repelling"
-    assert saved_config({"attn": "topo"}).topo_form == "features"  # topo learned f before the setting
-    assert saved_config({"attn": "grf"}).table_init_decay == ViTConfig().table_init_decay
+def test_saved_config_takes_the_model_settings_of_a_run_and_ignores_the_others():
+    assert saved_config({"attn": "grf", "grf_coupling": "iid", "epochs": 3}) == ViTConfig(attn="grf", grf_coupling="iid")
+
+@pytest.mark.parametrize("path", [p for p in sorted(glob.glob("results/**/ckpt.pt", recursive=True))
+                                  if torch.load(p, map_location="cpu", weights_only=False)["config"]["attn"] == "grf"])
+def test_walks_saved_in_results_are_the_walks_the_model_draws_today(path):
+    """The saved runs' walks, drawn from (mask_seed, layer, head) with the settings in their config, come out of
+    today's sampler bit for bit: its draws and layout still mean what they meant when those runs trained."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = ViT(saved_config(ckpt["config"]))
+    drawn = dict(model.named_buffers())
+    walks = model.walk_buffers()
+    assert walks and all(torch.equal(ckpt["model"][k], drawn[k]) for k in walks)
+    model.load_state_dict(ckpt["model"])
+    assert all(torch.equal(t, drawn[k]) for k, t in model.named_buffers())  # the buffers derived again on loading
 
 def test_state_dict_round_trip_restores_walks_and_outputs(tmp_path):
     torch.manual_seed(0)
@@ -177,6 +190,7 @@ def test_param_groups_cover_every_parameter_once(attn):
     (dict(attn="topo", topo_form="beta"), ["topo_form='beta'", "alpha", "features"]),
     (dict(attn="grf", grf_coupling="lazy"), ["grf_coupling='lazy'", "iid", "repelling_antithetic"]),
     (dict(attn="grf", grf_coupling="antithetic", grf_walks=5), ["grf_walks=5", "even"]),
+    (dict(attn="topo", graph="knn"), ["graph='knn'", "valid: grid4, grid8"]),
 ])
 def test_bad_config_raises_value_error_naming_value_and_valid_ones(kw, words):
     with pytest.raises(ValueError) as e:
@@ -248,38 +262,6 @@ def test_fine_tuning_with_the_same_walk_settings_keeps_the_walks_and_another_var
     f, _ = mask_and_walk_names(attn="topo", topo_form="features")
     assert f and all(torch.equal(new[k], init[k]) and k in done["fresh"] for k in f)
     assert torch.equal(new["blocks.0.attn.qkv.weight"], src["blocks.0.attn.qkv.weight"])
-
-def padded_walks(model):
-    """The model's state as checkpoints before the CSR layout saved it: each head's Phi_hat support padded (ELL),
-    grf_cols [H, N, R] with a row's distinct nodes in order then repeats of its own index, grf_slot into H*N*R."""
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith(('.grf_crow', '.grf_col'))}
-    for name, m in model.named_modules():
-        if hasattr(m, 'grf_crow'):
-            crow, col = m.grf_crow.long().tolist(), m.grf_col.long()
-            H, N, R = m.heads, m.h * m.w, max(b - a for a, b in zip(crow, crow[1:]))
-            cols, where = torch.empty(H * N, R, dtype=torch.long), torch.empty(col.shape[0], dtype=torch.long)
-            for r in range(H * N):
-                a, b = crow[r], crow[r + 1]
-                cols[r] = torch.cat([col[a:b] % N, torch.full((R - (b - a),), r % N)])
-                where[a:b] = r * R + torch.arange(b - a)
-            state[f'{name}.grf_cols'] = cols.view(H, N, R)
-            state[f'{name}.grf_slot'] = where[m.grf_slot.long()].int()
-    return state
-
-def test_a_checkpoint_with_padded_walks_resumes_and_fine_tunes_with_the_same_walks():
-    model = ViT(tiny(attn="grf", mask_seed=3)).eval()
-    old, walks = padded_walks(model), model.walk_buffers()
-    assert 'blocks.0.attn.grf_cols' in old and 'blocks.0.attn.grf_crow' not in old
-    resumed, tuned = ViT(tiny(attn="grf", mask_seed=3)).eval(), ViT(tiny(attn="grf", mask_seed=3)).eval()
-    for m in (resumed, tuned):
-        for block in m.blocks:
-            block.attn.sample_walks(draw=1)  # other walks, so that only loading can bring the saved ones back
-    resumed.load_state_dict(old)
-    done = tuned.load_for_fine_tuning(old, model.config)
-    assert all(k in done['loaded'] for k in walks)
-    for m in (resumed, tuned):
-        assert all(torch.equal(m.state_dict()[k], model.state_dict()[k]) for k in walks)
-        torch.testing.assert_close(m(IMAGES), model(IMAGES), rtol=0, atol=0)
 
 def test_imagenet_config_states_the_flops_that_torch_counts():
     """configs/imagenet.py's 'about X GFLOP per image, forward and backward' against FlopCounterMode on ViT-B/16."""
