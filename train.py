@@ -254,7 +254,6 @@ def evaluate():
     eval_model.eval()
     sums = torch.zeros(4, device=device)  # loss, top-1 hits, top-5 hits, images
     for x, y in loaders.val:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
             logits = eval_model(x).float()
         hits = logits.topk(min(5, logits.size(1)), dim=1).indices == y[:, None]
@@ -295,14 +294,6 @@ def save_checkpoint():
         torch.save(ckpt, ckpt_path + '.tmp')
         os.replace(ckpt_path + '.tmp', ckpt_path)
 
-def stop_if_not_finite(loss):
-    if not math.isfinite(loss):
-        print0(f"non-finite loss ({loss}) by step {step}: stopping. The last good checkpoint is untouched: "
-               f"{ckpt_path if os.path.exists(ckpt_path) else '(none written yet)'}", file=sys.stderr)
-        if ddp:
-            dist.destroy_process_group()
-        sys.exit(1)
-
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
@@ -338,8 +329,7 @@ while step < stop_step:
         for group in optimizer.param_groups:
             group['lr'] = lr_now * group['lr_mult']
         for micro_step in range(grad_accum):
-            x, y = next(batches)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = next(batches)  # on the device
             if ddp:  # all-reduce gradients on the last micro-step only
                 model.require_backward_grad_sync = micro_step == grad_accum - 1
             with autocast:
@@ -359,7 +349,12 @@ while step < stop_step:
             if ddp:
                 dist.all_reduce(loss_sum)
             mean_loss = loss_sum.item() / loss_count / world
-            stop_if_not_finite(mean_loss)
+            if not math.isfinite(mean_loss):  # the same on every rank: all stop
+                print0(f"non-finite loss ({mean_loss}) by step {step}: stopping. The last good checkpoint is untouched: "
+                       f"{ckpt_path if os.path.exists(ckpt_path) else '(none written yet)'}", file=sys.stderr)
+                if ddp:
+                    dist.destroy_process_group()
+                sys.exit(1)
             dt = time.time() - t0
             train_time += dt
             images_seen += (step - last_step) * batch_size
