@@ -159,6 +159,7 @@ def image_files(dataset, data_dir, image_size, train):
 
 TENSOR_SETS = {'fmnist': fmnist, 'cifar10': cifar10, 'synthetic': synthetic}
 FILE_SETS = ('imagenet', 'inat2021', 'places365')
+DATASETS = (*TENSOR_SETS, *FILE_SETS)
 
 def load(dataset, data_dir, image_size, micro_batch, grad_accum=1, rank=0, world=1, seed=0, device='cpu',
          num_workers=0, num_classes=0, crop_pad=0, flip=False):
@@ -189,7 +190,7 @@ def load(dataset, data_dir, image_size, micro_batch, grad_accum=1, rank=0, world
         channels = 3
         mean, std = IMAGENET_STATS
     else:
-        raise SystemExit(f"unknown dataset {dataset!r}; valid: {', '.join([*TENSOR_SETS, *FILE_SETS])}")
+        raise SystemExit(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
     sampler = train.batch_sampler
     num_val = val.batch_sampler.n
     augment = (lambda x: crops_and_flips(x, crop_pad, flip)) if crop_pad or flip else None

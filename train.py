@@ -91,8 +91,25 @@ compile = True             # torch.compile the model (on CUDA; on CPU and MPS it
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 configure(config, sys.argv[1:])
 globals().update(config)
-
 config['out_dir'] = out_dir = out_dir or f'out/{dataset}-{attn}'
+model_keys = [f.name for f in fields(ViTConfig)]
+
+# every setting is checked before anything is read or written: the model's by model.check_config, the others here
+VALID = [('epochs batch_size grad_accum log_interval', lambda v: v >= 1, "an integer >= 1"),
+         ('max_steps warmup_steps ckpt_interval num_workers crop_pad in_channels num_classes', lambda v: v >= 0, "an integer >= 0"),
+         ('lr min_lr weight_decay mask_lr_mult grad_clip mixup label_smoothing beta1 beta2', lambda v: v >= 0, "a number >= 0"),
+         ('label_smoothing beta1 beta2', lambda v: v < 1, "a number below 1"),
+         ('dataset', lambda v: v in data.DATASETS, ', '.join(data.DATASETS)),
+         ('loss', lambda v: v in ('softmax', 'sigmoid'), "softmax, sigmoid"),
+         ('device', lambda v: v.split(':')[0] in ('auto', 'cuda', 'mps', 'cpu'), "auto, cuda, mps, cpu")]
+for keys, ok, valid in VALID:
+    for k in keys.split():
+        if not ok(config[k]):
+            fail(f"{k}={config[k]!r} is invalid; valid: {valid}")
+try:
+    check_config(ViTConfig(**{k: config[k] for k in model_keys}))
+except ValueError as e:
+    fail(str(e))
 
 # processes and devices
 ddp = 'RANK' in os.environ  # launched by torchrun
@@ -118,7 +135,6 @@ scaler = torch.amp.GradScaler('cuda', enabled=ptdtype == torch.float16)
 
 # checkpoint: what the run starts from, settled before any data is read
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-model_keys = [f.name for f in fields(ViTConfig)]
 init_from = config['init_from'] = init_from.replace('{attn}', attn)  # a config may name the variant's own checkpoint
 
 def read_checkpoint(path):
@@ -148,14 +164,6 @@ else:  # fine-tune from another run's checkpoint: this run's model settings, the
     if eval_only:  # ... or evaluate that checkpoint as it is
         adopt_model_settings(ckpt)
 globals().update({k: config[k] for k in model_keys})
-if loss not in ('softmax', 'sigmoid'):
-    fail(f"loss={loss!r} is invalid; valid: softmax, sigmoid")
-if ckpt_interval < 0:
-    fail(f"ckpt_interval={ckpt_interval} is invalid; valid: 0 (epoch ends only) or a number of optimizer steps")
-try:  # a bad model setting fails now, not after the dataset is loaded
-    check_config(ViTConfig(**{k: config[k] for k in model_keys}))
-except ValueError as e:
-    fail(str(e))
 
 # data
 loaders = data.load(dataset, data_dir, image_size, micro_batch, grad_accum=grad_accum, rank=rank, world=world,
