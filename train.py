@@ -258,20 +258,23 @@ def loss_fn(x, y):
 
 @torch.no_grad()
 def evaluate():
-    """Loss, top-1 and top-5 (%) over the whole validation set: each rank sums its shard, then all-reduce."""
+    """Loss, top-1 and top-5 (%) over the whole validation set, and the images replaced in the last pass over each split
+    as undecodable: each rank sums its shard, then all-reduce."""
     eval_model.eval()
-    sums = torch.zeros(4, device=device)  # loss, top-1 hits, top-5 hits, images
+    sums = torch.zeros(6, device=device)  # loss, top-1 hits, top-5 hits, images, train and val images replaced
     for x, y in loaders.val:
         with autocast:
             logits = eval_model(x).float()
         hits = logits.topk(min(5, logits.size(1)), dim=1).indices == y[:, None]
-        sums += torch.stack([F.cross_entropy(logits, y, reduction='sum'), hits[:, 0].sum().float(),
-                             hits.any(1).sum().float(), torch.tensor(float(len(y)), device=device)])
+        sums[:4] += torch.stack([F.cross_entropy(logits, y, reduction='sum'), hits[:, 0].sum().float(),
+                                 hits.any(1).sum().float(), torch.tensor(float(len(y)), device=device)])
+    sums[4:] = torch.tensor([len(loaders.train.replaced), len(loaders.val.replaced)])
     if ddp:
         dist.all_reduce(sums)
     eval_model.train()
-    loss, top1, top5, n = sums.tolist()
-    return {'loss': loss / n, 'top1': 100 * top1 / n, 'top5': 100 * top5 / n, 'count': int(n)}
+    loss, top1, top5, n, bad_train, bad_val = sums.tolist()
+    return {'loss': loss / n, 'top1': 100 * top1 / n, 'top5': 100 * top5 / n, 'count': int(n),
+            'undecodable': {'train': int(bad_train), 'val': int(bad_val)}}
 
 if eval_only:
     r = evaluate()
@@ -386,6 +389,10 @@ while step < stop_step:
     print0(f"eval epoch {epoch + 1} step {step}: loss {result['loss']:.4f} top1 {result['top1']:.2f}% "
            f"top5 {result['top5']:.2f}% ({result['count']} images)")
     log({'kind': 'eval', 'epoch': epoch + 1, 'step': step, **result})
+    for split, bad in result['undecodable'].items():
+        if bad:
+            print0(f"{bad} of the {split} images failed to decode and were replaced by the next ones: "
+                   f"{', '.join(list(getattr(loaders, split).replaced)[:3])}{', ...' if bad > 3 else ''}")
     save_checkpoint()
     saved_step = step
 if result is None:  # nothing left to train: report the checkpoint as it is
