@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 from torchvision.datasets.folder import default_loader  # PIL, converted to RGB
+from torchvision.datasets.utils import check_integrity
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 IMAGENET_LAYOUT = "data_dir/train/<wnid>/*.JPEG and data_dir/val/<wnid>/*.JPEG (one folder per class, 1000 each)"
@@ -111,22 +112,33 @@ def rank_zero_first(rank, world):
     if world > 1 and rank == 0:
         dist.barrier()
 
-def downloaded(make, name, data_dir, layout):
-    """make() (a torchvision dataset that downloads itself), or one line that says where it looked and what it expects."""
+def downloaded(make, name, data_dir, layout, md5s={}):
+    """make() (a torchvision dataset that downloads itself), or one line that names the first file of md5s {path: md5}
+    that is there but damaged, or says where it looked and what it expects."""
     try:
         return make()
-    except (RuntimeError, OSError) as e:  # torchvision's 'Dataset not found', or a failed download (URLError)
+    except Exception as e:
+        damaged = [f for f, md5 in md5s.items() if os.path.exists(f) and not check_integrity(f, md5)]
+        if damaged:
+            raise SystemExit(f"{damaged[0]} is damaged ({type(e).__name__}); delete it, and it is downloaded again") from None
+        if not isinstance(e, (RuntimeError, OSError)):  # torchvision's 'Dataset not found', or a failed download (URLError)
+            raise
         raise SystemExit(f"{name} is not in {data_dir} and could not be downloaded ({type(e).__name__}: {e}). "
                          f"Expected {layout.replace('data_dir', data_dir)}; point --data_dir at a folder that holds it.")
 
+FMNIST_MD5 = {'train-images-idx3-ubyte': 'f4a8712d7a061bf5bd6d2ca38dc4d50a', 'train-labels-idx1-ubyte': '9018921c3c673c538a1fc5bad174d6f9',
+              't10k-images-idx3-ubyte': '8181f5470baa50b63fa0f6fddb340f0a', 't10k-labels-idx1-ubyte': '15d484375f8d13e6eb1aabb0c3f46965'}
+
 def fmnist(data_dir, train, num_classes):
-    ds = downloaded(lambda: torchvision.datasets.FashionMNIST(data_dir, train=train, download=True), 'FashionMNIST',
-                    data_dir, "data_dir/FashionMNIST/raw/*-ubyte(.gz)")
+    ds = downloaded(lambda: torchvision.datasets.FashionMNIST(data_dir, train=train, download=True), 'FashionMNIST', data_dir,
+                    "data_dir/FashionMNIST/raw/*-ubyte(.gz)", {os.path.join(data_dir, 'FashionMNIST', 'raw', f): md5 for f, md5 in FMNIST_MD5.items()})
     return ds.data[:, None], ds.targets, (0.2860,), (0.3530,)
 
 def cifar10(data_dir, train, num_classes):
-    ds = downloaded(lambda: torchvision.datasets.CIFAR10(data_dir, train=train, download=True), 'CIFAR-10', data_dir,
-                    "data_dir/cifar-10-batches-py/")
+    C = torchvision.datasets.CIFAR10
+    files = C.train_list + C.test_list + [(C.meta['filename'], C.meta['md5'])]
+    ds = downloaded(lambda: C(data_dir, train=train, download=True), 'CIFAR-10', data_dir, "data_dir/cifar-10-batches-py/",
+                    {os.path.join(data_dir, C.base_folder, f): md5 for f, md5 in files})
     return torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.tensor(ds.targets), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 def synthetic(data_dir, train, num_classes, size=32):

@@ -140,8 +140,12 @@ init_from = config['init_from'] = init_from.replace('{attn}', attn)  # a config 
 def read_checkpoint(path):
     if not os.path.isfile(path):
         fail(f"init_from={init_from!r}: no checkpoint at {path}")
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    ckpt['config'] = {**ckpt['config'], **asdict(saved_config(ckpt['config']))}  # settings it predates: as it ran
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+        ckpt['config'] = {**ckpt['config'], **asdict(saved_config(ckpt['config']))}  # settings it predates: as it ran
+    except Exception as e:
+        tmp = f"; {path}.tmp is a save that was cut short, not a checkpoint" if os.path.exists(path + '.tmp') else ''
+        fail(f"{path} is damaged: torch cannot read it ({type(e).__name__}){tmp}")
     return ckpt
 
 def adopt_model_settings(ckpt):
