@@ -11,12 +11,14 @@ Trains a Vision Transformer with one of five attentions (model.py) on one of six
 Every hyperparameter is a global below; config files and --key=value arguments override them, left to right
 (configurator.py). Writes out_dir/ckpt.pt (each epoch), out_dir/metrics.jsonl and out_dir/result.json.
 """
+import atexit
 import json
 import math
 import os
+import socket
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import asdict, fields
 
 import torch
@@ -169,6 +171,42 @@ else:  # fine-tune from another run's checkpoint: this run's model settings, the
         adopt_model_settings(ckpt)
 globals().update({k: config[k] for k in model_keys})
 
+# out_dir: one run writes it at a time, and a new run never overwrites an old one (rank 0 writes; eval_only writes nothing)
+def take_lock(path):
+    """Create path exclusively, holding 'host pid', and remove it at exit. If it is there, fail naming its holder, unless
+    that pid is gone from this host (a run killed by SIGKILL): then take it over."""
+    me = f"{socket.gethostname()} {os.getpid()}"
+    while True:
+        with suppress(FileExistsError):
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, me.encode())
+            os.close(fd)
+            atexit.register(lambda: os.path.exists(path) and os.remove(path))
+            return
+        with suppress(FileNotFoundError):  # gone meanwhile: try again
+            host, _, pid = open(path).read().strip().partition(' ')
+            if host != me.split()[0] or not pid.isdigit() or pid != str(os.getpid()) and pid_alive(int(pid)):
+                fail(f"out_dir {out_dir} is in use by pid {pid or '?'} on {host or '?'}; let that run end, or remove "
+                     f"{path} if it has")
+            os.remove(path)  # its run is gone: take it over
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process is there
+    except OSError as e:
+        return isinstance(e, PermissionError)  # there, but another user's
+    return True
+
+if master and not eval_only:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"out_dir={out_dir!r} cannot be made: {e}")
+    take_lock(os.path.join(out_dir, 'lock'))
+    if init_from != 'resume' and os.path.exists(ckpt_path):
+        fail(f"{out_dir} holds a run (its ckpt.pt): continue it with --init_from=resume, or train into another "
+             f"--out_dir (or remove {out_dir} first)")
+
 # data
 loaders = data.load(dataset, data_dir, image_size, micro_batch, grad_accum=grad_accum, rank=rank, world=world,
                     seed=seed, device=device, num_workers=num_workers, num_classes=num_classes, crop_pad=crop_pad, flip=flip)
@@ -313,7 +351,6 @@ def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 if master:  # metrics.jsonl keeps the records up to the start step: a resumed run logs the later ones again
-    os.makedirs(out_dir, exist_ok=True)
     metrics = os.path.join(out_dir, 'metrics.jsonl')
     lines = open(metrics).readlines() if os.path.exists(metrics) else []
     with open(metrics + '.tmp', 'w') as f:  # a line cut short by a crash has no newline
