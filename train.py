@@ -240,6 +240,7 @@ optimizer = torch.optim.AdamW(model.param_groups(weight_decay, mask_lr_mult), lr
                               fused=device_type == 'cuda')
 step = 0                   # optimizer steps taken
 best = {'top1': 0.0, 'top5': 0.0}
+eval_due = False           # whether the model at `step` is still to be evaluated
 wall_before = 0.0          # seconds this run spent before it was resumed
 if init_from == 'resume':
     optimizer.load_state_dict(ckpt['optimizer'])
@@ -247,7 +248,8 @@ if init_from == 'resume':
         group.update(weight_decay=now['weight_decay'], lr_mult=now['lr_mult'], betas=(beta1, beta2))  # this run's settings
     scaler.load_state_dict(ckpt['scaler'])
     step = ckpt['step']
-    best = ckpt['best']
+    best = ckpt['best']        # over the evaluations before this checkpoint's
+    eval_due = ckpt.get('eval_pending', False)  # saved at an epoch's end, then evaluated (or not, if that crashed)
     wall_before = ckpt['wall_time']
     rng = ckpt['rng'][rank] if len(ckpt['rng']) == world else None
     if rng:
@@ -333,8 +335,9 @@ def log(record):
         if wandb_log:
             wandb.log(record, step=record['step'])
 
-def save_checkpoint():
-    """Write ckpt.pt atomically: a temp file renamed over the old one, which stays intact until then."""
+def save_checkpoint(eval_pending):
+    """Write ckpt.pt atomically: a temp file renamed over the old one, which stays intact until then. eval_pending: an
+    evaluation follows, which a run resumed from it does first."""
     rng = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
     rngs = [rng]
     if ddp:  # every rank's dropout and mixup stream, so that resuming on the same world size is exact
@@ -343,18 +346,19 @@ def save_checkpoint():
     if master:
         ckpt = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                 'step': step, 'epoch': step // steps_per_epoch, 'rng': rngs, 'config': config, 'best': best,
-                'wall_time': wall_before + time.time() - t_start}
+                'eval_pending': eval_pending, 'wall_time': wall_before + time.time() - t_start}
         torch.save(ckpt, ckpt_path + '.tmp')
         os.replace(ckpt_path + '.tmp', ckpt_path)
 
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
-if master:  # metrics.jsonl keeps the records up to the start step: a resumed run logs the later ones again
+if master:  # metrics.jsonl keeps the records before the start step: a resumed run logs the later ones again
     metrics = os.path.join(out_dir, 'metrics.jsonl')
     lines = open(metrics).readlines() if os.path.exists(metrics) else []
     with open(metrics + '.tmp', 'w') as f:  # a line cut short by a crash has no newline
-        f.writelines(l for l in lines if l.endswith('\n') and json.loads(l)['step'] <= step)
+        kept = lambda r: r['step'] < step or r['step'] == step and not (eval_due and r['kind'] == 'eval')  # done again
+        f.writelines(l for l in lines if l.endswith('\n') and kept(json.loads(l)))
     os.replace(metrics + '.tmp', metrics)
     if wandb_log:
         import wandb
@@ -366,7 +370,21 @@ result = None
 loss_sum = torch.zeros((), device=device)  # summed on the device: no sync between log steps
 loss_count = 0
 saved_step = step
-while step < stop_step:
+eval_due = eval_due or step >= stop_step  # nothing left to train: report the checkpoint as it is
+while True:
+    if eval_due:  # the model at the end of an epoch (or at stop_step), saved just before
+        result = evaluate()
+        best = {k: max(best[k], result[k]) for k in best}
+        record = {'kind': 'eval', 'epoch': math.ceil(step / steps_per_epoch), 'step': step, **result}
+        print0(f"eval epoch {record['epoch']} step {step}: loss {result['loss']:.4f} top1 {result['top1']:.2f}% "
+               f"top5 {result['top5']:.2f}% ({result['count']} images)")
+        log(record)
+        for split, bad in result['undecodable'].items():
+            if bad:
+                print0(f"{bad} of the {split} images failed to decode and were replaced by the next ones: "
+                       f"{', '.join(list(getattr(loaders, split).replaced)[:3])}{', ...' if bad > 3 else ''}")
+    if step >= stop_step:
+        break
     epoch = step // steps_per_epoch
     loaders.sampler.set_epoch(epoch, step % steps_per_epoch)
     batches = iter(loaders.train)
@@ -418,26 +436,16 @@ while step < stop_step:
             loss_sum.zero_()
             loss_count = 0
             if ckpt_interval and step - saved_step >= ckpt_interval and not epoch_end:
-                save_checkpoint()  # at a log step, so that a resumed run logs the same averages
+                save_checkpoint(eval_pending=False)  # at a log step, so that a resumed run logs the same averages
                 saved_step = step
                 print0(f"saved {ckpt_path} at step {step}")
             t0 = time.time()
             last_step = step
         if epoch_end:
             break
-    result = evaluate()
-    best = {k: max(best[k], result[k]) for k in best}
-    print0(f"eval epoch {epoch + 1} step {step}: loss {result['loss']:.4f} top1 {result['top1']:.2f}% "
-           f"top5 {result['top5']:.2f}% ({result['count']} images)")
-    log({'kind': 'eval', 'epoch': epoch + 1, 'step': step, **result})
-    for split, bad in result['undecodable'].items():
-        if bad:
-            print0(f"{bad} of the {split} images failed to decode and were replaced by the next ones: "
-                   f"{', '.join(list(getattr(loaders, split).replaced)[:3])}{', ...' if bad > 3 else ''}")
-    save_checkpoint()
+    save_checkpoint(eval_pending=True)  # before the evaluation: an exception there costs no training
     saved_step = step
-if result is None:  # nothing left to train: report the checkpoint as it is
-    result = evaluate()
+    eval_due = True
 if master:
     summary = {'config': config, 'final': result, 'best': best, 'num_params': raw_model.num_params(), 'steps': step,
                'images_per_s': images_seen / max(train_time, 1e-9), 'wall_time_s': wall_before + time.time() - t_start}
