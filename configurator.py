@@ -37,7 +37,7 @@ def configure(config, args):
         where = '' if arg.startswith('--') else f" in {arg}"
         if where:  # a config file, run with the current values in scope
             if not os.path.isfile(arg):
-                fail(f"config file not found: {arg}")
+                fail(f"config file {arg} is a directory, not a file" if os.path.isdir(arg) else f"config file not found: {arg}")
             scope = dict(config)
             try:
                 exec(compile(open(arg).read(), arg, 'exec'), scope)

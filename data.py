@@ -4,6 +4,7 @@ Datasets as iterables of (images, labels) batches, sharded over DDP ranks by one
   imagenet                     ImageFolder on data_dir/train and data_dir/val (decoded by worker processes)
   inat2021                     torchvision INaturalist, 2021_train / 2021_valid
   places365                    torchvision Places365, small (256x256) images, train-standard / val
+A file dataset's train and val must hold the same classes; an image file that fails to decode is replaced (ImageFiles).
 """
 import os
 from contextlib import contextmanager
@@ -15,9 +16,11 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 from torchvision.datasets.folder import default_loader  # PIL, converted to RGB
+from torchvision.datasets.utils import check_integrity
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 IMAGENET_LAYOUT = "data_dir/train/<wnid>/*.JPEG and data_dir/val/<wnid>/*.JPEG (one folder per class, 1000 each)"
+UNDECODABLE_MAX = 0.001    # the share of a rank's pass through a split that may fail to decode (at least one image)
 
 class ShardedBatches:
     """Batch sampler for every dataset. Training: each epoch one permutation, seeded by (seed, epoch) and the
@@ -63,15 +66,22 @@ def crops_and_flips(x, pad, flip):
 
 class Normalised:
     """uint8 image batches [B, C, H, W] from `batches`, moved to the device, augmented there (augment(x), if given)
-    and normalised: a quarter of float32's bytes cross from the loader workers and over the bus."""
-    def __init__(self, batches, device, mean, std, augment=None):
-        self.batches, self.device = batches, device
+    and normalised: a quarter of float32's bytes cross from the loader workers and over the bus. A file dataset's
+    batches also name the images replaced (ImageFiles): `replaced` lists this pass's; more than `limit` end the run."""
+    def __init__(self, batches, device, mean, std, augment=None, limit=0):
+        self.batches, self.device, self.limit = batches, device, limit
         self.augment = augment or (lambda x: x)
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+        self.replaced = {}
 
     def __iter__(self):
-        for x, y in self.batches:
+        self.replaced = {}  # the files of this pass that failed to decode (a dict: in order, each once)
+        for x, y, *failed in self.batches:  # a file dataset's batch also names them, '\n'-joined per sample
+            self.replaced.update(dict.fromkeys(path for paths in (failed[0] if failed else ()) for path in paths.split('\n') if path))
+            if len(self.replaced) > self.limit:
+                raise SystemExit(f"{len(self.replaced)} images failed to decode in one pass, more than {self.limit} (0.1%): "
+                                 f"the copy of the dataset is damaged; {', '.join(list(self.replaced)[:3])}, ...")
             x = self.augment(x.to(self.device, non_blocking=True))
             yield (x.float() - self.mean) / self.std, y.to(self.device, non_blocking=True)
 
@@ -102,22 +112,33 @@ def rank_zero_first(rank, world):
     if world > 1 and rank == 0:
         dist.barrier()
 
-def downloaded(make, name, data_dir, layout):
-    """make() (a torchvision dataset that downloads itself), or one line that says where it looked and what it expects."""
+def downloaded(make, name, data_dir, layout, md5s={}):
+    """make() (a torchvision dataset that downloads itself), or one line that names the first file of md5s {path: md5}
+    that is there but damaged, or says where it looked and what it expects."""
     try:
         return make()
-    except (RuntimeError, OSError) as e:  # torchvision's 'Dataset not found', or a failed download (URLError)
+    except Exception as e:
+        damaged = [f for f, md5 in md5s.items() if os.path.exists(f) and not check_integrity(f, md5)]
+        if damaged:
+            raise SystemExit(f"{damaged[0]} is damaged ({type(e).__name__}); delete it, and it is downloaded again") from None
+        if not isinstance(e, (RuntimeError, OSError)):  # torchvision's 'Dataset not found', or a failed download (URLError)
+            raise
         raise SystemExit(f"{name} is not in {data_dir} and could not be downloaded ({type(e).__name__}: {e}). "
                          f"Expected {layout.replace('data_dir', data_dir)}; point --data_dir at a folder that holds it.")
 
+FMNIST_MD5 = {'train-images-idx3-ubyte': 'f4a8712d7a061bf5bd6d2ca38dc4d50a', 'train-labels-idx1-ubyte': '9018921c3c673c538a1fc5bad174d6f9',
+              't10k-images-idx3-ubyte': '8181f5470baa50b63fa0f6fddb340f0a', 't10k-labels-idx1-ubyte': '15d484375f8d13e6eb1aabb0c3f46965'}
+
 def fmnist(data_dir, train, num_classes):
-    ds = downloaded(lambda: torchvision.datasets.FashionMNIST(data_dir, train=train, download=True), 'FashionMNIST',
-                    data_dir, "data_dir/FashionMNIST/raw/*-ubyte(.gz)")
+    ds = downloaded(lambda: torchvision.datasets.FashionMNIST(data_dir, train=train, download=True), 'FashionMNIST', data_dir,
+                    "data_dir/FashionMNIST/raw/*-ubyte(.gz)", {os.path.join(data_dir, 'FashionMNIST', 'raw', f): md5 for f, md5 in FMNIST_MD5.items()})
     return ds.data[:, None], ds.targets, (0.2860,), (0.3530,)
 
 def cifar10(data_dir, train, num_classes):
-    ds = downloaded(lambda: torchvision.datasets.CIFAR10(data_dir, train=train, download=True), 'CIFAR-10', data_dir,
-                    "data_dir/cifar-10-batches-py/")
+    C = torchvision.datasets.CIFAR10
+    files = C.train_list + C.test_list + [(C.meta['filename'], C.meta['md5'])]
+    ds = downloaded(lambda: C(data_dir, train=train, download=True), 'CIFAR-10', data_dir, "data_dir/cifar-10-batches-py/",
+                    {os.path.join(data_dir, C.base_folder, f): md5 for f, md5 in files})
     return torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.tensor(ds.targets), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 def synthetic(data_dir, train, num_classes, size=32):
@@ -132,33 +153,60 @@ def synthetic(data_dir, train, num_classes, size=32):
     x = textures[y] + 2.0 * torch.randn(n, 1, size, size, generator=g)
     return (x * 30 + 128).round().clamp(0, 255).to(torch.uint8), y, (0.5,), (0.25,)
 
-def image_files(dataset, data_dir, image_size, train):
-    """The decoded, cropped images as uint8 tensors (normalised later, on the device), cropped as the reference's ImageNet
-    pipeline: random area 8-100%, aspect 3/4-4/3, bicubic, flipped; evaluation: the central 87.5% of the short side."""
-    bicubic = T.InterpolationMode.BICUBIC
-    tf = T.Compose([T.RandomResizedCrop(image_size, interpolation=bicubic), T.RandomHorizontalFlip()] if train else
-                   [T.Resize(round(image_size / 0.875), interpolation=bicubic), T.CenterCrop(image_size)])
-    tf = T.Compose([tf, T.PILToTensor()])
+class ImageFiles(torch.utils.data.Dataset):
+    """The images of samples [(path, label)], decoded and cropped to uint8 tensors (normalised later, on the device) as the
+    reference's ImageNet pipeline: random area 8-100%, aspect 3/4-4/3, bicubic, flipped; evaluation: the central 87.5% of
+    the short side. Item i: (image, label, the paths, one per line, of the files that failed to decode before it): the
+    next file stands in for one that fails; after `tries` failures in a row, a blank image (their paths stop the run)."""
+    def __init__(self, samples, image_size, train, tries):
+        bicubic = T.InterpolationMode.BICUBIC
+        tf = T.Compose([T.RandomResizedCrop(image_size, interpolation=bicubic), T.RandomHorizontalFlip()] if train else
+                       [T.Resize(round(image_size / 0.875), interpolation=bicubic), T.CenterCrop(image_size)])
+        self.transform = T.Compose([tf, T.PILToTensor()])
+        self.samples, self.size, self.tries = samples, image_size, tries
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        failed = []
+        for j in range(i, i + self.tries):
+            path, label = self.samples[j % len(self.samples)]
+            try:
+                image = default_loader(path)  # PIL, converted to RGB
+            except Exception:  # not an image, cut short, corrupt
+                failed.append(path)
+                continue
+            return self.transform(image), label, '\n'.join(failed)
+        return torch.zeros(3, self.size, self.size, dtype=torch.uint8), 0, '\n'.join(failed)
+
+def image_files(dataset, data_dir, train):
+    """-> ([(path, label)], class names): a split of a file dataset, as torchvision finds it."""
     if dataset == 'imagenet':
         folder = os.path.join(data_dir, 'train' if train else 'val')
-        if not os.path.isdir(folder):
-            raise SystemExit(f"ImageNet not found: no folder {folder}. Expected {IMAGENET_LAYOUT.replace('data_dir', data_dir)}; "
-                             "see README.md, 'Getting the data'.")
-        ds = torchvision.datasets.ImageFolder(folder, tf)
-        return ds, len(ds.classes)
+        try:
+            ds = torchvision.datasets.ImageFolder(folder)
+        except FileNotFoundError as e:  # no such folder, or a class folder without an image
+            raise SystemExit(f"ImageNet at {folder}: {e}. Expected {IMAGENET_LAYOUT.replace('data_dir', data_dir)}; "
+                             "see README.md, 'Getting the data'.") from None
+        return ds.samples, ds.classes
     if dataset == 'inat2021':
         version = '2021_train' if train else '2021_valid'
-        ds = downloaded(lambda: torchvision.datasets.INaturalist(data_dir, version, target_type='full', transform=tf,
-                                                                 download=True, loader=default_loader),
+        ds = downloaded(lambda: torchvision.datasets.INaturalist(data_dir, version, target_type='full', download=True),
                         'iNaturalist 2021', data_dir, f"data_dir/{version}/<category folders>/*.jpg")
-        return ds, len(ds.all_categories)
-    ds = downloaded(lambda: torchvision.datasets.Places365(data_dir, 'train-standard' if train else 'val', small=True,
-                                                           download=True, transform=tf),
+        return [(os.path.join(ds.root, ds.all_categories[c], f), c) for c, f in ds.index], ds.all_categories
+    ds = downloaded(lambda: torchvision.datasets.Places365(data_dir, 'train-standard' if train else 'val', small=True, download=True),
                     'Places365', data_dir, "data_dir/data_256_standard, data_dir/val_256 and the places365 file lists")
-    return ds, len(ds.classes)
+    return ds.imgs, ds.classes
+
+def only_in(a, b):
+    """The names in a that are not in b: their count and the first three, or 'none'."""
+    names = sorted(set(a) - set(b))
+    return f"{len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else 'none'
 
 TENSOR_SETS = {'fmnist': fmnist, 'cifar10': cifar10, 'synthetic': synthetic}
 FILE_SETS = ('imagenet', 'inat2021', 'places365')
+DATASETS = (*TENSOR_SETS, *FILE_SETS)
 
 def load(dataset, data_dir, image_size, micro_batch, grad_accum=1, rank=0, world=1, seed=0, device='cpu',
          num_workers=0, num_classes=0, crop_pad=0, flip=False):
@@ -178,22 +226,30 @@ def load(dataset, data_dir, image_size, micro_batch, grad_accum=1, rank=0, world
         train, val = splits
         channels = train.x.shape[1]
         num_classes = int(train.y.max()) + 1
+        limits = (0, 0)
     elif dataset in FILE_SETS:
-        loaders = []
+        splits = []
         for is_train in (True, False):
             with rank_zero_first(rank, world):
-                ds, num_classes = image_files(dataset, data_dir, image_size, is_train)
-            loaders.append(torch.utils.data.DataLoader(ds, batch_sampler=shard(len(ds), is_train), num_workers=num_workers,
-                                                       pin_memory=str(device).startswith('cuda'), persistent_workers=num_workers > 0))
-        train, val = loaders
+                splits.append(image_files(dataset, data_dir, is_train))
+        (train, classes), (val, val_classes) = splits
+        if classes != val_classes:  # a label is a place in the class list: one extra folder shifts all that follow
+            raise SystemExit(f"{dataset}: train and val must hold the same classes; only in train: "
+                             f"{only_in(classes, val_classes)}, only in val: {only_in(val_classes, classes)}")
+        limits = [max(1, int(UNDECODABLE_MAX * len(samples) / world)) for samples in (train, val)]
+        train, val = (torch.utils.data.DataLoader(ImageFiles(samples, image_size, is_train, limit + 1),
+                                                  batch_sampler=shard(len(samples), is_train), num_workers=num_workers,
+                                                  pin_memory=str(device).startswith('cuda'), persistent_workers=num_workers > 0)
+                      for samples, limit, is_train in zip((train, val), limits, (True, False)))
         channels = 3
+        num_classes = len(classes)
         mean, std = IMAGENET_STATS
     else:
-        raise SystemExit(f"unknown dataset {dataset!r}; valid: {', '.join([*TENSOR_SETS, *FILE_SETS])}")
+        raise SystemExit(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
     sampler = train.batch_sampler
     num_val = val.batch_sampler.n
     augment = (lambda x: crops_and_flips(x, crop_pad, flip)) if crop_pad or flip else None
-    train, val = Normalised(train, device, mean, std, augment), Normalised(val, device, mean, std)
+    train, val = Normalised(train, device, mean, std, augment, limits[0]), Normalised(val, device, mean, std, limit=limits[1])
     if sampler.steps == 0:
         raise SystemExit(f"{dataset} has fewer training images than one global batch of {micro_batch * grad_accum * world}")
     return SimpleNamespace(train=train, val=val, sampler=sampler, steps_per_epoch=sampler.steps,

@@ -49,23 +49,32 @@ class ViTConfig:
     table_init_decay: float = 1.0 # toeplitz: t[dr, dc] = decay^(|dr| + |dc|) at initialisation (1: unmasked)
 
 def check_config(c):
-    """Raise a ValueError naming the bad value and the valid ones."""
-    def bad(name, value, valid):
-        raise ValueError(f"{name}={value!r} is invalid; valid: {valid}")
-    if c.attn not in VARIANTS: bad('attn', c.attn, ', '.join(VARIANTS))
-    if c.attn_impl not in IMPLS: bad('attn_impl', c.attn_impl, ', '.join(IMPLS))
-    if c.patch_size < 1 or c.image_size % c.patch_size: bad('image_size', c.image_size, f"a multiple of patch_size={c.patch_size}")
-    if c.dim % c.heads: bad('dim', c.dim, f"a multiple of heads={c.heads}")
-    if not 0 < c.grf_p_halt <= 1: bad('grf_p_halt', c.grf_p_halt, "0 < p_halt <= 1")
-    if c.topo_form not in TOPO_FORMS: bad('topo_form', c.topo_form, ', '.join(TOPO_FORMS))
-    if c.graph not in GRAPHS: bad('graph', c.graph, ', '.join(GRAPHS))
-    if c.grf_walks < 1: bad('grf_walks', c.grf_walks, "an integer >= 1")
-    if c.grf_coupling not in masks.COUPLINGS: bad('grf_coupling', c.grf_coupling, ', '.join(masks.COUPLINGS))
-    if c.grf_coupling.endswith('antithetic') and c.grf_walks % 2:
-        bad('grf_walks', c.grf_walks, f"an even number with grf_coupling={c.grf_coupling!r}")
-    if c.mask_max_len < 0: bad('mask_max_len', c.mask_max_len, "an integer >= 0")
-    if not c.mask_init_decay > 0: bad('mask_init_decay', c.mask_init_decay, "a number > 0")
-    if not c.table_init_decay > 0: bad('table_init_decay', c.table_init_decay, "a number > 0")
+    """Raise a ValueError naming the first bad value and the valid ones."""
+    rules = [  # (setting, whether its value is valid, what is)
+        ('attn', c.attn in VARIANTS, ', '.join(VARIANTS)),
+        ('attn_impl', c.attn_impl in IMPLS, ', '.join(IMPLS)),
+        ('patch_size', c.patch_size >= 1, "an integer >= 1"),
+        ('image_size', 0 < c.patch_size <= c.image_size and c.image_size % c.patch_size == 0,
+         f"a positive multiple of patch_size={c.patch_size}"),
+        ('depth', c.depth >= 1, "an integer >= 1"),
+        ('heads', c.heads >= 1, "an integer >= 1"),
+        ('dim', 0 < c.heads <= c.dim and c.dim % c.heads == 0, f"a positive multiple of heads={c.heads}"),
+        ('mlp_dim', c.mlp_dim >= 1, "an integer >= 1"),
+        ('dropout', 0 <= c.dropout < 1, "0 <= dropout < 1"),
+        ('grf_p_halt', 0 < c.grf_p_halt <= 1, "0 < p_halt <= 1"),
+        ('topo_form', c.topo_form in TOPO_FORMS, ', '.join(TOPO_FORMS)),
+        ('graph', c.graph in GRAPHS, ', '.join(GRAPHS)),
+        ('grf_walks', c.grf_walks >= 1, "an integer >= 1"),
+        ('grf_coupling', c.grf_coupling in masks.COUPLINGS, ', '.join(masks.COUPLINGS)),
+        ('grf_walks', c.grf_walks % 2 == 0 or not c.grf_coupling.endswith('antithetic'),
+         f"an even number with grf_coupling={c.grf_coupling!r}"),
+        ('mask_max_len', c.mask_max_len >= 0, "an integer >= 0"),
+        ('mask_init_decay', c.mask_init_decay > 0, "a number > 0"),
+        ('table_init_decay', c.table_init_decay > 0, "a number > 0"),
+    ]
+    for name, ok, valid in rules:
+        if not ok:
+            raise ValueError(f"{name}={getattr(c, name)!r} is invalid; valid: {valid}")
 
 def saved_config(saved):
     """ViTConfig of a saved run's config dict; keys that are not model settings are ignored."""

@@ -62,7 +62,7 @@ def test_imagenet_folder_batches_real_jpegs():
     d = data.load('imagenet', root, image_size=64, micro_batch=16, num_workers=0)
     x, y = next(iter(d.train))
     assert x.shape == (16, 3, 64, 64) and (d.num_classes, d.num_val, d.steps_per_epoch) == (10, 200, 500 // 16)
-    raw, _ = next(iter(d.val.batches))  # the workers hand uint8; the normalising happens on the device
+    raw, _, _ = next(iter(d.val.batches))  # the workers hand uint8; the normalising happens on the device
     x, _ = next(iter(d.val))
     mean, std = (torch.tensor(s).view(1, 3, 1, 1) * 255 for s in data.IMAGENET_STATS)
     assert raw.dtype == torch.uint8 and torch.allclose(x, (raw.float() - mean) / std)

@@ -11,12 +11,14 @@ Trains a Vision Transformer with one of five attentions (model.py) on one of six
 Every hyperparameter is a global below; config files and --key=value arguments override them, left to right
 (configurator.py). Writes out_dir/ckpt.pt (each epoch), out_dir/metrics.jsonl and out_dir/result.json.
 """
+import atexit
 import json
 import math
 import os
+import socket
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import asdict, fields
 
 import torch
@@ -92,8 +94,25 @@ compile = True             # torch.compile the model (on CUDA; on CPU and MPS it
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 configure(config, sys.argv[1:])
 globals().update(config)
-
 config['out_dir'] = out_dir = out_dir or f'out/{dataset}-{attn}'
+model_keys = [f.name for f in fields(ViTConfig)]
+
+# every setting is checked before anything is read or written: the model's by model.check_config, the others here
+VALID = [('epochs batch_size grad_accum log_interval', lambda v: v >= 1, "an integer >= 1"),
+         ('max_steps warmup_steps ckpt_interval num_workers crop_pad in_channels num_classes', lambda v: v >= 0, "an integer >= 0"),
+         ('lr min_lr weight_decay mask_lr_mult grad_clip mixup label_smoothing beta1 beta2', lambda v: v >= 0, "a number >= 0"),
+         ('label_smoothing beta1 beta2', lambda v: v < 1, "a number below 1"),
+         ('dataset', lambda v: v in data.DATASETS, ', '.join(data.DATASETS)),
+         ('loss', lambda v: v in ('softmax', 'sigmoid'), "softmax, sigmoid"),
+         ('device', lambda v: v.split(':')[0] in ('auto', 'cuda', 'mps', 'cpu'), "auto, cuda, mps, cpu")]
+for keys, ok, valid in VALID:
+    for k in keys.split():
+        if not ok(config[k]):
+            fail(f"{k}={config[k]!r} is invalid; valid: {valid}")
+try:
+    check_config(ViTConfig(**{k: config[k] for k in model_keys}))
+except ValueError as e:
+    fail(str(e))
 
 # processes and devices
 ddp = 'RANK' in os.environ  # launched by torchrun
@@ -119,14 +138,17 @@ scaler = torch.amp.GradScaler('cuda', enabled=ptdtype == torch.float16)
 
 # checkpoint: what the run starts from, settled before any data is read
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-model_keys = [f.name for f in fields(ViTConfig)]
 init_from = config['init_from'] = init_from.replace('{attn}', attn)  # a config may name the variant's own checkpoint
 
 def read_checkpoint(path):
     if not os.path.isfile(path):
         fail(f"init_from={init_from!r}: no checkpoint at {path}")
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    ckpt['config'] = {**ckpt['config'], **asdict(saved_config(ckpt['config']))}  # settings it predates: as it ran
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+        ckpt['config'] = {**ckpt['config'], **asdict(saved_config(ckpt['config']))}  # settings it predates: as it ran
+    except Exception as e:
+        tmp = f"; {path}.tmp is a save that was cut short, not a checkpoint" if os.path.exists(path + '.tmp') else ''
+        fail(f"{path} is damaged: torch cannot read it ({type(e).__name__}){tmp}")
     return ckpt
 
 def adopt_model_settings(ckpt):
@@ -149,14 +171,42 @@ else:  # fine-tune from another run's checkpoint: this run's model settings, the
     if eval_only:  # ... or evaluate that checkpoint as it is
         adopt_model_settings(ckpt)
 globals().update({k: config[k] for k in model_keys})
-if loss not in ('softmax', 'sigmoid'):
-    fail(f"loss={loss!r} is invalid; valid: softmax, sigmoid")
-if ckpt_interval < 0:
-    fail(f"ckpt_interval={ckpt_interval} is invalid; valid: 0 (epoch ends only) or a number of optimizer steps")
-try:  # a bad model setting fails now, not after the dataset is loaded
-    check_config(ViTConfig(**{k: config[k] for k in model_keys}))
-except ValueError as e:
-    fail(str(e))
+
+# out_dir: one run writes it at a time, and a new run never overwrites an old one (rank 0 writes; eval_only writes nothing)
+def take_lock(path):
+    """Create path exclusively, holding 'host pid', and remove it at exit. If it is there, fail naming its holder, unless
+    that pid is gone from this host (a run killed by SIGKILL): then take it over."""
+    me = f"{socket.gethostname()} {os.getpid()}"
+    while True:
+        with suppress(FileExistsError):
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, me.encode())
+            os.close(fd)
+            atexit.register(lambda: os.path.exists(path) and os.remove(path))
+            return
+        with suppress(FileNotFoundError):  # gone meanwhile: try again
+            host, _, pid = open(path).read().strip().partition(' ')
+            if host != me.split()[0] or not pid.isdigit() or pid != str(os.getpid()) and pid_alive(int(pid)):
+                fail(f"out_dir {out_dir} is in use by pid {pid or '?'} on {host or '?'}; let that run end, or remove "
+                     f"{path} if it has")
+            os.remove(path)  # its run is gone: take it over
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process is there
+    except OSError as e:
+        return isinstance(e, PermissionError)  # there, but another user's
+    return True
+
+if master and not eval_only:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"out_dir={out_dir!r} cannot be made: {e}")
+    take_lock(os.path.join(out_dir, 'lock'))
+    if init_from != 'resume' and os.path.exists(ckpt_path):
+        fail(f"{out_dir} holds a run (its ckpt.pt): continue it with --init_from=resume, or train into another "
+             f"--out_dir (or remove {out_dir} first)")
 
 # data
 loaders = data.load(dataset, data_dir, image_size, micro_batch, grad_accum=grad_accum, rank=rank, world=world,
@@ -191,6 +241,7 @@ optimizer = torch.optim.AdamW(model.param_groups(weight_decay, mask_lr_mult), lr
                               fused=device_type == 'cuda')
 step = 0                   # optimizer steps taken
 best = {'top1': 0.0, 'top5': 0.0}
+eval_due = False           # whether the model at `step` is still to be evaluated
 wall_before = 0.0          # seconds this run spent before it was resumed
 if init_from == 'resume':
     optimizer.load_state_dict(ckpt['optimizer'])
@@ -198,7 +249,8 @@ if init_from == 'resume':
         group.update(weight_decay=now['weight_decay'], lr_mult=now['lr_mult'], betas=(beta1, beta2))  # this run's settings
     scaler.load_state_dict(ckpt['scaler'])
     step = ckpt['step']
-    best = ckpt['best']
+    best = ckpt['best']        # over the evaluations before this checkpoint's
+    eval_due = ckpt.get('eval_pending', False)  # saved at an epoch's end, then evaluated (or not, if that crashed)
     wall_before = ckpt['wall_time']
     rng = ckpt['rng'][rank] if len(ckpt['rng']) == world else None
     if rng:
@@ -251,21 +303,23 @@ def loss_fn(x, y):
 
 @torch.no_grad()
 def evaluate():
-    """Loss, top-1 and top-5 (%) over the whole validation set: each rank sums its shard, then all-reduce."""
+    """Loss, top-1 and top-5 (%) over the whole validation set, and the images replaced in the last pass over each split
+    as undecodable: each rank sums its shard, then all-reduce."""
     eval_model.eval()
-    sums = torch.zeros(4, device=device)  # loss, top-1 hits, top-5 hits, images
+    sums = torch.zeros(6, device=device)  # loss, top-1 hits, top-5 hits, images, train and val images replaced
     for x, y in loaders.val:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
             logits = eval_model(x).float()
         hits = logits.topk(min(5, logits.size(1)), dim=1).indices == y[:, None]
-        sums += torch.stack([F.cross_entropy(logits, y, reduction='sum'), hits[:, 0].sum().float(),
-                             hits.any(1).sum().float(), torch.tensor(float(len(y)), device=device)])
+        sums[:4] += torch.stack([F.cross_entropy(logits, y, reduction='sum'), hits[:, 0].sum().float(),
+                                 hits.any(1).sum().float(), torch.tensor(float(len(y)), device=device)])
+    sums[4:] = torch.tensor([len(loaders.train.replaced), len(loaders.val.replaced)])
     if ddp:
         dist.all_reduce(sums)
     eval_model.train()
-    loss, top1, top5, n = sums.tolist()
-    return {'loss': loss / n, 'top1': 100 * top1 / n, 'top5': 100 * top5 / n, 'count': int(n)}
+    loss, top1, top5, n, bad_train, bad_val = sums.tolist()
+    return {'loss': loss / n, 'top1': 100 * top1 / n, 'top5': 100 * top5 / n, 'count': int(n),
+            'undecodable': {'train': int(bad_train), 'val': int(bad_val)}}
 
 if eval_only:
     r = evaluate()
@@ -282,8 +336,9 @@ def log(record):
         if wandb_log:
             wandb.log(record, step=record['step'])
 
-def save_checkpoint():
-    """Write ckpt.pt atomically: a temp file renamed over the old one, which stays intact until then."""
+def save_checkpoint(eval_pending):
+    """Write ckpt.pt atomically: a temp file renamed over the old one, which stays intact until then. eval_pending: an
+    evaluation follows, which a run resumed from it does first."""
     rng = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
     rngs = [rng]
     if ddp:  # every rank's dropout and mixup stream, so that resuming on the same world size is exact
@@ -292,27 +347,19 @@ def save_checkpoint():
     if master:
         ckpt = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                 'step': step, 'epoch': step // steps_per_epoch, 'rng': rngs, 'config': config, 'best': best,
-                'wall_time': wall_before + time.time() - t_start}
+                'eval_pending': eval_pending, 'wall_time': wall_before + time.time() - t_start}
         torch.save(ckpt, ckpt_path + '.tmp')
         os.replace(ckpt_path + '.tmp', ckpt_path)
-
-def stop_if_not_finite(loss):
-    if not math.isfinite(loss):
-        print0(f"non-finite loss ({loss}) by step {step}: stopping. The last good checkpoint is untouched: "
-               f"{ckpt_path if os.path.exists(ckpt_path) else '(none written yet)'}", file=sys.stderr)
-        if ddp:
-            dist.destroy_process_group()
-        sys.exit(1)
 
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
-if master:  # metrics.jsonl keeps the records up to the start step: a resumed run logs the later ones again
-    os.makedirs(out_dir, exist_ok=True)
+if master:  # metrics.jsonl keeps the records before the start step: a resumed run logs the later ones again
     metrics = os.path.join(out_dir, 'metrics.jsonl')
     lines = open(metrics).readlines() if os.path.exists(metrics) else []
     with open(metrics + '.tmp', 'w') as f:  # a line cut short by a crash has no newline
-        f.writelines(l for l in lines if l.endswith('\n') and json.loads(l)['step'] <= step)
+        kept = lambda r: r['step'] < step or r['step'] == step and not (eval_due and r['kind'] == 'eval')  # done again
+        f.writelines(l for l in lines if l.endswith('\n') and kept(json.loads(l)))
     os.replace(metrics + '.tmp', metrics)
     if wandb_log:
         import wandb
@@ -324,7 +371,21 @@ result = None
 loss_sum = torch.zeros((), device=device)  # summed on the device: no sync between log steps
 loss_count = 0
 saved_step = step
-while step < stop_step:
+eval_due = eval_due or step >= stop_step  # nothing left to train: report the checkpoint as it is
+while True:
+    if eval_due:  # the model at the end of an epoch (or at stop_step), saved just before
+        result = evaluate()
+        best = {k: max(best[k], result[k]) for k in best}
+        record = {'kind': 'eval', 'epoch': math.ceil(step / steps_per_epoch), 'step': step, **result}
+        print0(f"eval epoch {record['epoch']} step {step}: loss {result['loss']:.4f} top1 {result['top1']:.2f}% "
+               f"top5 {result['top5']:.2f}% ({result['count']} images)")
+        log(record)
+        for split, bad in result['undecodable'].items():
+            if bad:
+                print0(f"{bad} of the {split} images failed to decode and were replaced by the next ones: "
+                       f"{', '.join(list(getattr(loaders, split).replaced)[:3])}{', ...' if bad > 3 else ''}")
+    if step >= stop_step:
+        break
     epoch = step // steps_per_epoch
     loaders.sampler.set_epoch(epoch, step % steps_per_epoch)
     batches = iter(loaders.train)
@@ -339,8 +400,7 @@ while step < stop_step:
         for group in optimizer.param_groups:
             group['lr'] = lr_now * group['lr_mult']
         for micro_step in range(grad_accum):
-            x, y = next(batches)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = next(batches)  # on the device
             if ddp:  # all-reduce gradients on the last micro-step only
                 model.require_backward_grad_sync = micro_step == grad_accum - 1
             with autocast:
@@ -360,7 +420,12 @@ while step < stop_step:
             if ddp:
                 dist.all_reduce(loss_sum)
             mean_loss = loss_sum.item() / loss_count / world
-            stop_if_not_finite(mean_loss)
+            if not math.isfinite(mean_loss):  # the same on every rank: all stop
+                print0(f"non-finite loss ({mean_loss}) by step {step}: stopping. The last good checkpoint is untouched: "
+                       f"{ckpt_path if os.path.exists(ckpt_path) else '(none written yet)'}", file=sys.stderr)
+                if ddp:
+                    dist.destroy_process_group()
+                sys.exit(1)
             dt = time.time() - t0
             train_time += dt
             images_seen += (step - last_step) * batch_size
@@ -372,22 +437,16 @@ while step < stop_step:
             loss_sum.zero_()
             loss_count = 0
             if ckpt_interval and step - saved_step >= ckpt_interval and not epoch_end:
-                save_checkpoint()  # at a log step, so that a resumed run logs the same averages
+                save_checkpoint(eval_pending=False)  # at a log step, so that a resumed run logs the same averages
                 saved_step = step
                 print0(f"saved {ckpt_path} at step {step}")
             t0 = time.time()
             last_step = step
         if epoch_end:
             break
-    result = evaluate()
-    best = {k: max(best[k], result[k]) for k in best}
-    print0(f"eval epoch {epoch + 1} step {step}: loss {result['loss']:.4f} top1 {result['top1']:.2f}% "
-           f"top5 {result['top5']:.2f}% ({result['count']} images)")
-    log({'kind': 'eval', 'epoch': epoch + 1, 'step': step, **result})
-    save_checkpoint()
+    save_checkpoint(eval_pending=True)  # before the evaluation: an exception there costs no training
     saved_step = step
-if result is None:  # nothing left to train: report the checkpoint as it is
-    result = evaluate()
+    eval_due = True
 if master:
     summary = {'config': config, 'final': result, 'best': best, 'num_params': raw_model.num_params(), 'steps': step,
                'epochs_trained': step / steps_per_epoch,

@@ -1,0 +1,262 @@
+"""
+What a user sees when something goes wrong (issue 23), each fault met as a user meets it: train and val folders that
+disagree (a), an empty class folder (b), two trainings into one out_dir (c), a run from scratch into a run's folder (d),
+undecodable images and an evaluation that crashes (e), bad settings (f), damaged files (g). Real data from $DATA_DIR is
+copied into tmp_path and damaged there; the trainings are real processes on the CPU, tiny.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import data
+from configurator import configure
+from test_data import need
+from test_train import ROOT, TINY, assert_same_model, checkpoint, records, result, train
+
+# a 2-epoch run of 4 steps each on the generated task, seconds on a CPU
+SYNTHETIC = ['--dataset=synthetic', '--image_size=16', '--patch_size=4', *TINY, '--batch_size=2048', '--epochs=2',
+             '--log_interval=2', '--dropout=0.0', '--device=cpu']
+STEPS_PER_EPOCH = 8192 // 2048
+BAD_SETTINGS = ['depth=-1', 'heads=0', 'dim=0', 'mlp_dim=0', 'batch_size=0', 'grad_accum=0', 'log_interval=0', 'epochs=0',
+                'max_steps=-1', 'lr=-1', 'min_lr=-1e-5', 'warmup_steps=-1', 'dropout=1.5', 'weight_decay=-0.1',
+                'grad_clip=-1', 'mixup=-0.2', 'label_smoothing=1.5', 'image_size=0', 'patch_size=0', 'num_workers=-1',
+                'ckpt_interval=-5', 'beta2=1.0', 'in_channels=-1', 'dataset=mnist', 'device=gpu']
+DAMAGE = {'truncated': lambda b: b[:len(b) // 3], 'empty': lambda b: b'', 'garbage': lambda b: b'\x80\x02garbage' * 100}
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp('finished')
+    train(*SYNTHETIC, out=out)
+    return out
+
+@pytest.fixture(scope='module')
+def early_exits(finished, tmp_path_factory):
+    """The runs that must stop before they read any data, in one process that runs train.py for each as
+    `python train.py ARGS` does (the imports, most of each run's seconds, shared): {name: (exit status, stderr)}."""
+    tmp = tmp_path_factory.mktemp('early')
+    runs = {bad: ['configs/fmnist.py', f'--data_dir={tmp}/nowhere', f'--out_dir={tmp}/never/{bad}', f'--{bad}']
+            for bad in BAD_SETTINGS}
+    (tmp / 'a_file').write_text('')
+    runs['out_dir under a file'] = ['configs/fmnist.py', f'--data_dir={tmp}/nowhere', f'--out_dir={tmp}/a_file/run']
+    for name in ('scratch', 'fine-tuning', 'another host', *DAMAGE):  # copies of a finished run
+        shutil.copytree(finished, tmp / name)
+        runs[name] = [*SYNTHETIC, '--init_from=resume', f'--out_dir={tmp / name}']
+    runs['scratch'] = [*SYNTHETIC, f'--out_dir={tmp}/scratch']
+    runs['fine-tuning'] = [*SYNTHETIC, f'--init_from={finished}/ckpt.pt', f'--out_dir={tmp}/fine-tuning']
+    (tmp / 'another host' / 'lock').write_text('another-host 1')
+    for name, damage in DAMAGE.items():
+        (tmp / name / 'ckpt.pt').write_bytes(damage((finished / 'ckpt.pt').read_bytes()))
+    (tmp / 'truncated' / 'ckpt.pt.tmp').write_bytes(b'half a save')
+    script = ("import contextlib, io, json, runpy, sys, traceback\n"
+              "out = {}\n"
+              f"for name, args in {runs!r}.items():\n"
+              "    sys.argv, err, code = ['train.py', *args], io.StringIO(), 0\n"
+              "    try:\n"
+              "        with contextlib.redirect_stderr(err):\n"
+              "            runpy.run_path('train.py', run_name='__main__')\n"
+              "    except SystemExit as e:\n"
+              "        code = e.code\n"
+              "    except BaseException:\n"
+              "        code, _ = 'traceback', err.write(traceback.format_exc())\n"
+              "    out[name] = code, err.getvalue()\n"
+              "print(json.dumps(out))\n")
+    p = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return tmp, json.loads(p.stdout.strip().splitlines()[-1])
+
+def one_line(err):
+    return err.count('\n') == 1 and 'Traceback' not in err
+
+@pytest.fixture
+def mini(tmp_path):
+    """A copy of imagenette-mini (10 classes, 50 train and 20 val JPEGs each) to damage."""
+    return shutil.copytree(need('imagenette-mini'), tmp_path / 'mini')
+
+def files(folder):
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder))
+
+# a. train and val class folders that disagree ----------------------------------------------------------------------
+
+@pytest.mark.parametrize('change, named', [('extra', 'only in train: none, only in val: 1 (n09999999)'),
+                                           ('missing', 'only in train: 1 (n03888257), only in val: none')])
+def test_train_and_val_must_hold_the_same_classes(mini, change, named):
+    """An extra val folder shifted every label after it (11-class head, wrong top-1); a missing one crashed at step 1."""
+    if change == 'extra':
+        os.makedirs(mini / 'val' / 'n09999999')
+        shutil.copy(files(mini / 'val' / 'n01440764')[0], mini / 'val' / 'n09999999')
+    else:
+        shutil.rmtree(mini / 'val' / 'n03888257')
+    with pytest.raises(SystemExit) as e:
+        data.load('imagenet', str(mini), 32, 10)
+    assert str(e.value) == f"imagenet: train and val must hold the same classes; {named}"
+
+def test_inat2021_train_and_valid_categories_must_agree(tmp_path):
+    """torchvision's INaturalist lists each split's own category folders: a category only in 2021_valid is named."""
+    from PIL import Image
+    for version, n in (('2021_train', 2), ('2021_valid', 6)):
+        for c in range(n):
+            folder = tmp_path / version / f"{c:05d}_Animalia_Chordata_Aves_Order_Family_Genus_species{c}"
+            folder.mkdir(parents=True)
+            Image.new('RGB', (40, 30), color=60 * c).save(folder / "0.jpg")
+    with pytest.raises(SystemExit) as e:
+        data.load('inat2021', str(tmp_path), 32, 1)
+    assert 'only in train: none' in str(e.value) and 'only in val: 4 (00002_' in str(e.value) and ', ...)' in str(e.value)
+
+# b. an empty class folder -------------------------------------------------------------------------------------------
+
+def test_an_empty_class_folder_is_one_line_naming_it(mini):
+    for f in files(mini / 'train' / 'n02102040'):
+        os.remove(f)
+    with pytest.raises(SystemExit) as e:
+        data.load('imagenet', str(mini), 32, 10)
+    assert '\n' not in str(e.value) and 'n02102040' in str(e.value) and str(mini / 'train') in str(e.value)
+
+# c. two trainings into one out_dir ----------------------------------------------------------------------------------
+
+def test_a_second_run_into_a_busy_out_dir_refuses_and_a_killed_runs_lock_is_taken_over(tmp_path):
+    out = tmp_path / 'run'
+    loading = tmp_path / 'loading'
+    hold = ("import runpy, sys, time, data\n"  # the first run stops where its data would load, holding out_dir
+            f"data.load = lambda *args, **kwargs: open({str(loading)!r}, 'w').close() or time.sleep(600)\n"
+            f"sys.argv = ['train.py', *{SYNTHETIC + [f'--out_dir={out}']!r}]\n"
+            "runpy.run_path('train.py', run_name='__main__')\n")
+    first = subprocess.Popen([sys.executable, '-c', hold], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            if loading.exists() or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert loading.exists(), "the first run never reached its data"
+        second = train(*SYNTHETIC, out=out, ok=False)
+        assert second.returncode == 2 and one_line(second.stderr), second.stderr
+        assert f"pid {first.pid} on {socket.gethostname()}" in second.stderr and str(out) in second.stderr
+    finally:
+        first.kill()  # SIGKILL: no exit handler removes its lock
+        first.wait()
+    assert open(out / 'lock').read() == f"{socket.gethostname()} {first.pid}"
+    third = train(*SYNTHETIC, '--max_steps=2', out=out)  # that pid is gone from this host: the lock is taken over
+    assert 'done' in third.stdout and not (out / 'lock').exists() and checkpoint(out)['step'] == 2
+
+def test_a_lock_held_from_another_host_is_respected(early_exits):
+    tmp, exits = early_exits
+    code, err = exits['another host']
+    assert code == 2 and one_line(err) and 'in use by pid 1 on another-host' in err and str(tmp / 'another host' / 'lock') in err
+
+# d. a run from scratch into a folder that holds a run ----------------------------------------------------------------
+
+@pytest.mark.parametrize('run', ['scratch', 'fine-tuning'])
+def test_a_run_from_scratch_or_a_fine_tuning_never_overwrites_a_run(early_exits, finished, run):
+    tmp, exits = early_exits
+    code, err = exits[run]
+    assert code == 2 and one_line(err) and '--init_from=resume' in err and '--out_dir' in err, err
+    assert sorted(os.listdir(tmp / run)) == sorted(os.listdir(finished))  # its lock went at exit
+    assert all((tmp / run / f).read_bytes() == (finished / f).read_bytes() for f in os.listdir(finished))
+
+# e. undecodable images; an evaluation that crashes ------------------------------------------------------------------
+
+def test_an_undecodable_image_costs_that_image_and_is_counted_and_named(mini, tmp_path):
+    bad_train = files(mini / 'train' / 'n03000684')[7]
+    bad_val = files(mini / 'val' / 'n03417042')[3]
+    open(bad_train, 'wb').write(b'<html>not a JPEG</html>')
+    whole = open(bad_val, 'rb').read()
+    open(bad_val, 'wb').write(whole[:len(whole) // 2])  # cut short
+    p = train('--dataset=imagenet', f'--data_dir={mini}', '--image_size=32', '--patch_size=8', *TINY, '--batch_size=50',
+              '--epochs=1', '--num_workers=2', '--log_interval=5', '--device=cpu', out=tmp_path / 'run')
+    assert bad_train in p.stdout and bad_val in p.stdout  # named at the epoch's end
+    counts = {'train': 1, 'val': 1}
+    assert records(tmp_path / 'run', 'eval')[-1]['undecodable'] == result(tmp_path / 'run')['final']['undecodable'] == counts
+    assert result(tmp_path / 'run')['final']['count'] == 200  # the replacement takes its place
+
+@pytest.mark.parametrize('num_workers, damaged', [(0, (0, 5)), (2, (0, 1))])
+def test_more_undecodable_images_than_one_in_a_thousand_stop_the_run_in_one_line(mini, num_workers, damaged):
+    """200 val images may lose one; two (apart, or in a row, which no replacement can stand in for) stop the run."""
+    paths = [files(mini / 'val' / 'n01440764')[i] for i in damaged]
+    for path in paths:
+        open(path, 'wb').write(b'')
+    d = data.load('imagenet', str(mini), 32, 20, num_workers=num_workers)
+    with pytest.raises(SystemExit) as e:
+        list(d.val)
+    msg = str(e.value)
+    assert '\n' not in msg and msg.startswith('2 images failed to decode') and paths[0] in msg and 'damaged' in msg
+
+def test_an_evaluation_that_crashes_costs_no_training(finished, tmp_path):
+    """The checkpoint of a finished epoch is on disk before its evaluation; the resumed run evaluates it first, and
+    ends where an uninterrupted run ends, with the same evaluations and the same best."""
+    out = tmp_path / 'run'
+    crash = ("import runpy, sys, torch\n"
+             "def crash(self):\n"
+             "    raise KeyboardInterrupt('simulated crash in evaluation')\n"
+             "torch.nn.Module.eval = crash\n"
+             f"sys.argv = ['train.py', *{SYNTHETIC + [f'--out_dir={out}']!r}]\n"
+             "runpy.run_path('train.py', run_name='__main__')\n")
+    p = subprocess.run([sys.executable, '-c', crash], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and 'simulated crash in evaluation' in p.stderr
+    assert checkpoint(out)['step'] == STEPS_PER_EPOCH and not records(out, 'eval')
+    p = train(*SYNTHETIC, '--init_from=resume', out=out)
+    assert p.stdout.index(f'eval epoch 1 step {STEPS_PER_EPOCH}:') < p.stdout.index('epoch 2/2 step')
+    assert_same_model(checkpoint(finished)['model'], checkpoint(out)['model'])
+    assert records(finished, 'eval') == records(out, 'eval') and len(records(out, 'eval')) == 2
+    assert result(finished)['best'] == result(out)['best'] and result(finished)['final'] == result(out)['final']
+
+# f. settings that trained a broken model or crashed -----------------------------------------------------------------
+
+def test_every_bad_setting_fails_in_one_line_before_anything_is_read_or_written(early_exits):
+    tmp, exits = early_exits
+    for bad in BAD_SETTINGS:
+        code, err = exits[bad]
+        assert code == 2 and one_line(err) and f"{bad.split('=')[0]}=" in err and 'valid' in err, f"--{bad}: {code} {err}"
+    assert not (tmp / 'nowhere').exists() and not (tmp / 'never').exists()  # no data read, no out_dir made
+
+# g. damaged files ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('damage', DAMAGE)
+def test_a_damaged_checkpoint_is_named_in_one_line(early_exits, damage):
+    """A truncated one beside the ckpt.pt.tmp of a save cut short (which is no checkpoint either), an empty one, garbage."""
+    tmp, exits = early_exits
+    code, err = exits[damage]
+    assert code == 2 and one_line(err) and f"{tmp / damage / 'ckpt.pt'} is damaged" in err, err
+    assert ('ckpt.pt.tmp' in err) == (damage == 'truncated')
+
+def test_an_out_dir_under_a_file_fails_in_one_line_before_the_data(early_exits):
+    tmp, exits = early_exits
+    code, err = exits['out_dir under a file']
+    assert code == 2 and one_line(err) and f"out_dir='{tmp}/a_file/run'" in err and not (tmp / 'nowhere').exists()
+
+@pytest.mark.parametrize('damage', ['empty', 'truncated'])
+def test_a_damaged_fashion_mnist_file_is_named_as_damaged(tmp_path, damage):
+    raw = need('FashionMNIST', 'raw')
+    copy = tmp_path / 'FashionMNIST' / 'raw'
+    copy.mkdir(parents=True)
+    for f in os.listdir(raw):
+        os.symlink(os.path.join(raw, f), copy / f)
+    name = 'train-images-idx3-ubyte' if damage == 'empty' else 't10k-labels-idx1-ubyte'
+    os.remove(copy / name)
+    (copy / name).write_bytes(b'' if damage == 'empty' else open(os.path.join(raw, name), 'rb').read()[:5000])
+    with pytest.raises(SystemExit) as e:
+        data.load('fmnist', str(tmp_path), 28, 1000)
+    msg = str(e.value)
+    assert '\n' not in msg and f"{copy / name} is damaged" in msg and 'downloaded' in msg and 'could not' not in msg
+
+def test_a_damaged_cifar10_file_is_named_as_damaged_offline(tmp_path, monkeypatch):
+    import urllib.error
+    import torchvision
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError('no network')
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, 'download', offline)
+    folder = tmp_path / 'cifar-10-batches-py'
+    folder.mkdir()
+    (folder / 'data_batch_1').write_bytes(b'cut short')
+    with pytest.raises(SystemExit) as e:
+        data.load('cifar10', str(tmp_path), 32, 8)
+    assert f"{folder / 'data_batch_1'} is damaged" in str(e.value) and 'could not' not in str(e.value)
+
+def test_a_config_path_that_is_a_directory_says_so(capsys):
+    with pytest.raises(SystemExit):
+        configure({'lr': 1e-3}, ['configs'])
+    assert capsys.readouterr().err.strip() == "config error: config file configs is a directory, not a file"
