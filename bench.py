@@ -57,6 +57,7 @@ mask_max_len = 10          # K
 repeats = 5                # timed calls per point, and more until min_seconds of them (3 when a call is slow)
 min_seconds = 1.0
 time_budget = 10.0         # seconds per forward + backward: larger predicted sizes are skipped
+total_budget = 0.0         # seconds for all points: those not begun by then are skipped (0: no limit)
 memory_budget = 4.0        # GB of peak memory: larger predicted sizes are skipped
 slope_min_n = 1024         # fit the log-log slopes from this many tokens on
 ratio_n = 4096             # report each pair's time and memory ratio at this many tokens
@@ -67,6 +68,7 @@ train_rounds = 5           # rounds of train_steps steps per variant, taken in t
 train_steps = 4
 train_profile = False      # also print each variant's top ops (torch.profiler, eager)
 # -----------------------------------------------------------------------------
+SETTINGS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
 def keep_freed_memory():
     """Keep freed heap memory in the process (glibc mallopt), as CUDA's caching allocator keeps GPU memory, so that
@@ -83,33 +85,30 @@ def train_defaults():
     return {n.targets[0].id: ast.literal_eval(n.value) for n in ast.parse(source).body
             if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)}
 
-config = train_defaults()  # train.py's settings, so that its config files apply here, then this file's own
-config.update({k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))})
-configure(config, sys.argv[1:])
-globals().update(config)
-
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-cuda = device.startswith('cuda')
-if threads:
-    torch.set_num_threads(threads)
-kept = keep_memory and not cuda and sys.platform.startswith('linux') and keep_freed_memory()
-autocast = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], dtype=getattr(torch, dtype))
-torch.manual_seed(seed)
-print(f"device {device}" + (f" ({torch.cuda.get_device_name()})" if cuda else f" ({torch.get_num_threads()} threads)")
-      + f", {dtype}, torch {torch.__version__}" + (", freed memory kept in the process" if kept else ''))
+def setup(args):
+    """Set this module's settings: train.py's (so that its config files apply here), this file's, then args (config
+    files, --key=value); pick the device. python bench.py calls it with its command line; check_gpu.py with its own."""
+    global config, device, cuda, kept, autocast
+    config = train_defaults() | SETTINGS
+    configure(config, args)
+    globals().update(config)
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    cuda = device.startswith('cuda')
+    torch.set_num_threads(threads or torch.get_num_threads())  # 0: torch's default
+    kept = keep_memory and not cuda and sys.platform.startswith('linux') and keep_freed_memory()
+    autocast = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], dtype=getattr(torch, dtype))
+    torch.manual_seed(seed)
+    print(f"device {device}" + (f" ({torch.cuda.get_device_name()})" if cuda else f" ({torch.get_num_threads()} threads)")
+          + f", {dtype}, torch {torch.__version__}" + (", freed memory kept in the process" if kept else ''))
 
 def timed(fn):
-    """Seconds that fn() takes (CUDA events on GPU)."""
-    if cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3
+    """Seconds that fn() takes (the GPU synchronized before and after)."""
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t0
 
 @contextmanager
@@ -198,12 +197,13 @@ def attention_bench():
     side_list = [int(s) for s in sides.split(',')]
     ns = [side * side for side in side_list]
     res = {v: {} for v in names}
+    end = time.perf_counter() + (total_budget or math.inf)
     for side, n in zip(side_list, ns):
         for v in names:
             done = [(m, r['time_s'], r['peak_bytes']) for m, r in res[v].items() if not r['skipped']]
             t, mem = predict(done, n) if len(done) >= 2 else (0.0, 0.0)  # (0, 0): nothing to extrapolate from yet
-            if t > time_budget or mem > memory_budget * 1e9:
-                res[v][n] = {'skipped': True, 'time_s': t, 'peak_bytes': mem}
+            if t > time_budget or mem > memory_budget * 1e9 or time.perf_counter() > end:
+                res[v][n] = {'skipped': True, 'time_s': t, 'peak_bytes': mem, 'total_budget_spent': time.perf_counter() > end}
                 continue
             try:
                 t, mem = measure(v, side)
@@ -212,9 +212,10 @@ def attention_bench():
                 res[v][n] = {'skipped': True, 'time_s': float('nan'), 'peak_bytes': float('nan'), 'error': str(e)[:200]}
         print(f"N={n:6d} " + ' '.join(f"{v} {r[n]['time_s'] * 1e3:.3g}ms{'*' if r[n]['skipped'] else ''}"
                                       for v, r in res.items()), flush=True)
-    cell = lambda r, key, scale: ('-' if r is None else f"({r[key] * scale:.3g})" if r['skipped'] else f"{r[key] * scale:.3g}")
+    cell = lambda r, key, scale: ('-' if r is None or r.get('total_budget_spent') else f"({r[key] * scale:.3g})" if r['skipped']
+                                  else f"{r[key] * scale:.3g}")
     for title, key, scale in (('forward + backward time, ms (median)', 'time_s', 1e3), ('peak memory, MB', 'peak_bytes', 1e-6)):
-        print(f"\n{title}; (x) = skipped over budget, predicted")
+        print(f"\n{title}; (x) = skipped over budget, predicted; - = not measured")
         print(f"{'N':>7} " + ''.join(f"{v:>15}" for v in names))
         for n in ns:
             print(f"{n:7d} " + ''.join(f"{cell(res[v].get(n), key, scale):>15}" for v in names))
@@ -237,17 +238,20 @@ def attention_bench():
         r = ratios.get(f"{b} / {a}")
         print(f"  {a + ' < ' + b:30} " + (f"from N = {from_n:<6}" if from_n else "not in range") +
               (f"   {b} / {a}: time {r['time']:.1f}x, memory {r['memory']:.1f}x" if r else ''))
-    for a, b in twins:  # attn_impl='auto' should take the dense twin up to the last measured N before the crossover
-        if cross.get(f"{a} < {b}"):
-            measured = max((n for n in ns if n < cross[f"{a} < {b}"]), default=0)
-            cls = VARIANTS[PATHS[a][0]]
-            print(f"  attn_impl='auto': {cls.__name__}.dense_max_n = {measured} measured here (model.py: {cls.dense_max_n})")
+    # attn_impl='auto' should take the dense twin up to the last measured N before the crossover
+    twin_cross = {PATHS[a][0]: cross.get(f"{a} < {b}") for a, b in twins}
+    dense_max_n = {attn: max((m for m in ns if m < n), default=0) for attn, n in twin_cross.items() if n}
+    for attn, n in dense_max_n.items():
+        print(f"  attn_impl='auto': {VARIANTS[attn].__name__}.dense_max_n['{device.split(':')[0]}'] = {n} measured here "
+              f"(model.py: {VARIANTS[attn].dense_max_n})")
     settings = {k: config[k] for k in ('dtype', 'attn_batch', 'attn_heads', 'head_dim', 'grf_walks', 'grf_p_halt',
                                        'mask_max_len', 'repeats', 'min_seconds', 'time_budget', 'memory_budget', 'attn_compile')}
     settings |= {'device': device, 'threads': torch.get_num_threads(), 'keep_memory': kept, 'cpu_peak_memory': cpu_peak_memory}
-    path = write_json('attention', {'settings': settings, 'results': res, 'slopes': slopes, 'crossovers': cross,
-                                    'ratios_at_n': {ratio_n: ratios}})  # json writes the int keys N as strings
+    out = {'settings': settings, 'results': res, 'slopes': slopes, 'crossovers': cross, 'ratios_at_n': {ratio_n: ratios},
+           'dense_max_n': dense_max_n}
+    path = write_json('attention', out)  # json writes the int keys N as strings
     plot(res, path[:-5] + '.png')
+    return out
 
 def write_json(name, obj):
     """Write obj to out_dir/<name>-<device type>.json; its path."""
@@ -260,9 +264,7 @@ def write_json(name, obj):
 
 def plot(res, path):
     try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # without a display matplotlib takes its Agg backend by itself
     except ImportError:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -274,8 +276,7 @@ def plot(res, path):
         ax.set(xlabel='tokens N', ylabel=label)
         ax.grid(True, which='both', alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches='tight')
     print(f"wrote {path}")
 
 def train_bench():
@@ -301,9 +302,8 @@ def train_bench():
                     torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            first = timed(step)  # compiles, when compiled
-            runs[f"{a} {impl}"] = {'step': step, 'first_s': first, 'times': []}
-            print(f"built {a} {impl}: first step {first:.2f} s", flush=True)
+            runs[f"{a} {impl}"] = {'step': step, 'first_s': timed(step), 'times': []}  # the first step compiles, when compiled
+            print(f"built {a} {impl}: first step {runs[f'{a} {impl}']['first_s']:.2f} s", flush=True)
     for _ in range(train_rounds):
         for r in runs.values():
             r['step']()  # one untimed step after switching variants
@@ -347,4 +347,5 @@ def walks_bench():
         print(f"{coupling:22}{median:8.3f} s{median / base:8.2f} x iid")
 
 if __name__ == '__main__':
+    setup(sys.argv[1:])
     {'attention': attention_bench, 'train': train_bench, 'walks': walks_bench}[mode]()

@@ -330,9 +330,10 @@ def _grf_mix_backward(gy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     # dL/dP_il = q_i^T S_l gy_i + k_i^T dL/dS_l v_i (summed over the batch), at P's non-zeros in CSR order
     gvals = (torch.sparse.sampled_addmm(A, qg, S.t(), beta=0.0).values()
              + torch.sparse.sampled_addmm(A, kv, gS.t(), beta=0.0).values())
-    return [gq, gk, gv, gvals]
+    return [g.contiguous() for g in (gq, gk, gv, gvals)]
 
-_grf_mix_backward.register_fake(lambda gy, q, k, v, vals, *structure: [torch.empty_like(x) for x in (q, k, v, vals)])
+# contiguous, whatever the strides of the inputs (inductor checks them against these; empty_like would copy the inputs')
+_grf_mix_backward.register_fake(lambda gy, q, k, v, vals, *structure: [x.new_empty(x.shape) for x in (q, k, v, vals)])
 _grf_mix.register_autograd(lambda ctx, gy: (*_grf_mix_backward(gy, *ctx.saved_tensors), None, None, None, None, None),
                            setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 

@@ -110,7 +110,9 @@ class Attention(nn.Module):
     form = ()          # settings that change what the mask parameters mean: fine-tuning takes them only if equal
     sampled = ()       # names of buffers drawn at random (walks), and the settings they are drawn from (`walks`):
     walks = ()         # fine-tuning takes them only if all of those are equal
-    dense_max_n = None # with fast_mix(): attn_impl='auto' takes the dense path up to this many tokens (bench.py)
+    # with fast_mix(): attn_impl='auto' takes the dense path up to this many tokens, per device type (bench.py); a
+    # device type not named takes the CPU's, the only one measured so far (check_gpu.py measures CUDA's)
+    dense_max_n = None
     # the dense path keeps its N x N scores for backward up to this many tokens, per device type, and recomputes
     # them above (O(N d) kept, for two more O(N^2 d) products); a device type not named always recomputes
     scores_kept_max_n = {'cpu': 256}
@@ -121,8 +123,7 @@ class Attention(nn.Module):
         self.h = self.w = c.image_size // c.patch_size
         self.qkv = nn.Linear(c.dim, 3 * c.dim)
         self.proj = nn.Linear(c.dim, c.dim)
-        n = self.h * self.w
-        self.fast = self.dense_max_n is not None and (c.attn_impl == 'fast' or c.attn_impl == 'auto' and n > self.dense_max_n)
+        self.impl = c.attn_impl if self.dense_max_n else 'dense'
 
     def mask(self):
         """The dense N x N mask per head, [H, N, N], in float32 under any autocast (for the dense path, and to look at)."""
@@ -130,10 +131,11 @@ class Attention(nn.Module):
             return self.dense_mask()
 
     def mix(self, q, k, v):
-        """The token mixing, [B, H, N, d] -> [B, H, N, d]."""
-        if self.fast:
+        """The token mixing, [B, H, N, d] -> [B, H, N, d]. The path is chosen here, where the device is known."""
+        n, device = q.shape[-2], q.device.type
+        if self.impl == 'fast' or self.impl == 'auto' and n > self.dense_max_n.get(device, self.dense_max_n['cpu']):
             return self.fast_mix(q, k, v)
-        recompute = q.shape[-2] > self.scores_kept_max_n.get(q.device.type, 0)
+        recompute = n > self.scores_kept_max_n.get(device, 0)
         return masks.masked_linear_attention(q, k, v, self.mask(), recompute=recompute)
 
     def forward(self, x):
@@ -154,7 +156,7 @@ class ToeplitzAttention(Attention):
     """M_ij = t[row_i - row_j, col_i - col_j], a learnable table per head; t = exp(logits) >= 0, starting at
     decay^(|dr| + |dc|) (decay 1: unmasked)."""
     settings = ('table_init_decay',)
-    dense_max_n = 1024
+    dense_max_n = {'cpu': 1024}
 
     def __init__(self, c, layer):
         super().__init__(c, layer)
@@ -203,7 +205,7 @@ class GRFAttention(Attention):
     sampled = ('grf_crow', 'grf_col', 'grf_slot', 'grf_fidx', 'grf_load')
     derived = ('grf_rows', 'grf_crow_t', 'grf_col_t', 'grf_perm')  # from grf_crow and grf_col, not saved
     walks = ('image_size', 'patch_size', 'graph', 'grf_walks', 'grf_p_halt', 'grf_coupling', 'mask_max_len', 'mask_seed')
-    dense_max_n = 256
+    dense_max_n = {'cpu': 256}
 
     def __init__(self, c, layer):
         super().__init__(c, layer)

@@ -46,6 +46,22 @@ def test_dense_and_fast_models_agree(attn):
     fast.load_state_dict(dense.state_dict())
     torch.testing.assert_close(fast(IMAGES), dense(IMAGES), rtol=1e-4, atol=1e-5)
 
+@pytest.mark.parametrize("attn", [a for a, cls in VARIANTS.items() if cls.dense_max_n is not None])
+def test_auto_takes_the_dense_path_up_to_dense_max_n_of_the_tokens_device_type(attn, monkeypatch):
+    """16 tokens, on the CPU and on the meta device; a device type the table does not name takes the CPU's value."""
+    layer = ViT(tiny(attn=attn)).blocks[0].attn
+    taken = []
+    monkeypatch.setattr(type(layer), "fast_mix", lambda self, q, k, v: taken.append("fast"))
+    monkeypatch.setattr(masks, "masked_linear_attention", lambda *args, **kw: taken.append("dense"))
+    for device, table, path in [("cpu", {"cpu": 16}, "dense"), ("cpu", {"cpu": 15}, "fast"),
+                                ("cpu", {"cpu": 16, "meta": 15}, "dense"), ("meta", {"cpu": 16, "meta": 15}, "fast"),
+                                ("meta", {"cpu": 15, "meta": 16}, "dense"), ("meta", {"cpu": 15}, "fast"),
+                                ("meta", {"cpu": 16}, "dense")]:
+        monkeypatch.setattr(type(layer), "dense_max_n", table)
+        q = torch.zeros(1, 2, 16, 16, device=device)
+        layer.mix(q, q, q)
+        assert taken.pop() == path, (device, table)
+
 def test_mask_parameters_start_as_documented():
     toep = ViT(tiny(attn="toeplitz"))
     assert torch.equal(toep.blocks[0].attn.table_logits.exp(), torch.ones(2, 7, 7))

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from bench import PATHS
 from model import VARIANTS, ViT, saved_config
 from test_data import DATA_DIR, need
 
@@ -287,11 +288,27 @@ def test_the_sigmoid_loss_starts_near_the_head_bias_and_learns(tmp_path):
     train(*args, '--lr=1e-2', out=tmp_path / 'learn')
     assert result(tmp_path / 'learn')['final']['top1'] > 50
 
-def test_the_gpu_check_runs_on_cpu_at_a_tiny_size():
-    """check_gpu.py cannot rot: the same script a GPU machine runs, tiny and on the CPU."""
-    p = subprocess.run([sys.executable, 'check_gpu.py', '--size=tiny', '--device=cpu', '--steps=1'], cwd=ROOT,
-                       capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
+def test_the_gpu_check_runs_on_cpu_at_a_tiny_size_and_writes_every_figure(tmp_path):
+    """check_gpu.py cannot rot: the same script a GPU machine runs, tiny and on the CPU, every path of every variant and
+    the attention benchmark; its JSON holds the figures the README's GPU section is filled from."""
+    out = tmp_path / 'check_gpu.json'
+    p = subprocess.run([sys.executable, 'check_gpu.py', '--size=tiny', '--device=cpu', '--steps=1', f'--out={out}'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     lines = p.stdout.splitlines()
-    assert all(any(l.startswith(a) and 'graph breaks 0' in l for l in lines) for a in VARIANTS)
+    assert all(any(l.startswith(path + ' ') and 'graph breaks 0' in l for l in lines) for path in PATHS)
     assert 'DDP (gloo, 1 process)' in p.stdout and lines[-1] == 'check passed'
+    result = json.loads(out.read_text())
+    assert set(result) == {'device', 'device_name', 'torch', 'dtype', 'compile_backend', 'size', 'peak_flops', 'budget_s',
+                           'ddp', 'train', 'attention', 'skipped', 'failed', 'elapsed_s', 'passed'}
+    assert result['passed'] and not result['failed'] and not result['skipped'] and result['peak_flops'] is None
+    assert set(result['train']) == set(PATHS) and result['ddp']['step_s'] > 0
+    for path, r in result['train'].items():
+        assert set(r) == {'graph_breaks', 'batch', 'images_per_s', 'step_s', 'compile_s', 'peak_gb', 'flops_per_image',
+                          'flops_per_step', 'mfu'}, path
+        assert r['graph_breaks'] == 0 and r['mfu'] is None and r['images_per_s'] == pytest.approx(r['batch'] / r['step_s'])
+        assert r['flops_per_step'] >= r['batch'] * r['flops_per_image'] > 0, path
+    attention = result['attention']
+    assert set(attention) == {'settings', 'results', 'slopes', 'crossovers', 'ratios_at_n', 'dense_max_n'}
+    assert all(set(r) == {'16', '64'} for r in attention['results'].values()) and 'grf-fast' in attention['results']
+    assert os.path.isfile(tmp_path / 'attention-cpu.json')
