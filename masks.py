@@ -237,8 +237,7 @@ def masked_linear_attention(q, k, v, mask, eps=EPS, recompute=True):
     with torch.autocast(q.device.type, enabled=False):
         return _MaskedLinear.apply(q, k, v, mask, eps, recompute)  # apply takes no keywords
 
-def _with_ones(v):
-    # append a ones channel: the same contraction then yields numerator (first dv) and denominator (last)
+def _with_ones(v):  # a ones channel appended: one contraction yields numerator (first dv) and denominator (last)
     return torch.cat([v, torch.ones_like(v[..., :1])], -1)
 
 def _divide(y, eps):
