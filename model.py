@@ -1,5 +1,5 @@
 """
-A Vision Transformer whose attention is one of five token mixers, one class each (VARIANTS; the math is in masks.py):
+A Vision Transformer whose attention is one of the token mixers of VARIANTS, one class each (the math is in masks.py):
   softmax   softmax(q k^T / sqrt(d)) v, via F.scaled_dot_product_attention          O(N^2)
   linear    phi(q) (phi(k)^T v), phi = relu                                         O(N)
   toeplitz  linear attention masked by a learnable table of 2-D relative offsets      O(N log N) (FFT)

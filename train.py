@@ -1,5 +1,5 @@
 """
-Trains a Vision Transformer with one of five attentions (model.py) on one of six datasets (data.py).
+Trains a Vision Transformer with one of the attentions of model.VARIANTS on one of six datasets (data.py).
 
     python train.py configs/fmnist.py --attn=grf                    # laptop: CPU or MPS, or one GPU
     torchrun --standalone --nproc_per_node=8 train.py configs/imagenet.py --attn=toeplitz
@@ -58,7 +58,7 @@ heads = 4
 mlp_dim = 128
 dropout = 0.1
 head_bias_init = 0.0       # the classifier's bias at the start (the reference's ImageNet recipe: -10 with loss='sigmoid')
-attn = 'softmax'           # a variant of model.VARIANTS: softmax | linear | toeplitz | topo | grf
+attn = 'softmax'           # a key of model.VARIANTS: the paper's softmax, linear, toeplitz, topo, grf, and any added
 attn_impl = 'auto'         # auto | dense | fast: how toeplitz and grf are evaluated
 grf_walks = 20             # grf: random walks per node (n)
 grf_p_halt = 0.1           # grf: probability that a walk halts at each step
