@@ -390,9 +390,9 @@ def test_grf_custom_operators_pass_opcheck_on_inputs_of_any_strides():
     """torch.library.opcheck compares the fake kernels (what torch.compile plans with) with the real ones, strides
     included: inductor asserts them at run time, and may hand the operators [H N, B, d] inputs batch-major."""
     H, N, B, d = 2, 16, 3, 4
-    layout = masks.grf_walk_layout(4, 4, heads=H, n_walks=4, p_halt=0.2, max_len=4, coupling='iid', seed=0)
-    t = masks.csr_transpose(layout['crow'], layout['col'])
-    structure = (layout['crow'], layout['col'], t['crow_t'], t['col_t'], t['perm'])
+    generators = [torch.Generator().manual_seed(j) for j in range(H)]
+    layout = masks.grf_walk_layout(masks.grid_graph(4, 4), generators, n_walks=4, p_halt=0.2, max_len=4, coupling='iid')
+    structure = tuple(layout[name] for name in ('crow', 'col', 'crow_t', 'col_t', 'perm'))
     vals = torch.rand(layout['col'].shape[0])
     for layout_of in (lambda c: torch.rand(H * N, B, c), lambda c: torch.rand(B, H * N, c).transpose(0, 1)):
         q, k, v, gy = layout_of(d), layout_of(d), layout_of(d + 1), layout_of(d + 1)
