@@ -8,6 +8,8 @@ One prepared check of a CUDA GPU that returns every figure the project lacks fro
    null for a device not in it);
 3. bench.py's attention benchmark in bf16 at N = 64 ... 16,384 tokens, in what is left of the budget (at least
    bench_s): time and memory per path, the crossovers, and the dense_max_n they imply for this device type.
+Each variant's model is built once, on the CPU (the seconds each took are reported: ViT-B/16's GRF walks and topo's
+W powers take a while), and copied for each of its paths.
 
     python check_gpu.py                           # a CUDA GPU: ViT-B/16, 224 px, bf16, inductor (8 minutes)
     python check_gpu.py --size=tiny --device=cpu  # anywhere: a tiny ViT, float32, aot_eager (CI runs this)
@@ -16,6 +18,7 @@ What would not fit in the budget is skipped, and said so. Prints each figure as 
 them all to `out` (JSON, rewritten after each stage), with bench.py's attention-<device>.json and .png beside it. Ends
 with 'check passed', or 'check failed: ...' (exit status 1) naming what failed; each failure's traceback is above it.
 """
+import copy
 import gc
 import json
 import os
@@ -32,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 from configurator import configure, fail as config_error
-from model import VARIANTS, ViT, ViTConfig, amp_dtype, ddp_no_buffer_sync
+from model import VARIANTS, Attention, ViT, ViTConfig, amp_dtype, ddp_no_buffer_sync
 
 size = 'vitb16'            # vitb16 (ImageNet: K = 100, 100 walks) | tiny (16 px, 2 layers)
 device = 'auto'            # auto (cuda if available, else cpu) | cuda | cpu
@@ -80,7 +83,8 @@ print(f"check_gpu: {size}, compile backend {backend}, bf16 peak {f'{peak_flops /
       f", budget {budget_s} s ({bench_s} s of it for the attention benchmark)", flush=True)
 result = {'device': device, 'device_name': name, 'torch': torch.__version__, 'dtype': str(dtype).split('.')[-1],
           'compile_backend': backend, 'size': size, 'peak_flops': peak_flops, 'budget_s': budget_s,
-          'ddp': None, 'train': {}, 'attention': None, 'skipped': [], 'failed': [], 'elapsed_s': None, 'passed': None}
+          'build_s': {}, 'ddp': None, 'train': {}, 'attention': None, 'skipped': [], 'failed': [], 'elapsed_s': None,
+          'passed': None}
 
 def save():
     result['elapsed_s'] = time.perf_counter() - start
@@ -152,10 +156,16 @@ def compiled_steps(model, batch):
     seconds = statistics.median(bench.timed(step) for _ in range(steps))
     return first, seconds, bench.peak_bytes(step, resident=0)  # CUDA: the allocator's peak over a step
 
+def on_path(attn, impl):
+    """A copy of the variant's model on the device, taking path impl: set on the copy, as the model is built once."""
+    model = copy.deepcopy(built[attn]).to(device)
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.impl = impl
+    return model
+
 def check_path(path):
-    attn, impl = bench.PATHS[path]
-    torch.manual_seed(0)
-    model = ViT(ViTConfig(attn=attn, attn_impl=impl, **shape)).to(device)
+    model = on_path(*bench.PATHS[path])
     x = torch.randn(2, shape['in_channels'], shape['image_size'], shape['image_size'], device=device)
     breaks = torch._dynamo.explain(model)(x).graph_break_count
     torch._dynamo.reset()
@@ -169,12 +179,21 @@ def check_path(path):
             'compile_s': max(0.0, first - seconds), 'peak_gb': peak / 1e9, 'flops_per_image': per_image,
             'flops_per_step': flops, 'mfu': flops / seconds / peak_flops if peak_flops else None}
 
-# 1. one DDP step in a single process: NCCL on CUDA, gloo elsewhere
+# 1. each variant's model, once (at ViT-B/16 grf's walks and topo's W powers take a while to build, on the CPU)
+built = {}
+for attn in dict.fromkeys([*(bench.PATHS[path][0] for path in paths.split(',')), 'grf']):
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    built[attn] = ViT(ViTConfig(attn=attn, **shape))
+    result['build_s'][attn] = time.perf_counter() - t0
+    print(f"built the {attn} model in {result['build_s'][attn]:.1f} s", flush=True)
+
+# 2. one DDP step in a single process: NCCL on CUDA, gloo elsewhere
 os.environ.setdefault('MASTER_ADDR', '127.0.0.1')
 os.environ.setdefault('MASTER_PORT', '29517')
 try:
     dist.init_process_group('nccl' if cuda else 'gloo', rank=0, world_size=1)
-    model = ViT(ViTConfig(attn='grf', **shape)).to(device)
+    model = on_path('grf', 'auto')
     step = trainer(DDP(model, device_ids=[torch.cuda.current_device()] if cuda else None, **ddp_no_buffer_sync()), 8)
     step()
     result['ddp'] = {'backend': dist.get_backend(), 'step_s': bench.timed(step)}
@@ -186,7 +205,7 @@ if dist.is_initialized():
     dist.destroy_process_group()
 save()
 
-# 2. every path trained, compiled; a path is skipped when the slowest so far would not fit before the benchmark's share
+# 3. every path trained, compiled; a path is skipped when the slowest so far would not fit before the benchmark's share
 took = []
 for path in paths.split(','):
     if took and left() - bench_s < max(took):
@@ -208,7 +227,7 @@ for path in paths.split(','):
     took.append(time.perf_counter() - t0)
     save()
 
-# 3. the attention benchmark, in what is left of the budget
+# 4. the attention benchmark, in what is left of the budget
 if left() < 10:
     skip('attention benchmark', f"{left():.0f} s left")
 else:

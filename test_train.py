@@ -292,15 +292,16 @@ def test_the_gpu_check_runs_on_cpu_at_a_tiny_size_and_writes_every_figure(tmp_pa
     """check_gpu.py cannot rot: the same script a GPU machine runs, tiny and on the CPU, every path of every variant and
     the attention benchmark; its JSON holds the figures the README's GPU section is filled from."""
     out = tmp_path / 'check_gpu.json'
-    p = subprocess.run([sys.executable, 'check_gpu.py', '--size=tiny', '--device=cpu', '--steps=1', f'--out={out}'], cwd=ROOT,
-                       capture_output=True, text=True, timeout=900, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    args = ['--size=tiny', '--device=cpu', '--steps=1', '--budget_s=3600', f'--out={out}']  # a busy machine skips nothing
+    p = subprocess.run([sys.executable, 'check_gpu.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     lines = p.stdout.splitlines()
     assert all(any(l.startswith(path + ' ') and 'graph breaks 0' in l for l in lines) for path in PATHS)
     assert 'DDP (gloo, 1 process)' in p.stdout and lines[-1] == 'check passed'
     result = json.loads(out.read_text())
     assert set(result) == {'device', 'device_name', 'torch', 'dtype', 'compile_backend', 'size', 'peak_flops', 'budget_s',
-                           'ddp', 'train', 'attention', 'skipped', 'failed', 'elapsed_s', 'passed'}
+                           'build_s', 'ddp', 'train', 'attention', 'skipped', 'failed', 'elapsed_s', 'passed'}
     assert result['passed'] and not result['failed'] and not result['skipped'] and result['peak_flops'] is None
     assert set(result['train']) == set(PATHS) and result['ddp']['step_s'] > 0
     for path, r in result['train'].items():
@@ -312,3 +313,17 @@ def test_the_gpu_check_runs_on_cpu_at_a_tiny_size_and_writes_every_figure(tmp_pa
     assert set(attention) == {'settings', 'results', 'slopes', 'crossovers', 'ratios_at_n', 'dense_max_n'}
     assert all(set(r) == {'16', '64'} for r in attention['results'].values()) and 'grf-fast' in attention['results']
     assert os.path.isfile(tmp_path / 'attention-cpu.json')
+
+def test_the_gpu_check_skips_what_would_not_fit_in_its_budget_and_says_so(tmp_path):
+    """The first path always runs; the next is skipped once the slowest so far would overrun, and so is the attention
+    benchmark with under 10 s left: each named on stdout and in the JSON, and the check still passes."""
+    out = tmp_path / 'check_gpu.json'
+    args = ['--size=tiny', '--device=cpu', '--steps=1', '--paths=softmax,linear', '--budget_s=1', '--bench_s=0', f'--out={out}']
+    p = subprocess.run([sys.executable, 'check_gpu.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert list(result['train']) == ['softmax'] and result['attention'] is None and result['passed']
+    assert [s.split(':')[0] for s in result['skipped']] == ['linear', 'attention benchmark']
+    assert 'linear skipped: ' in p.stdout and 'attention benchmark skipped: ' in p.stdout
+    assert p.stdout.splitlines()[-1] == 'check passed'
