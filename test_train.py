@@ -241,29 +241,19 @@ def test_eval_only_reproduces_the_recorded_top1(first_epoch):
     assert again['top1'] == result(first_epoch)['final']['top1'] and again['loss'] == pytest.approx(result(first_epoch)['final']['loss'])
 
 def test_a_checkpoint_saved_before_a_model_setting_existed_still_resumes(first_epoch, tmp_path):
-    """Model settings added later take their defaults when an older checkpoint lacks them (table_init_decay), or the
-    value such checkpoints ran with (grf_coupling: 'iid'); the walks are the checkpoint's either way."""
+    """A model setting added later takes its default when an older checkpoint lacks it (table_init_decay); the walks
+    are the checkpoint's."""
     run = copy_of(first_epoch, tmp_path)
     old = checkpoint(run)
-    del old['config']['table_init_decay'], old['config']['grf_coupling']
+    del old['config']['table_init_decay']
     torch.save(old, os.path.join(run, 'ckpt.pt'))
     p = train(*SYNTHETIC, '--init_from=resume', '--eval_only=True', out=run)
     assert json.loads(p.stdout.strip().splitlines()[-1])['top1'] == result(first_epoch)['final']['top1']
     train(*SYNTHETIC, '--init_from=resume', f'--max_steps={STEPS_PER_EPOCH + 2}', out=run)
     new = checkpoint(run)
-    assert new['step'] == STEPS_PER_EPOCH + 2 and new['config']['grf_coupling'] == 'iid'
+    assert new['step'] == STEPS_PER_EPOCH + 2 and new['config']['table_init_decay'] == 1.0
     walks = mask_and_walk_names(old)[1]
     assert walks and all(torch.equal(new['model'][k], old['model'][k]) for k in walks)
-
-def test_a_topo_checkpoint_from_before_topo_form_loads_as_features_and_scores_its_recorded_top1(tmp_path):
-    args = [*SYNTHETIC, '--attn=topo', '--topo_form=features', '--epochs=1', '--max_steps=6']
-    train(*args, out=tmp_path)
-    old = checkpoint(tmp_path)
-    del old['config']['topo_form']
-    torch.save(old, os.path.join(tmp_path, 'ckpt.pt'))
-    p = train(*SYNTHETIC, '--attn=topo', '--init_from=resume', '--eval_only=True', out=tmp_path)
-    assert json.loads(p.stdout.strip().splitlines()[-1])['top1'] == result(tmp_path)['final']['top1']
-    assert "'topo_form': 'features'" in p.stdout  # the checkpoint's form wins over this run's default
 
 def test_resampled_walks_change_during_training_and_resume_exactly(tmp_path):
     """--grf_resample_every=3: the walks of step 9 are not the initial ones, and a run stopped at step 7 and
