@@ -339,9 +339,8 @@ def walks_bench():
     base = None
     print(f"sampling {grf_walks} walks per node on a {side}x{side} grid (N = {side * side:,}), p_halt {grf_p_halt}, K {mask_max_len}")
     for coupling in masks.COUPLINGS:
-        g = torch.Generator().manual_seed(seed)
-        sample = lambda: masks.sample_grf_walks(masks.grid_graph(side, side), grf_walks, grf_p_halt,
-                                                max_len=mask_max_len, generator=g, coupling=coupling)
+        sample = lambda: masks.sample_grf_walks(masks.grid_graph(side, side), grf_walks, grf_p_halt, max_len=mask_max_len,
+                                                generator=torch.Generator().manual_seed(seed), coupling=coupling)
         median = statistics.median([timed(sample) for _ in range(repeats)])
         base = base or median
         print(f"{coupling:22}{median:8.3f} s{median / base:8.2f} x iid")
