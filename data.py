@@ -1,10 +1,7 @@
 """
 Datasets as iterables of (images, labels) batches, sharded over DDP ranks by one batch sampler.
   fmnist, cifar10, synthetic   held whole on the device as uint8, batched by index, normalised per batch
-  imagenet                     ImageFolder on data_dir/train and data_dir/val (decoded by worker processes)
-  inat2021                     torchvision INaturalist, 2021_train / 2021_valid
-  places365                    torchvision Places365, small (256x256) images, train-standard / val
-A file dataset's train and val must hold the same classes; an image file that fails to decode is replaced (ImageFiles).
+  imagenet, inat2021, places365  image files decoded by worker processes (imagefiles.py), normalised on the device
 """
 import os
 from contextlib import contextmanager
@@ -14,14 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
-import torchvision.transforms as T
-from torchvision.datasets.folder import default_loader  # PIL, converted to RGB
 from torchvision.datasets.utils import check_integrity
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-IMAGENET_LAYOUT = "data_dir/train/<wnid>/*.JPEG and data_dir/val/<wnid>/*.JPEG (one folder per class, 1000 each)"
-UNDECODABLE_MAX = 0.001    # the share of a rank's pass through a split that may fail to decode (at least one image)
-
 class ShardedBatches:
     """Batch sampler for every dataset. Training: each epoch one permutation, seeded by (seed, epoch) and the
     same on every rank, is cut into global batches of micro * accum * world samples (the rest dropped);
@@ -67,7 +59,7 @@ def crops_and_flips(x, pad, flip):
 class Normalised:
     """uint8 image batches [B, C, H, W] from `batches`, moved to the device, augmented there (augment(x), if given)
     and normalised: a quarter of float32's bytes cross from the loader workers and over the bus. A file dataset's
-    batches also name the images replaced (ImageFiles): `replaced` lists this pass's; more than `limit` end the run."""
+    batches also name the images replaced (imagefiles.ImageFiles): `replaced` lists this pass's; more than `limit` end the run."""
     def __init__(self, batches, device, mean, std, augment=None, limit=0):
         self.batches, self.device, self.limit = batches, device, limit
         self.augment = augment or (lambda x: x)
@@ -153,57 +145,6 @@ def synthetic(data_dir, train, num_classes, size=32):
     x = textures[y] + 2.0 * torch.randn(n, 1, size, size, generator=g)
     return (x * 30 + 128).round().clamp(0, 255).to(torch.uint8), y, (0.5,), (0.25,)
 
-class ImageFiles(torch.utils.data.Dataset):
-    """The images of samples [(path, label)], decoded and cropped to uint8 tensors (normalised later, on the device) as the
-    reference's ImageNet pipeline: random area 8-100%, aspect 3/4-4/3, bicubic, flipped; evaluation: the central 87.5% of
-    the short side. Item i: (image, label, the paths, one per line, of the files that failed to decode before it): the
-    next file stands in for one that fails; after `tries` failures in a row, a blank image (their paths stop the run)."""
-    def __init__(self, samples, image_size, train, tries):
-        bicubic = T.InterpolationMode.BICUBIC
-        tf = T.Compose([T.RandomResizedCrop(image_size, interpolation=bicubic), T.RandomHorizontalFlip()] if train else
-                       [T.Resize(round(image_size / 0.875), interpolation=bicubic), T.CenterCrop(image_size)])
-        self.transform = T.Compose([tf, T.PILToTensor()])
-        self.samples, self.size, self.tries = samples, image_size, tries
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        failed = []
-        for j in range(i, i + self.tries):
-            path, label = self.samples[j % len(self.samples)]
-            try:
-                image = default_loader(path)  # PIL, converted to RGB
-            except Exception:  # not an image, cut short, corrupt
-                failed.append(path)
-                continue
-            return self.transform(image), label, '\n'.join(failed)
-        return torch.zeros(3, self.size, self.size, dtype=torch.uint8), 0, '\n'.join(failed)
-
-def image_files(dataset, data_dir, train):
-    """-> ([(path, label)], class names): a split of a file dataset, as torchvision finds it."""
-    if dataset == 'imagenet':
-        folder = os.path.join(data_dir, 'train' if train else 'val')
-        try:
-            ds = torchvision.datasets.ImageFolder(folder)
-        except FileNotFoundError as e:  # no such folder, or a class folder without an image
-            raise SystemExit(f"ImageNet at {folder}: {e}. Expected {IMAGENET_LAYOUT.replace('data_dir', data_dir)}; "
-                             "see README.md, 'Getting the data'.") from None
-        return ds.samples, ds.classes
-    if dataset == 'inat2021':
-        version = '2021_train' if train else '2021_valid'
-        ds = downloaded(lambda: torchvision.datasets.INaturalist(data_dir, version, target_type='full', download=True),
-                        'iNaturalist 2021', data_dir, f"data_dir/{version}/<category folders>/*.jpg")
-        return [(os.path.join(ds.root, ds.all_categories[c], f), c) for c, f in ds.index], ds.all_categories
-    ds = downloaded(lambda: torchvision.datasets.Places365(data_dir, 'train-standard' if train else 'val', small=True, download=True),
-                    'Places365', data_dir, "data_dir/data_256_standard, data_dir/val_256 and the places365 file lists")
-    return ds.imgs, ds.classes
-
-def only_in(a, b):
-    """The names in a that are not in b: their count and the first three, or 'none'."""
-    names = sorted(set(a) - set(b))
-    return f"{len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else 'none'
-
 TENSOR_SETS = {'fmnist': fmnist, 'cifar10': cifar10, 'synthetic': synthetic}
 FILE_SETS = ('imagenet', 'inat2021', 'places365')
 DATASETS = (*TENSOR_SETS, *FILE_SETS)
@@ -228,21 +169,9 @@ def load(dataset, data_dir, image_size, micro_batch, grad_accum=1, rank=0, world
         num_classes = int(train.y.max()) + 1
         limits = (0, 0)
     elif dataset in FILE_SETS:
-        splits = []
-        for is_train in (True, False):
-            with rank_zero_first(rank, world):
-                splits.append(image_files(dataset, data_dir, is_train))
-        (train, classes), (val, val_classes) = splits
-        if classes != val_classes:  # a label is a place in the class list: one extra folder shifts all that follow
-            raise SystemExit(f"{dataset}: train and val must hold the same classes; only in train: "
-                             f"{only_in(classes, val_classes)}, only in val: {only_in(val_classes, classes)}")
-        limits = [max(1, int(UNDECODABLE_MAX * len(samples) / world)) for samples in (train, val)]
-        train, val = (torch.utils.data.DataLoader(ImageFiles(samples, image_size, is_train, limit + 1),
-                                                  batch_sampler=shard(len(samples), is_train), num_workers=num_workers,
-                                                  pin_memory=str(device).startswith('cuda'), persistent_workers=num_workers > 0)
-                      for samples, limit, is_train in zip((train, val), limits, (True, False)))
+        import imagefiles  # imported here, as it imports this module
+        train, val, num_classes, limits = imagefiles.splits(dataset, data_dir, image_size, shard, rank, world, device, num_workers)
         channels = 3
-        num_classes = len(classes)
         mean, std = IMAGENET_STATS
     else:
         raise SystemExit(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")

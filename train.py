@@ -11,14 +11,12 @@ Trains a Vision Transformer with one of the attentions of model.VARIANTS on one 
 Every hyperparameter is a global below; config files and --key=value arguments override them, left to right
 (configurator.py). Writes out_dir/ckpt.pt (each epoch), out_dir/metrics.jsonl and out_dir/result.json.
 """
-import atexit
 import json
 import math
 import os
-import socket
 import sys
 import time
-from contextlib import nullcontext, suppress
+from contextlib import nullcontext
 from dataclasses import asdict, fields
 
 import torch
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import outdir
 from configurator import configure, fail
 from model import ViT, ViTConfig, amp_dtype, check_config, ddp_no_buffer_sync, saved_config
 
@@ -140,73 +139,25 @@ scaler = torch.amp.GradScaler('cuda', enabled=ptdtype == torch.float16)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 init_from = config['init_from'] = init_from.replace('{attn}', attn)  # a config may name the variant's own checkpoint
 
-def read_checkpoint(path):
-    if not os.path.isfile(path):
-        fail(f"init_from={init_from!r}: no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
-        ckpt['config'] = {**ckpt['config'], **asdict(saved_config(ckpt['config']))}  # settings it predates: as it ran
-    except Exception as e:
-        tmp = f"; {path}.tmp is a save that was cut short, not a checkpoint" if os.path.exists(path + '.tmp') else ''
-        fail(f"{path} is damaged: torch cannot read it ({type(e).__name__}){tmp}")
-    return ckpt
-
-def adopt_model_settings(ckpt):
-    """The model is the checkpoint's as it is: its model settings win over this run's."""
-    differ = {k: ckpt['config'][k] for k in model_keys if config[k] != ckpt['config'][k]
-              and not (k in ('in_channels', 'num_classes') and config[k] == 0)}
-    if differ:
-        print0(f"the checkpoint's model settings win over this run's: {differ}")
-    config.update({k: ckpt['config'][k] for k in model_keys})
-
 ckpt = None
 if init_from == 'scratch':  # a new model, initialised from seed
     if eval_only:
         fail("eval_only=True needs init_from='resume' or the path of a checkpoint")
-elif init_from == 'resume':  # continue out_dir/ckpt.pt exactly: model, optimizer, step, random streams
-    ckpt = read_checkpoint(ckpt_path)
-    adopt_model_settings(ckpt)
-else:  # fine-tune from another run's checkpoint: this run's model settings, the tensors that still fit
-    ckpt = read_checkpoint(init_from)
-    if eval_only:  # ... or evaluate that checkpoint as it is
-        adopt_model_settings(ckpt)
+else:  # resume: continue out_dir/ckpt.pt exactly (model, optimizer, step, random streams); a path: fine-tune from that
+    # checkpoint (this run's model settings, the tensors that still fit) or, with eval_only, evaluate it as it is
+    ckpt = outdir.read_checkpoint(ckpt_path if init_from == 'resume' else init_from, f"init_from={init_from!r}",
+                                  lambda c: c | {'config': c['config'] | asdict(saved_config(c['config']))})  # as it ran
+    if init_from == 'resume' or eval_only:  # the model is the checkpoint's as it is: its settings win over this run's
+        differ = {k: ckpt['config'][k] for k in model_keys if config[k] != ckpt['config'][k]
+                  and not (k in ('in_channels', 'num_classes') and config[k] == 0)}
+        if differ:
+            print0(f"the checkpoint's model settings win over this run's: {differ}")
+        config.update({k: ckpt['config'][k] for k in model_keys})
 globals().update({k: config[k] for k in model_keys})
 
 # out_dir: one run writes it at a time, and a new run never overwrites an old one (rank 0 writes; eval_only writes nothing)
-def take_lock(path):
-    """Create path exclusively, holding 'host pid', and remove it at exit. If it is there, fail naming its holder, unless
-    that pid is gone from this host (a run killed by SIGKILL): then take it over."""
-    me = f"{socket.gethostname()} {os.getpid()}"
-    while True:
-        with suppress(FileExistsError):
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, me.encode())
-            os.close(fd)
-            atexit.register(lambda: os.path.exists(path) and os.remove(path))
-            return
-        with suppress(FileNotFoundError):  # gone meanwhile: try again
-            host, _, pid = open(path).read().strip().partition(' ')
-            if host != me.split()[0] or not pid.isdigit() or pid != str(os.getpid()) and pid_alive(int(pid)):
-                fail(f"out_dir {out_dir} is in use by pid {pid or '?'} on {host or '?'}; let that run end, or remove "
-                     f"{path} if it has")
-            os.remove(path)  # its run is gone: take it over
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0 only asks whether the process is there
-    except OSError as e:
-        return isinstance(e, PermissionError)  # there, but another user's
-    return True
-
 if master and not eval_only:
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        fail(f"out_dir={out_dir!r} cannot be made: {e}")
-    take_lock(os.path.join(out_dir, 'lock'))
-    if init_from != 'resume' and os.path.exists(ckpt_path):
-        fail(f"{out_dir} holds a run (its ckpt.pt): continue it with --init_from=resume, or train into another "
-             f"--out_dir (or remove {out_dir} first)")
+    outdir.claim(out_dir, resume=init_from == 'resume')
 
 # data
 loaders = data.load(dataset, data_dir, image_size, micro_batch, grad_accum=grad_accum, rank=rank, world=world,
@@ -237,8 +188,7 @@ elif ckpt:
         print0(f"note: the checkpoint was trained with attn={source.attn!r}, this run uses attn={attn!r}")
 model.to(device)
 raw_model = model  # saved without DDP's module. and compile's _orig_mod. prefixes
-optimizer = torch.optim.AdamW(model.param_groups(weight_decay, mask_lr_mult), lr=lr, betas=(beta1, beta2),
-                              fused=device_type == 'cuda')
+optimizer = torch.optim.AdamW(model.param_groups(weight_decay, mask_lr_mult), lr=lr, betas=(beta1, beta2), fused=device_type == 'cuda')
 step = 0                   # optimizer steps taken
 best = {'top1': 0.0, 'top5': 0.0}
 eval_due = False           # whether the model at `step` is still to be evaluated
@@ -248,10 +198,8 @@ if init_from == 'resume':
     for group, now in zip(optimizer.param_groups, model.param_groups(weight_decay, mask_lr_mult)):
         group.update(weight_decay=now['weight_decay'], lr_mult=now['lr_mult'], betas=(beta1, beta2))  # this run's settings
     scaler.load_state_dict(ckpt['scaler'])
-    step = ckpt['step']
-    best = ckpt['best']        # over the evaluations before this checkpoint's
+    step, best, wall_before = ckpt['step'], ckpt['best'], ckpt['wall_time']  # best: of the evaluations before it
     eval_due = ckpt.get('eval_pending', False)  # saved at an epoch's end, then evaluated (or not, if that crashed)
-    wall_before = ckpt['wall_time']
     rng = ckpt['rng'][rank] if len(ckpt['rng']) == world else None
     if rng:
         torch.set_rng_state(rng['torch'])
@@ -284,8 +232,7 @@ def get_lr(step):
 def loss_fn(x, y):
     """The loss of a batch, on images mixed pairwise when mixup > 0 (lambda and the pairing come from the torch
     generator, which resuming restores)."""
-    lam = 1.0   # the weight of the batch's own images
-    perm = None # the images they are mixed with
+    lam, perm = 1.0, None  # the weight of the batch's own images, and the images they are mixed with
     if mixup > 0:
         lam = float(torch.distributions.Beta(mixup, mixup).sample())
         perm = torch.randperm(len(x), device=x.device)
@@ -348,19 +295,14 @@ def save_checkpoint(eval_pending):
         ckpt = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                 'step': step, 'epoch': step // steps_per_epoch, 'rng': rngs, 'config': config, 'best': best,
                 'eval_pending': eval_pending, 'wall_time': wall_before + time.time() - t_start}
-        torch.save(ckpt, ckpt_path + '.tmp')
-        os.replace(ckpt_path + '.tmp', ckpt_path)
+        outdir.save_checkpoint(ckpt, ckpt_path)
 
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 if master:  # metrics.jsonl keeps the records before the start step: a resumed run logs the later ones again
-    metrics = os.path.join(out_dir, 'metrics.jsonl')
-    lines = open(metrics).readlines() if os.path.exists(metrics) else []
-    with open(metrics + '.tmp', 'w') as f:  # a line cut short by a crash has no newline
-        kept = lambda r: r['step'] < step or r['step'] == step and not (eval_due and r['kind'] == 'eval')  # done again
-        f.writelines(l for l in lines if l.endswith('\n') and kept(json.loads(l)))
-    os.replace(metrics + '.tmp', metrics)
+    outdir.keep_metrics(os.path.join(out_dir, 'metrics.jsonl'),  # not the evaluation it does again
+                        lambda r: r['step'] < step or r['step'] == step and not (eval_due and r['kind'] == 'eval'))
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)), config=config)
@@ -389,8 +331,7 @@ while True:
     epoch = step // steps_per_epoch
     loaders.sampler.set_epoch(epoch, step % steps_per_epoch)
     batches = iter(loaders.train)
-    t0 = time.time()
-    last_step = step
+    t0, last_step = time.time(), step
     while True:
         if grf_resample_every and step % grf_resample_every == 0:  # draw r is seeded by (mask_seed, layer, r)
             for m in raw_model.modules():
@@ -440,8 +381,7 @@ while True:
                 save_checkpoint(eval_pending=False)  # at a log step, so that a resumed run logs the same averages
                 saved_step = step
                 print0(f"saved {ckpt_path} at step {step}")
-            t0 = time.time()
-            last_step = step
+            t0, last_step = time.time(), step
         if epoch_end:
             break
     save_checkpoint(eval_pending=True)  # before the evaluation: an exception there costs no training

@@ -18,7 +18,7 @@ dataset = 'imagenet'
 published = 'softmax:74.1,topo:74.1,toeplitz:73.3,grf:73.0,linear:69.3'  # the paper's Table 1
 data_dir = 'data/imagenet'
 num_workers = 16           # per GPU (see above); raise it while the GPU waits for data
-image_size = 224           # reference: random crops of 8-100% area, bicubic, flips; eval central 87.5% (data.py)
+image_size = 224           # reference: random crops of 8-100% area, bicubic, flips; eval central 87.5% (imagefiles.py)
 patch_size = 16            # 14 x 14 = 196 tokens
 dim = 768                  # ViT-B: 12 layers, 12 heads, width 768, MLP 3072
 depth = 12

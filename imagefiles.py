@@ -1,0 +1,88 @@
+"""
+Datasets read from image files, decoded by DataLoader worker processes (data.load batches them):
+  imagenet     ImageFolder on data_dir/train and data_dir/val (ImageNet's layout, one folder per class)
+  inat2021     torchvision INaturalist, 2021_train / 2021_valid
+  places365    torchvision Places365, small (256x256) images, train-standard / val
+Train and val must hold the same classes (a label is a place in the class list). An image that fails to decode is
+replaced by the next file and named; more than UNDECODABLE_MAX of a split end the run (data.Normalised).
+"""
+import os
+
+import torch
+import torchvision
+import torchvision.transforms as T
+from torchvision.datasets.folder import default_loader  # PIL, converted to RGB
+
+from data import downloaded, rank_zero_first
+
+IMAGENET_LAYOUT = "data_dir/train/<wnid>/*.JPEG and data_dir/val/<wnid>/*.JPEG (one folder per class, 1000 each)"
+UNDECODABLE_MAX = 0.001    # the share of a rank's pass through a split that may fail to decode (at least one image)
+
+class ImageFiles(torch.utils.data.Dataset):
+    """The images of samples [(path, label)], decoded and cropped to uint8 tensors (normalised later, on the device) as the
+    reference's ImageNet pipeline: random area 8-100%, aspect 3/4-4/3, bicubic, flipped; evaluation: the central 87.5% of
+    the short side. Item i: (image, label, the paths, one per line, of the files that failed to decode before it): the
+    next file stands in for one that fails; after `tries` failures in a row, a blank image (their paths stop the run)."""
+    def __init__(self, samples, image_size, train, tries):
+        bicubic = T.InterpolationMode.BICUBIC
+        tf = T.Compose([T.RandomResizedCrop(image_size, interpolation=bicubic), T.RandomHorizontalFlip()] if train else
+                       [T.Resize(round(image_size / 0.875), interpolation=bicubic), T.CenterCrop(image_size)])
+        self.transform = T.Compose([tf, T.PILToTensor()])
+        self.samples, self.size, self.tries = samples, image_size, tries
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        failed = []
+        for j in range(i, i + self.tries):
+            path, label = self.samples[j % len(self.samples)]
+            try:
+                image = default_loader(path)  # PIL, converted to RGB
+            except Exception:  # not an image, cut short, corrupt
+                failed.append(path)
+                continue
+            return self.transform(image), label, '\n'.join(failed)
+        return torch.zeros(3, self.size, self.size, dtype=torch.uint8), 0, '\n'.join(failed)
+
+def image_files(dataset, data_dir, train):
+    """-> ([(path, label)], class names): a split of a file dataset, as torchvision finds it."""
+    if dataset == 'imagenet':
+        folder = os.path.join(data_dir, 'train' if train else 'val')
+        try:
+            ds = torchvision.datasets.ImageFolder(folder)
+        except FileNotFoundError as e:  # no such folder, or a class folder without an image
+            raise SystemExit(f"ImageNet at {folder}: {e}. Expected {IMAGENET_LAYOUT.replace('data_dir', data_dir)}; "
+                             "see README.md, 'Getting the data'.") from None
+        return ds.samples, ds.classes
+    if dataset == 'inat2021':
+        version = '2021_train' if train else '2021_valid'
+        ds = downloaded(lambda: torchvision.datasets.INaturalist(data_dir, version, target_type='full', download=True),
+                        'iNaturalist 2021', data_dir, f"data_dir/{version}/<category folders>/*.jpg")
+        return [(os.path.join(ds.root, ds.all_categories[c], f), c) for c, f in ds.index], ds.all_categories
+    ds = downloaded(lambda: torchvision.datasets.Places365(data_dir, 'train-standard' if train else 'val', small=True, download=True),
+                    'Places365', data_dir, "data_dir/data_256_standard, data_dir/val_256 and the places365 file lists")
+    return ds.imgs, ds.classes
+
+def only_in(a, b):
+    """The names in a that are not in b: their count and the first three, or 'none'."""
+    names = sorted(set(a) - set(b))
+    return f"{len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else 'none'
+
+def splits(dataset, data_dir, image_size, shard, rank=0, world=1, device='cpu', num_workers=0):
+    """-> (train, val: DataLoaders of (uint8 images, labels, the paths replaced) batched by shard(n, train), the number
+    of classes, and how many images of each split may fail to decode on this rank)."""
+    found = []
+    for is_train in (True, False):
+        with rank_zero_first(rank, world):
+            found.append(image_files(dataset, data_dir, is_train))
+    (train, classes), (val, val_classes) = found
+    if classes != val_classes:  # one extra folder shifts the labels of all that follow
+        raise SystemExit(f"{dataset}: train and val must hold the same classes; only in train: "
+                         f"{only_in(classes, val_classes)}, only in val: {only_in(val_classes, classes)}")
+    limits = [max(1, int(UNDECODABLE_MAX * len(samples) / world)) for samples in (train, val)]
+    train, val = (torch.utils.data.DataLoader(ImageFiles(samples, image_size, is_train, limit + 1),
+                                              batch_sampler=shard(len(samples), is_train), num_workers=num_workers,
+                                              pin_memory=str(device).startswith('cuda'), persistent_workers=num_workers > 0)
+                  for samples, limit, is_train in zip((train, val), limits, (True, False)))
+    return train, val, len(classes), limits
