@@ -38,7 +38,7 @@ def configure(config, args):
         if where:  # a config file, run with the current values in scope
             if not os.path.isfile(arg):
                 fail(f"config file {arg} is a directory, not a file" if os.path.isdir(arg) else f"config file not found: {arg}")
-            scope = dict(config)
+            scope = {**config, '__file__': arg}  # a config may build on another beside it (configs/imagenette.py)
             try:
                 exec(compile(open(arg).read(), arg, 'exec'), scope)
             except Exception as e:

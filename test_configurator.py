@@ -126,11 +126,21 @@ def test_help_lists_every_setting_with_its_default_and_comment(script):
 @pytest.mark.parametrize('base, derived, differs', [
     ('fmnist', 'fmnist_strong', {'depth', 'crop_pad', 'flip', 'label_smoothing'}),
     ('inat2021', 'places365', {'dataset', 'published', 'data_dir'})])
-def test_a_config_built_on_another_repeats_it_but_for_what_it_says_differs(base, derived, differs):
-    first, second = {}, {}
-    exec(open(f'configs/{base}.py').read(), first)
-    exec(open(f'configs/{derived}.py').read(), second)
-    keys = {k for k in [*first, *second] if not k.startswith('__')}
+def test_a_config_built_on_another_repeats_it_but_for_what_it_says_differs(base, derived, differs, tmp_path, monkeypatch):
+    """From any working directory: the base is read from beside the derived config (configurator sets __file__)."""
+    monkeypatch.chdir(tmp_path)
+    first, second = ({'__file__': os.path.join(ROOT, 'configs', f'{name}.py')} for name in (base, derived))
+    for scope in (first, second):
+        exec(open(scope['__file__']).read(), scope)
+    keys = {k for k in [*first, *second] if not k.startswith('__') and k != 'os'}
     assert {k for k in keys if first.get(k, 'absent') != second.get(k, 'absent')} == differs
-    said = open(f'configs/{derived}.py').read().split(f'# what differs from configs/{base}.py')[1]
+    said = open(second['__file__']).read().split(f'# what differs from configs/{base}.py')[1]
     assert all(f"\n{k} = " in said for k in differs)
+
+def test_a_config_built_on_another_loads_through_train_py_from_another_directory(tmp_path):
+    """configs/imagenette.py builds on configs/imagenet.py: run from outside the repository, the whole chain loads (the
+    run then stops at the data, which is not there)."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), os.path.join(ROOT, 'configs', 'imagenette.py'),
+                        '--data_dir=nowhere', '--device=cpu'], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert "override in" in p.stdout and "image_size = 56" in p.stdout and "mask_max_len = 100" in p.stdout, p.stdout
+    assert p.returncode != 0 and 'imagenet.py' not in p.stderr and 'nowhere' in p.stderr, p.stderr

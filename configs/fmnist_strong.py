@@ -7,7 +7,8 @@ at 50 epochs); the plain recipe gives 87-89%. This asks whether the masks still 
 The seed's 2-layer model underfits the augmented data (linear, seed 0: 87.26 against 88.98 with the plain recipe,
 results/fmnist-strong-2layer-30ep/), so the model is deeper; width, heads and masks are the seed's.
 """
-exec(open('configs/fmnist.py').read())  # the plain recipe as it is (paths from the repository's root), then:
+import os
+exec(open(os.path.join(os.path.dirname(__file__), 'fmnist.py')).read())  # the plain recipe as it is, then:
 # what differs from configs/fmnist.py
 depth = 6
 crop_pad = 2               # random crops: the image shifted by up to 2 pixels each way, zeros filling in

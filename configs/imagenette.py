@@ -10,7 +10,8 @@ is configs/imagenet.py's (the reference's) except where small data or a CPU says
 One run takes 25-45 minutes on one CPU core (masked variants the slower); results/README.md has the comparison.
 Data layout as ImageNet's: data_dir/train/<wnid>/*.JPEG and data_dir/val/<wnid>/*.JPEG (README, "Getting the data").
 """
-exec(open('configs/imagenet.py').read())  # the reference's recipe (paths from the repository's root), then:
+import os
+exec(open(os.path.join(os.path.dirname(__file__), 'imagenet.py')).read())  # the reference's recipe, then:
 data_dir = 'data/imagenette'
 published = ''             # no published figure at this scale
 num_workers = 0            # decoding and cropping a 224 px JPEG takes ~1.4 ms, ~4% of a step here: no workers

@@ -9,7 +9,8 @@ Expected top-1 (%), as published: softmax 56.7, toeplitz 55.0, topo 55.1, grf 54
 1,803,460 training images, 28,179 steps per epoch; about 40 min per epoch on 8 A100s.
 The head starts afresh (365 classes); the masks carry over as configs/inat2021.py says.
 """
-exec(open('configs/inat2021.py').read())  # the fine-tuning recipe as it is (paths from the repository's root), then:
+import os
+exec(open(os.path.join(os.path.dirname(__file__), 'inat2021.py')).read())  # the fine-tuning recipe as it is, then:
 # what differs from configs/inat2021.py
 dataset = 'places365'
 published = 'softmax:56.7,toeplitz:55.0,topo:55.1,grf:54.8,linear:54.3'  # the paper, fine-tuned from ImageNet
