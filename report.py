@@ -5,6 +5,7 @@ test-accuracy curves and the learned masks (matplotlib, optional) beside the run
 
     python report.py out/sweep                 # the table + out/sweep/curves.png + out/sweep/masks.png
     python report.py out/sweep --no_plots      # the table alone
+    python report.py out/sweep --no_plots --runs   # and each run's figure
     python report.py out/sweep --out=assets/mine   # the pictures as assets/mine/curves.png and masks.png
     python report.py out/a out/b --no_plots    # several folders: a row per variant and per setting that differs
     python report.py out/sweep --no_plots --mask_swap=DATA_DIR   # + the topo/grf models with their masks swapped
@@ -126,6 +127,15 @@ def table(runs):
             paper = [v for v in dict.fromkeys(published(r['config']).get(attn) for r in rs) if v is not None]
             rows.append(f"| {attn} | {settings}{statistics.mean(acc):.2f}{spread} | {len(acc)} "
                         f"| {epochs:g} | {ips:,.0f} | {', '.join(paper)} |")
+    return '\n'.join(rows)
+
+def run_table(runs):
+    """Each run's final and best top-1 (%), by variant (in VARIANTS' order), then seed."""
+    rows = ["| run | attention | seed | top-1 (%) | best top-1 (%) | images/s (train) |", "|---|---|---|---|---|---|"]
+    order = {attn: i for i, attn in enumerate(VARIANTS)}
+    for r in sorted(runs, key=lambda r: (order.get(r['config']['attn'], len(order)), r['config']['seed'], r['dir'])):
+        rows.append(f"| {os.path.basename(r['dir'])} | {r['config']['attn']} | {r['config']['seed']} | {r['final']['top1']:.2f} "
+                    f"| {r['best']['top1']:.2f} | {r['images_per_s']:,.0f} |")
     return '\n'.join(rows)
 
 def curves(runs, path):
@@ -319,6 +329,8 @@ if __name__ == '__main__':
     if not runs:
         sys.exit(f"no result.json under {', '.join(roots)}")
     print(table(runs))
+    if '--runs' in sys.argv:
+        print('\n' + run_table(runs))
     if '--no_plots' not in sys.argv:
         curves_path, masks_path = picture_paths(roots, next((a[6:] for a in sys.argv if a.startswith('--out=')), None))
         os.makedirs(os.path.dirname(curves_path) or '.', exist_ok=True)

@@ -28,7 +28,7 @@ def fake_run(root, name, attn, top1, epochs=10, **knobs):
               'grf_p_halt': 0.1, **knobs}
     os.makedirs(os.path.join(root, name))
     with open(os.path.join(root, name, 'result.json'), 'w') as f:
-        json.dump({'config': config, 'final': {'top1': top1}, 'images_per_s': 100.0}, f)
+        json.dump({'config': config, 'final': {'top1': top1}, 'best': {'top1': top1 + 0.5}, 'images_per_s': 100.0}, f)
     return config
 
 def rows(text):
@@ -51,6 +51,15 @@ def test_table_has_a_row_per_variant_and_mask_setting_with_mean_and_sample_std(t
                           ['grf', '30', '88.00', '1', '10', '100', '86.99']]
     same = report.table(report.load_runs(os.path.join(root, 'linear-s0')))
     assert rows(same) == [['linear', '80.00', '1', '10', '100', '86.36']]  # no knob column when none varies
+
+def test_run_table_gives_each_runs_figures_by_variant_then_seed(tmp_path):
+    root = str(tmp_path)
+    for attn, seed, top1 in [('grf', 1, 60.0), ('linear', 1, 57.5), ('grf', 0, 58.0), ('linear', 0, 56.25)]:
+        fake_run(root, f'{attn}-s{seed}', attn, top1, seed=seed)
+    assert rows(report.run_table(report.load_runs(root))) == [['linear-s0', 'linear', '0', '56.25', '56.75', '100'],
+                                                               ['linear-s1', 'linear', '1', '57.50', '58.00', '100'],
+                                                               ['grf-s0', 'grf', '0', '58.00', '58.50', '100'],
+                                                               ['grf-s1', 'grf', '1', '60.00', '60.50', '100']]
 
 def test_runs_of_different_recipes_or_lengths_get_their_own_rows_and_runs_of_other_seeds_share_one(tmp_path):
     root = str(tmp_path)
