@@ -250,8 +250,8 @@ def loss_fn(x, y):
 
 @torch.no_grad()
 def evaluate():
-    """Loss, top-1 and top-5 (%) over the whole validation set, and the images replaced in the last pass over each split
-    as undecodable: each rank sums its shard, then all-reduce."""
+    """Cross-entropy (whatever the training loss, so that runs compare), top-1 and top-5 (%) over the whole validation
+    set, and the images replaced in the last pass over each split as undecodable: each rank sums its shard, all-reduce."""
     eval_model.eval()
     sums = torch.zeros(6, device=device)  # loss, top-1 hits, top-5 hits, images, train and val images replaced
     for x, y in loaders.val:
