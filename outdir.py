@@ -37,11 +37,18 @@ def take_lock(out_dir):
             atexit.register(lambda: os.path.exists(path) and os.remove(path))
             return
         with suppress(FileNotFoundError):  # gone meanwhile: try again
-            host, _, pid = open(path).read().strip().partition(' ')
-            if host != me.split()[0] or not pid.isdigit() or pid != str(os.getpid()) and pid_alive(int(pid)):
-                fail(f"out_dir {out_dir} is in use by pid {pid or '?'} on {host or '?'}; let that run end, or remove "
-                     f"{path} if it has")
+            who = holder(out_dir)
+            if who and who != f"pid {os.getpid()} on {socket.gethostname()}":
+                fail(f"out_dir {out_dir} is in use by {who}; let that run end, or remove {path} if it has")
             os.remove(path)  # its run is gone: take it over
+
+def holder(out_dir):
+    """'pid P on HOST' of the run that holds out_dir's lock, or None: no lock, or its pid is gone from this host."""
+    with suppress(FileNotFoundError):
+        host, _, pid = open(os.path.join(out_dir, 'lock')).read().strip().partition(' ')
+        if host != socket.gethostname() or not pid.isdigit() or pid_alive(int(pid)):
+            return f"pid {pid or '?'} on {host or '?'}"
+    return None
 
 def pid_alive(pid):
     try:

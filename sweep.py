@@ -1,7 +1,7 @@
 """
 Runs a comparison: `train.py <config_file>` (configs/fmnist.py unless set) for every attention and seed, then
-prints the table of report.py. A run whose result.json exists is skipped and one with only a checkpoint resumes,
-so an interrupted sweep continues where it stopped.
+prints the table of report.py. A run whose result.json exists is skipped, one that another process is running (its
+out_dir/lock) too, and one with only a checkpoint resumes, so an interrupted sweep continues where it stopped.
 
     python sweep.py                                   # every variant x 3 seeds x configs/fmnist.py's 30 epochs
     python sweep.py --epochs=10 --seeds=1 --jobs=2    # a shorter CPU protocol, two trainings at a time
@@ -14,6 +14,7 @@ import time
 
 from configurator import configure, fail
 from model import VARIANTS
+from outdir import holder
 
 attns = ','.join(VARIANTS) # comma-separated variants
 seeds = 3                  # seeds 0 .. seeds-1 of each variant
@@ -32,24 +33,21 @@ globals().update(config)
 unknown = [a for a in attns.split(',') if a not in VARIANTS]
 if unknown:
     fail(f"attns={attns!r}: unknown variant {unknown[0]!r}; valid: {', '.join(VARIANTS)}")
-runs = [(a, s) for s in range(seeds) for a in attns.split(',')]
+pending = [(a, s) for s in range(seeds) for a in attns.split(',')]
 threads = threads or max(1, (os.cpu_count() or 1) // jobs)
-pending, running = [], []
-for attn, seed in runs:
-    out_dir = os.path.join(out_root, f'{attn}-s{seed}')
-    if os.path.exists(os.path.join(out_dir, 'result.json')):
-        print(f"{out_dir}: done, skipped")
-        continue
-    resume = os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
-    cmd = [sys.executable, 'train.py', config_file, f'--attn={attn}', f'--seed={seed}', f'--out_dir={out_dir}']
-    cmd += ([f'--epochs={epochs}'] if epochs else []) + (['--init_from=resume'] if resume else [])
-    cmd += args.replace('{seed}', str(seed)).split()
-    pending.append((out_dir, cmd))
-
-t0 = time.time()
+running, t0 = [], time.time()
 while pending or running:
     while pending and len(running) < jobs:
-        out_dir, cmd = pending.pop(0)
+        attn, seed = pending.pop(0)  # what to do with a run is decided now: another sweep may have run it meanwhile
+        out_dir = os.path.join(out_root, f'{attn}-s{seed}')
+        busy = holder(out_dir)
+        if busy or os.path.exists(os.path.join(out_dir, 'result.json')):
+            print(f"[{time.time() - t0:6.0f}s] {out_dir}: {'in use by ' + busy if busy else 'done'}, skipped", flush=True)
+            continue
+        cmd = [sys.executable, 'train.py', config_file, f'--attn={attn}', f'--seed={seed}', f'--out_dir={out_dir}']
+        cmd += [f'--epochs={epochs}'] if epochs else []
+        cmd += ['--init_from=resume'] if os.path.exists(os.path.join(out_dir, 'ckpt.pt')) else []
+        cmd += args.replace('{seed}', str(seed)).split()
         os.makedirs(out_dir, exist_ok=True)
         print(f"[{time.time() - t0:6.0f}s] start {' '.join(cmd[1:])}  (log: {out_dir}/train.log)", flush=True)
         log = open(os.path.join(out_dir, 'train.log'), 'a')

@@ -1,13 +1,14 @@
 """
 sweep.py and report.py: the table's arithmetic, grouping and published column, a variant registered in
-model.VARIANTS that report.py knows nothing of, and a sweep that skips finished runs, resumes an interrupted one and
-runs the rest (tiny trainings on the generated task).
+model.VARIANTS that report.py knows nothing of, and a sweep that skips finished runs and busy ones, resumes an
+interrupted one and runs the rest (tiny trainings on the generated task).
 """
 import dataclasses
 import json
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -193,9 +194,13 @@ def test_sweep_skips_finished_runs_resumes_an_interrupted_one_and_runs_the_rest(
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     os.remove(os.path.join(root, 'linear-s1', 'result.json'))
-    out = sweep('--attns=linear', '--seeds=3', '--epochs=2', '--jobs=2', '--threads=1', f'--out_root={root}',
+    os.makedirs(os.path.join(root, 'linear-s3'))  # linear-s3 is another process's (this one's) run: must be left alone
+    with open(os.path.join(root, 'linear-s3', 'lock'), 'w') as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}")
+    out = sweep('--attns=linear', '--seeds=4', '--epochs=2', '--jobs=2', '--threads=1', f'--out_root={root}',
                 f'--args={SYNTHETIC} --mask_seed={{seed}}')
     assert f'{root}/linear-s0: done, skipped' in out
+    assert f'{root}/linear-s3: in use by pid {os.getpid()} on ' in out and '--seed=3' not in out
     assert '--mask_seed=2' in next(l for l in out.splitlines() if 'start' in l and '--seed=2' in l)
     assert '--init_from=resume' in next(l for l in out.splitlines() if 'start' in l and '--seed=1' in l)
     assert '--init_from=resume' not in next(l for l in out.splitlines() if 'start' in l and '--seed=2' in l)
