@@ -10,6 +10,7 @@ test-accuracy curves and the learned masks (matplotlib, optional) beside the run
     python report.py out/a out/b --no_plots    # several folders: a row per variant and per setting that differs
     python report.py out/sweep --no_plots --mask_swap=DATA_DIR   # + the topo/grf models with their masks swapped
     python report.py out/sweep --no_plots --walk_error   # + the GRF mask's error per walk coupling and walk count
+    python report.py out/sweep --no_plots --walk_error=20,100,1000 --ensembles=3   # other walk counts, fewer draws
 
 With several folders the pictures go to the folder that holds them all (or --out).
 """
@@ -321,9 +322,22 @@ def picture_paths(roots, out=None):
     out = out or os.path.commonpath([os.path.abspath(r) for r in roots] if len({os.path.isabs(r) for r in roots}) > 1 else roots)
     return os.path.join(out, 'curves.png'), os.path.join(out, 'masks.png')
 
+def option(name, default=None):
+    """The value of --name=value on the command line ('' for a bare --name), or default when it is not there."""
+    return next((a.partition('=')[2] for a in sys.argv[1:] if a.split('=')[0] == name), default)
+
 if __name__ == '__main__':
     if {'-h', '--help'} & set(sys.argv):
         sys.exit(print(__doc__))
+    options = ('--no_plots', '--runs', '--out', '--mask_swap', '--walk_error', '--ensembles')
+    unknown = [a for a in sys.argv[1:] if a.startswith('-') and a.split('=')[0] not in options]
+    if unknown:
+        sys.exit(f"{unknown[0]}: unknown option; valid: {', '.join(options)} (python report.py --help)")
+    walks, ensembles, count = option('--walk_error'), option('--ensembles', '20'), r'[1-9]\d*'
+    walks = '5,20,100' if walks == '' else walks  # a bare --walk_error: the default walk counts
+    if walks is not None and not (re.fullmatch(f'{count}(,{count})*', walks) and re.fullmatch(count, ensembles)):
+        sys.exit(f"--walk_error={walks} --ensembles={ensembles}: valid: walk counts and a count of ensembles >= 1, "
+                 f"e.g. --walk_error=20,100 --ensembles=3")
     roots = [a for a in sys.argv[1:] if not a.startswith('--')] or ['out/sweep']
     runs = [r for root in roots for r in load_runs(root)]
     if not runs:
@@ -332,13 +346,13 @@ if __name__ == '__main__':
     if '--runs' in sys.argv:
         print('\n' + run_table(runs))
     if '--no_plots' not in sys.argv:
-        curves_path, masks_path = picture_paths(roots, next((a[6:] for a in sys.argv if a.startswith('--out=')), None))
+        curves_path, masks_path = picture_paths(roots, option('--out'))
         os.makedirs(os.path.dirname(curves_path) or '.', exist_ok=True)
         curves(runs, curves_path)
         mask_pictures(runs, masks_path)
         print(f"wrote {curves_path}, {masks_path}")
-    if '--walk_error' in sys.argv:
-        print(walk_errors(runs))
-    data_dir = next((a.split('=', 1)[1] for a in sys.argv[1:] if a.startswith('--mask_swap=')), None)
+    if walks is not None:
+        print(walk_errors(runs, tuple(map(int, walks.split(','))), int(ensembles)))
+    data_dir = option('--mask_swap')
     if data_dir:
         print(mask_swap(runs, data_dir))

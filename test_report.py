@@ -247,3 +247,17 @@ def test_walk_error_table_shows_repelling_walks_closer_to_the_exact_mask():
     assert len(rows_) == 1 and rows_[0][:2] == ['0.5^k (14x14 grid)', '20']
     err = dict(zip(report.masks.COUPLINGS, map(float, rows_[0][2:])))
     assert 0.1 < err['iid'] < 0.2 and err['repelling'] < 0.6 * err['iid']
+
+def test_report_command_line_takes_walk_counts_and_ensembles_and_refuses_a_bad_option_before_reading(tmp_path):
+    fake_run(str(tmp_path), 'linear-s0', 'linear', 80.0)
+    run = lambda *a: subprocess.run([sys.executable, 'report.py', str(tmp_path), '--no_plots', *a], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=600)
+    p = run('--walk_error=3,8', '--ensembles=2')
+    assert p.returncode == 0, p.stderr[-3000:]
+    walk_rows = rows(p.stdout[p.stdout.index('| f | walks'):])
+    assert [r[1] for r in walk_rows] == ['3', '8'] and walk_rows[0][3] == '–' and walk_rows[1][3] != '–'
+    for bad, said in [('--walk-error', '--walk-error: unknown option; valid: --no_plots'),
+                      ('--walk_error=0', '--walk_error=0 --ensembles=20: valid:'),
+                      ('--ensembles=two', '--walk_error=5,20,100 --ensembles=two: valid:')]:
+        p = run('--walk_error' if bad.startswith('--ensembles') else '--runs', bad)
+        assert p.returncode != 0 and p.stderr.startswith(said) and p.stdout == '', (bad, p.stdout, p.stderr)
