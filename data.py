@@ -14,6 +14,7 @@ import torchvision
 from torchvision.datasets.utils import check_integrity
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
 class ShardedBatches:
     """Batch sampler for every dataset. Training: each epoch one permutation, seeded by (seed, epoch) and the
     same on every rank, is cut into global batches of micro * accum * world samples (the rest dropped);
