@@ -26,7 +26,8 @@ batch_size = 128           # 27 steps per epoch; 4096 would be less than one
 lr = 1e-3                  # the reference's 3e-3 is for batch 4096
 warmup_steps = 50          # about two epochs (the reference's 10^4 steps is 36 of its epochs at this size)
 weight_decay = 0.05        # torch's AdamW multiplies by lr: 0.3 x 3e-3 in the reference, 0.05 x 1e-3 here
-loss = 'softmax'           # cross-entropy: the sigmoid loss's head bias of -10 is a prior of 1 in 1000 classes
+loss = 'softmax'           # cross-entropy: the sigmoid loss's head bias of -10 is a prior for 1000 classes (on
+                           # 10 it trains as well, results/imagenette-sigmoid: linear 56.17 over 2 seeds)
 head_bias_init = 0.0
 compile = False            # CPU
 log_interval = 9
