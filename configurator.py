@@ -4,8 +4,8 @@ keys; command-line values are Python literals, or plain strings if they do not p
 with one line on stderr naming the key, the value and what was expected (exit status 2)."""
 import ast, difflib, os, re, sys, types
 
-def fail(msg):
-    print(f"config error: {msg}", file=sys.stderr)
+def fail(msg, kind='config'):  # kind: what failed (config, out_dir, data, checkpoint), the line's first word
+    print(f"{kind} error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 def checked(key, value, config, where):

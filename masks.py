@@ -27,6 +27,12 @@ def grid_graph(h, w, diagonals=False):
     nbr = nbr.sort(dim=1, descending=True).values
     return nbr, (nbr >= 0).sum(1)
 
+def relabelled(graph, perm):
+    """The same graph with node perm[i] renamed i: nbr'[i] = inv[nbr[perm[i]]], deg'[i] = deg[perm[i]] (padding stays
+    last), so its W' = P W P^T and every mask M' = P M P^T, M'_ij = M_perm[i],perm[j]. O(N max_deg)."""
+    (nbr, deg), inv = graph, torch.argsort(perm)
+    return torch.where(nbr[perm] >= 0, inv[nbr[perm].clamp(min=0)], -1), deg[perm]
+
 def normalized_adjacency(graph):
     """W = D^-1/2 A D^-1/2 of graph = (nbr, deg), dense N x N: W_ij = 1 / sqrt(deg_i deg_j) if i ~ j, else 0. O(N^2)."""
     nbr, deg = graph

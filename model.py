@@ -21,8 +21,12 @@ import masks
 
 IMPLS = ('auto', 'dense', 'fast')
 TOPO_FORMS = ('alpha', 'features')
-# graph -> the graph on the h x w patch grid that topo and grf mask with, graph = (nbr, deg) (masks.py)
-GRAPHS = {'grid4': masks.grid_graph, 'grid8': lambda h, w: masks.grid_graph(h, w, diagonals=True)}
+# graph -> the graph on the h x w patch grid that topo and grf mask with, graph = (nbr, deg) (masks.py). grid4_shuffled is
+# grid4 with its nodes relabelled by a fixed permutation: a control with the grid's walks, degrees and sparsity whose
+# edges join patches unrelated in the image
+GRAPHS = {'grid4': masks.grid_graph, 'grid8': lambda h, w: masks.grid_graph(h, w, diagonals=True),
+          'grid4_shuffled': lambda h, w: masks.relabelled(
+              masks.grid_graph(h, w), torch.randperm(h * w, generator=torch.Generator().manual_seed(0)))}
 
 @dataclass
 class ViTConfig:

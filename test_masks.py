@@ -46,6 +46,16 @@ def graph_of(N, edges):
 GRAPHS = {'grid 3x4': (masks.grid_graph(3, 4), brute_force_grid_W(3, 4)),
           'ring with chords': (graph_of(12, RING_EDGES), brute_force_W(12, RING_EDGES))}
 
+def test_relabelled_graph_is_the_graph_with_its_nodes_renamed():
+    """Node perm[i] renamed i: an edge (a, b) of the old graph is the edge (inv[a], inv[b]) of the new one, so
+    W' is the brute-force W of the renamed edge list; padding stays last."""
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(3))
+    inv = torch.argsort(perm).tolist()
+    nbr, deg = masks.relabelled(masks.grid_graph(3, 4), perm)
+    renamed = [(inv[a], inv[b]) for a, b in grid_edges(3, 4)]
+    torch.testing.assert_close(masks.normalized_adjacency((nbr, deg)).double(), brute_force_W(12, renamed))
+    assert all((row[:d] >= 0).all() and (row[d:] == -1).all() for row, d in zip(nbr, deg.tolist()))
+
 def softmax_attention(q, k, v):
     """softmax(q k^T / sqrt(d)) v, written out."""
     return ((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])).softmax(-1) @ v

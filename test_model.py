@@ -104,6 +104,22 @@ def test_topo_model_mask_is_phi_phi_transpose_of_its_f(graph):
     Phi = sum(f[:, k, None, None] * torch.linalg.matrix_power(W, k) for k in range(5))
     torch.testing.assert_close(attn.mask().detach(), Phi @ Phi.transpose(1, 2), rtol=1e-5, atol=1e-6)
 
+@pytest.mark.parametrize("attn", ["topo", "grf"])
+def test_grid4_shuffled_masks_are_the_grid_masks_with_rows_and_columns_permuted(attn):
+    """The control graph is grid4 relabelled by model.GRAPHS' fixed permutation: the exact mask on it is the grid's exact
+    mask, rows and columns permuted; the GRF estimate on it is unbiased for that (its own sparsity, the grid's)."""
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    grid, shuffled = (ViT(tiny(attn="topo", topo_form="features", graph=g, depth=1)).blocks[0].attn.mask().detach()
+                      for g in ("grid4", "grid4_shuffled"))
+    assert (shuffled - grid).abs().max() > 0.1  # not the grid itself
+    if attn == "topo":
+        torch.testing.assert_close(shuffled, grid[:, perm][:, :, perm], rtol=1e-5, atol=1e-6)
+    else:
+        est = ViT(tiny(attn="grf", grf_walks=2000, depth=1, graph="grid4_shuffled")).blocks[0].attn.mask().detach()
+        off = ~torch.eye(16, dtype=torch.bool)
+        assert ((est - shuffled)[:, off].norm() / shuffled[:, off].norm()) < 0.05
+        assert ((est != 0) == (grid[:, perm][:, :, perm] != 0)).float().mean() > 0.9  # the same pairs reached
+
 @pytest.mark.parametrize("graph", ["grid4", "grid8"])
 def test_grf_model_mask_estimates_topo_mask(graph):
     """With many walks the GRF model's mask approaches the exact mask of the same f, on the same patch graph."""

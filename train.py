@@ -64,7 +64,7 @@ grf_p_halt = 0.1           # grf: probability that a walk halts at each step
 grf_coupling = 'repelling' # grf: iid | antithetic | repelling | repelling_antithetic (the reference: repelling)
 mask_max_len = 10          # topo, grf: highest power of the grid's W in the mask (K)
 mask_seed = 0              # grf: seed of the frozen walks (identical on every rank)
-graph = 'grid4'            # topo, grf: the patch graph, a key of model.GRAPHS: grid4 (the paper's) | grid8 (with diagonals)
+graph = 'grid4'            # topo, grf: the patch graph, a key of model.GRAPHS: grid4 (the paper's) | grid8 | grid4_shuffled
 grf_resample_every = 0     # grf: draw fresh walks every this many optimizer steps (0 = frozen walks, as the reference)
 topo_form = 'alpha'        # topo: 'alpha' learns M = sum_k alpha_k W^k (the reference); 'features' M = Phi Phi^T
 mask_init_decay = 0.5      # topo, grf: alpha_k or f_k = decay^k at initialisation (the reference: exp(-0.01))
