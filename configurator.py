@@ -1,38 +1,38 @@
 """Overrides a script's settings (its module-level globals) from config files and --key=value arguments, left to right:
 `python train.py configs/fmnist.py --attn=grf --lr=3e-4`. A config file is plain Python that may only assign existing
-keys; command-line values are Python literals, or plain strings if they do not parse. Any mistake ends the program
-with one line on stderr naming the key, the value and what was expected (exit status 2)."""
+keys; command-line values are Python literals, or strings if they do not parse. A mistake is one line on stderr (fail)."""
 import ast, difflib, os, re, sys, types
 
-def fail(msg, kind='config'):  # kind: what failed (config, out_dir, data, checkpoint), the line's first word
+def fail(msg, kind='config'):
+    """The one way to fail: "<kind> error: <msg>" on stderr (kind: config, out_dir, data, checkpoint), exit status 2."""
     print(f"{kind} error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    e = SystemExit(msg)  # str(e) is the message, for a caller that catches it
+    e.code = 2
+    raise e
 
 def checked(key, value, config, where):
     """The value for key, converted where that loses nothing (int -> float); fails on a wrong type."""
     if key not in config:
-        close = difflib.get_close_matches(key, list(config), n=3, cutoff=0.5)
-        fail(f"unknown key '{key}'{where}; closest valid keys: {', '.join(close) or '(none)'}")
-    expected = type(config[key])
-    if expected is float and type(value) is int:
+        fail(f"unknown key '{key}'{where}; closest valid keys: {', '.join(difflib.get_close_matches(key, config, 3, 0.5)) or '(none)'}")
+    if type(config[key]) is float and type(value) is int:
         return float(value)
-    if None not in (config[key], value) and type(value) is not expected:  # a None default takes any value
-        fail(f"{key}={value!r}{where} has type {type(value).__name__}, expected {expected.__name__}")
+    if None not in (config[key], value) and type(value) is not type(config[key]):  # a None default takes any value
+        fail(f"{key}={value!r}{where} has type {type(value).__name__}, expected {type(config[key]).__name__}")
     return value
 
-def usage(config):
+def usage(config, flags):
     """--help: the running script's docstring, then each setting with its default and its comment (from its lines)."""
     source = open(sys.argv[0]).read()
     print((ast.get_docstring(ast.parse(source)) or '').strip() + "\n\nsettings (--key=value, or a config file):")
-    for key, comment in re.findall(r"^(\w+) = .*?(?:#\s*(.*))?$", source.split('\n# ---')[0], re.M):
-        if key in config:
-            print(f"  --{key}={config[key]!r}".ljust(36) + f" {comment}")
+    for key, comment in re.findall(r"^(\w+) = .*?(?:#\s*(.*(?:\n[ \t]+#.*)*))?$", source.split('\n# ---')[0], re.M):
+        if key in config:  # a comment goes on over the indented comment lines below it
+            print(f"  --{key}{'' if key in flags else f'={config[key]!r}'}".ljust(36) + " " + re.sub(r"\s*\n\s*#\s*", " ", comment))
     sys.exit(0)
 
-def configure(config, args):
-    """Apply config files and --key=value args to the dict `config` (the script's settings) in place."""
+def configure(config, args, flags=()):
+    """Apply config files and --key=value args to the dict `config` (the script's settings) in place; `flags`: keys given bare."""
     if {'-h', '--help'} & set(args):
-        usage(config)
+        usage(config, flags)
     for arg in args:
         where = '' if arg.startswith('--') else f" in {arg}"
         if where:  # a config file, run with the current values in scope
@@ -47,10 +47,10 @@ def configure(config, args):
                        and (k not in config or v != config[k] or type(v) is not type(config[k]))}
         else:
             key, eq, raw = arg[2:].partition('=')
-            if not eq:
-                fail(f"expected --key=value, got '{arg}'")
+            if (key in flags) == bool(eq):  # a flag is given bare, any other key with its value
+                fail(f"--{key} is a flag, given bare: got '{arg}'" if eq else f"expected --key=value, got '{arg}'")
             try:
-                value = raw if isinstance(config.get(key), str) else ast.literal_eval(raw)
+                value = True if key in flags else raw if isinstance(config.get(key), str) else ast.literal_eval(raw)
             except (ValueError, SyntaxError):
                 value = raw
             changes = {key: value}

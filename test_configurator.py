@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from configurator import configure
+from configurator import configure, fail
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = {'lr': 1e-3, 'min_lr': 1e-5, 'epochs': 30, 'compile': True, 'attn': 'softmax', 'out_dir': 'out',
@@ -88,6 +88,20 @@ def test_argument_without_a_value(capsys):
     code, err = error_of(['--compile'], capsys)
     assert code == 2 and len(err) == 1 and '--key=value' in err[0]
 
+def test_a_flag_is_given_bare_and_a_value_for_it_fails_in_one_line(capsys):
+    config = {'no_plots': False, 'out': ''}
+    configure(config, ['--no_plots'], flags=('no_plots',))
+    assert config['no_plots'] is True
+    with pytest.raises(SystemExit) as e:
+        configure(config, ['--no_plots=1'], flags=('no_plots',))
+    assert e.value.code == 2 and capsys.readouterr().err == "config error: --no_plots is a flag, given bare: got '--no_plots=1'\n"
+
+def test_a_failure_is_one_line_that_says_its_kind(capsys):
+    with pytest.raises(SystemExit) as e:
+        fail("out_dir out/x is in use by pid 1 on h", kind='out_dir')
+    assert e.value.code == 2 and str(e.value) == "out_dir out/x is in use by pid 1 on h"  # for a caller that catches it
+    assert capsys.readouterr().err == "out_dir error: out_dir out/x is in use by pid 1 on h\n"
+
 def test_broken_config_file_is_one_line(tmp_path, capsys):
     cfg = write(tmp_path, "epochs = = 3\n")
     code, err = error_of([cfg], capsys)
@@ -121,6 +135,9 @@ def test_help_lists_every_setting_with_its_default_and_comment(script):
     if script == 'train.py':
         assert "--mask_lr_mult=10.0" in p.stdout and "lr multiplier of the mask parameters" in p.stdout
         assert "--grf_coupling='repelling'" in p.stdout and "--attn='softmax'" in p.stdout
+        assert "so that a crash in a long epoch loses no more (0 = at epoch ends only)\n" in p.stdout  # a comment of two lines
+    if script == 'report.py':
+        assert all(f"--{k}" in p.stdout for k in ('no_plots', 'runs', 'out', 'vs', 'walk_error', 'ensembles', 'mask_swap'))
     assert 'python' in p.stdout  # the usage lines of the docstring
 
 @pytest.mark.parametrize('base, derived, differs', [
