@@ -110,10 +110,10 @@ class Attention(nn.Module):
     dense_mask() (and fast_mix(), the same output without the N x N mask, if it has one); any other defines mix().
     Its mask parameters are the parameters it holds itself (not those of qkv and proj): they form the optimizer's
     mask group. The class attributes say what the mask depends on, for fine-tuning and report.py."""
-    settings = ()      # ViTConfig settings that act on the mask: report.py makes a column of those that vary
-    form = ()          # settings that change what the mask parameters mean: fine-tuning takes them only if equal
-    sampled = ()       # names of buffers drawn at random (walks), and the settings they are drawn from (`walks`):
-    walks = ()         # fine-tuning takes them only if all of those are equal
+    mask_settings = () # ViTConfig settings that act on the mask: report.py makes a column of those that vary
+    form_settings = () # ViTConfig settings that change what the mask parameters mean: fine-tuning takes them if equal
+    walk_buffers = ()  # names of the buffers drawn at random (walks), saved with the model
+    walk_settings = () # ViTConfig settings the walk buffers are drawn from: fine-tuning takes them if all are equal
     # with fast_mix(): attn_impl='auto' takes the dense path up to this many tokens, per device type (bench.py); a
     # device type not named takes the CPU's, the only one measured so far (check_gpu.py measures CUDA's)
     dense_max_n = None
@@ -159,7 +159,7 @@ class LinearAttention(Attention):
 class ToeplitzAttention(Attention):
     """M_ij = t[row_i - row_j, col_i - col_j], a learnable table per head; t = exp(logits) >= 0, starting at
     decay^(|dr| + |dc|) (decay 1: unmasked)."""
-    settings = ('table_init_decay',)
+    mask_settings = ('table_init_decay',)
     dense_max_n = {'cpu': 1024}
 
     def __init__(self, c, layer):
@@ -180,8 +180,8 @@ class TopoAttention(Attention):
     """The exact topological mask of the patch graph, coefficients starting at decay^k. topo_form='alpha' learns
     alpha = exp(logits) >= 0 in M = sum_k alpha_k W^k (W^0 .. W^K; M >= 0 entry-wise as W >= 0); 'features' learns
     f = exp(logits) in M = Phi Phi^T = sum_m (f * f)_m W^m (W^0 .. W^2K), the mask that grf estimates."""
-    settings = ('topo_form', 'graph', 'mask_max_len', 'mask_init_decay')
-    form = ('topo_form',)
+    mask_settings = ('topo_form', 'graph', 'mask_max_len', 'mask_init_decay')
+    form_settings = ('topo_form',)
 
     def __init__(self, c, layer):
         super().__init__(c, layer)
@@ -205,17 +205,17 @@ class GRFAttention(Attention):
     """M_hat = Phi_hat Phi_hat^T with Phi_hat = sum_t f_t C_t estimated from random walks on the patch graph (masks.py),
     f = exp(logits) >= 0 starting at decay^k. The walks are sampled once, from (mask_seed, layer), identically on
     every process, and saved with the model; sample_walks redraws them."""
-    settings = ('graph', 'grf_walks', 'grf_p_halt', 'grf_coupling', 'mask_max_len', 'mask_init_decay')
-    sampled = ('grf_crow', 'grf_col', 'grf_slot', 'grf_fidx', 'grf_load')
-    derived = ('grf_rows', 'grf_crow_t', 'grf_col_t', 'grf_perm')  # from grf_crow and grf_col, not saved
-    walks = ('image_size', 'patch_size', 'graph', 'grf_walks', 'grf_p_halt', 'grf_coupling', 'mask_max_len', 'mask_seed')
+    mask_settings = ('graph', 'grf_walks', 'grf_p_halt', 'grf_coupling', 'mask_max_len', 'mask_init_decay')
+    walk_buffers = ('grf_crow', 'grf_col', 'grf_slot', 'grf_fidx', 'grf_load')
+    derived_buffers = ('grf_rows', 'grf_crow_t', 'grf_col_t', 'grf_perm')  # from grf_crow and grf_col, not saved
+    walk_settings = ('image_size', 'patch_size', 'graph', 'grf_walks', 'grf_p_halt', 'grf_coupling', 'mask_max_len', 'mask_seed')
     dense_max_n = {'cpu': 256}
 
     def __init__(self, c, layer):
         super().__init__(c, layer)
         self.f_logits = nn.Parameter(decay_logits(c.mask_init_decay, torch.arange(c.mask_max_len + 1), c.heads))
         self.graph = GRAPHS[c.graph](self.h, self.w)
-        self.walk_settings = dict(n_walks=c.grf_walks, p_halt=c.grf_p_halt, max_len=c.mask_max_len, coupling=c.grf_coupling)
+        self.walk_args = dict(n_walks=c.grf_walks, p_halt=c.grf_p_halt, max_len=c.mask_max_len, coupling=c.grf_coupling)
         self.walk_seed = c.mask_seed * 10_007 + layer
         self.sample_walks()
 
@@ -224,26 +224,26 @@ class GRFAttention(Attention):
         seed * 1_000_003 + j, so every rank draws the same walks and a resumed run the same as an uninterrupted one."""
         seed = self.walk_seed if draw == 0 else hash((self.walk_seed, draw)) % 2 ** 31  # int hashes: fixed
         generators = [torch.Generator().manual_seed(seed * 1_000_003 + j) for j in range(self.heads)]
-        layout = masks.grf_walk_layout(self.graph, generators, **self.walk_settings)
-        for name in self.sampled + self.derived:
+        layout = masks.grf_walk_layout(self.graph, generators, **self.walk_args)
+        for name in self.walk_buffers + self.derived_buffers:
             t = layout[name.removeprefix('grf_')].to(self.f_logits.device)
-            self.register_buffer(name, t, persistent=name in self.sampled)
+            self.register_buffer(name, t, persistent=name in self.walk_buffers)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # walk buffers are as long as the walks sampled: take the saved shapes before loading
-        for name in self.sampled:
+        for name in self.walk_buffers:
             if prefix + name in state_dict:
                 old = getattr(self, name)
                 setattr(self, name, torch.empty_like(state_dict[prefix + name], device=old.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         rows = torch.repeat_interleave(self.grf_crow.diff().long())  # the row of each non-zero: crow's inverse
         layout = masks.csr_layout(rows, self.grf_col.long(), n=self.grf_crow.shape[0] - 1)
-        for name in self.derived:
+        for name in self.derived_buffers:
             self.register_buffer(name, layout[name.removeprefix('grf_')], persistent=False)
 
     def layout(self):
         """Phi_hat's CSR layout, block-diagonal over the heads (masks.grf_walk_layout), from this layer's buffers."""
-        return {name.removeprefix('grf_'): getattr(self, name) for name in self.sampled + self.derived}
+        return {name.removeprefix('grf_'): getattr(self, name) for name in self.walk_buffers + self.derived_buffers}
 
     def grf_values(self):
         """The values of Phi_hat = sum_t f_t C_t [nnz], in the order of its CSR, differentiable in f."""
@@ -313,14 +313,14 @@ class ViT(nn.Module):
 
     def load_for_fine_tuning(self, state, src):
         """Take the tensors of a saved model (state, its ViTConfig src) that still mean the same thing here: the
-        shared weights; the head if the class count is the same; the mask parameters if the variant and its `form`
-        settings are (coefficient vectors of another length cut or extended, so K may change; parameters of another
-        grid start afresh); the sampled walks if all their `walks` settings are. The rest keeps its initialisation.
+        shared weights; the head if the class count is the same; the mask parameters if the variant and its `form_settings`
+        are (coefficient vectors of another length cut or extended, so K may change; parameters of another
+        grid start afresh); the sampled walks if all its `walk_settings` are. The rest keeps its initialisation.
         -> {'loaded': [...], 'truncated': [...], 'fresh': [...]}"""
         c = self.config
         variant = VARIANTS[c.attn]
-        same_mask = src.attn == c.attn and all(getattr(src, k) == getattr(c, k) for k in variant.form)
-        same_walks = same_mask and all(getattr(src, k) == getattr(c, k) for k in variant.walks)
+        same_mask = src.attn == c.attn and all(getattr(src, k) == getattr(c, k) for k in variant.form_settings)
+        same_walks = same_mask and all(getattr(src, k) == getattr(c, k) for k in variant.walk_settings)
         mask = set(self.mask_parameters())
         walks = set(self.walk_buffers())
         new, done = {}, {'loaded': [], 'truncated': [], 'fresh': []}
@@ -351,7 +351,7 @@ class ViT(nn.Module):
 
     def walk_buffers(self):
         """The names of the buffers drawn at random (GRF walks), saved with the model."""
-        return [f'{name}.{b}' for name, m in self.named_modules() if isinstance(m, Attention) for b in m.sampled]
+        return [f'{name}.{b}' for name, m in self.named_modules() if isinstance(m, Attention) for b in m.walk_buffers]
 
     def param_groups(self, weight_decay, mask_lr_mult=1.0):
         """AdamW groups: matrices decay; biases, norms and positions do not; the few mask parameters

@@ -1,33 +1,47 @@
 """
-Collects every result.json under a folder into a Markdown table (mean +- std of the final top-1 per variant of
+Reads every result.json under the folders named into a Markdown table (mean +- std of the final top-1 per variant of
 model.VARIANTS, the epochs each trained, beside the published top-1 that the runs' config records), and draws the
 test-accuracy curves and the learned masks (matplotlib, optional) beside the runs: <folder>/curves.png, masks.png.
+The experiments that rebuild the trained models from their checkpoints (--walk_error, --mask_swap, the mask
+pictures) are in trained_masks.py.
 
     python report.py out/sweep                 # the table + out/sweep/curves.png + out/sweep/masks.png
     python report.py out/sweep --no_plots      # the table alone
     python report.py out/sweep --no_plots --runs   # and each run's figure
+    python report.py out/sweep --no_plots --vs=linear   # and each row against linear, paired by seed
     python report.py out/sweep --out=assets/mine   # the pictures as assets/mine/curves.png and masks.png
     python report.py out/a out/b --no_plots    # several folders: a row per variant and per setting that differs
     python report.py out/sweep --no_plots --mask_swap=DATA_DIR   # + the topo/grf models with their masks swapped
-    python report.py out/sweep --no_plots --walk_error   # + the GRF mask's error per walk coupling and walk count
+    python report.py out/sweep --no_plots --walk_error=5,20,100  # + the GRF mask's error per walk coupling and count
     python report.py out/sweep --no_plots --walk_error=20,100,1000 --ensembles=3   # other walk counts, fewer draws
 
-With several folders the pictures go to the folder that holds them all (or --out).
+With several folders the pictures go to the folder that holds them all (or --out). Options follow configurator.py's
+rules: --key=value, each checked before anything is read; --no_plots and --runs are given bare.
 """
 import ast
 import glob
 import json
+import math
 import os
 import re
 import statistics
 import sys
-from dataclasses import replace
 
-import torch
+import trained_masks
+from configurator import configure, fail
+from model import VARIANTS, saved_config
 
-import data
-import masks
-from model import VARIANTS, Attention, TopoAttention, ViT, saved_config
+no_plots = False           # the table alone: no curves.png and masks.png
+runs = False               # also a table of each run's final and best top-1
+out = ''                   # the folder for curves.png and masks.png ('' = the folder that holds every folder named)
+vs = ''                    # a variant: each row adds its mean paired difference in top-1 to this one, over the seeds
+                           # both ran (same seed: same data order and initial weights), its 95% interval and pairs won
+walk_error = ''            # walk counts, e.g. '5,20,100': the GRF mask's error per walk coupling and count ('' = none)
+ensembles = 20             # walk_error: fresh walk ensembles drawn per walk count and coupling
+mask_swap = ''             # a data_dir: the first topo and grf models evaluated with their masks swapped ('' = none)
+FLAGS = ('no_plots', 'runs')  # given bare
+# -----------------------------------------------------------------------------
+SETTINGS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, str))}
 
 def load_runs(root):
     runs = []
@@ -48,10 +62,10 @@ def is_masked(cls):
 
 def knobs(cls):
     """The settings that act on a variant's mask, for the table: the learning-rate multiplier of its mask
-    parameters (if it has any), its model settings (`settings`), and the redrawing of its walks (if it samples any)."""
+    parameters (if it has any), its model settings (`mask_settings`), and the redrawing of its walks (if it samples any)."""
     lr_mult = ('mask_lr_mult',) if is_masked(cls) else ()
-    redraw = ('grf_resample_every',) if cls.sampled else ()
-    return lr_mult + tuple(cls.settings) + redraw
+    redraw = ('grf_resample_every',) if cls.walk_buffers else ()
+    return lr_mult + tuple(cls.mask_settings) + redraw
 
 def knob(r, k):
     """The run's setting k, None where it does not act; runs from before a knob existed ran at its default."""
@@ -107,28 +121,72 @@ def cell(value):
         return '–'
     return str(value) if isinstance(value, (str, bool)) else f"{value:g}"
 
-def table(runs):
+def t_quantile(p, df):
+    """The p-quantile (p > 0.5) of Student's t with df degrees of freedom: the density integrated by Simpson's rule
+    from 0, inverted by bisection (no scipy)."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    density = lambda x: math.exp(log_c - (df + 1) / 2 * math.log1p(x * x / df))
+    def cdf(x, n=2000):
+        h = x / n
+        return 0.5 + h / 3 * sum((1 if i in (0, n) else 4 if i % 2 else 2) * density(i * h) for i in range(n + 1))
+    lo, hi = 0.0, 1000.0
+    for _ in range(60):
+        lo, hi = ((lo + hi) / 2, hi) if cdf((lo + hi) / 2) < p else (lo, (lo + hi) / 2)
+    return (lo + hi) / 2
+
+def paired(rs, base):
+    """rs against the base runs of the same seed: (mean difference in top-1, half-width of its 95% interval, Student t
+    over the differences (None for one pair), pairs won, pairs), or None without a pair or with two base runs of a seed."""
+    seeds = [b['config']['seed'] for b in base]
+    if len(seeds) != len(set(seeds)):
+        return None
+    top1 = {b['config']['seed']: b['final']['top1'] for b in base}
+    diffs = [r['final']['top1'] - top1[r['config']['seed']] for r in rs if r['config']['seed'] in top1]
+    if not diffs:
+        return None
+    n = len(diffs)
+    half = t_quantile(0.975, n - 1) * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else None
+    return statistics.mean(diffs), half, sum(d > 0 for d in diffs), n
+
+def table(runs, vs=''):
+    """The Markdown table: a row per variant and per value of the settings that differ among the runs. vs: a variant;
+    each row adds its paired difference to that variant's runs of the same settings (paired)."""
     all_knobs = dict.fromkeys(k for cls in VARIANTS.values() for k in knobs(cls))
     defaults = train_defaults()
     value = lambda r, k: knob(r, k) if k in all_knobs else recipe(r, k, defaults)
     others = dict.fromkeys(k for r in runs for k in r['config'] if k not in all_knobs and k not in NOT_RECIPE)
     columns = [k for k in [*all_knobs, *others] if len({str(value(r, k)) for r in runs} - {'None'}) > 1]
+    extra = f"Δ top-1 vs {vs} [95% CI] | pairs won | " if vs else ""
     rows = ["| attention | " + ''.join(f"{k} | " for k in columns) + "top-1 (%) mean ± std | seeds | epochs "
-            "| images/s (train) | published top-1 |", "|---|" + "---|" * (len(columns) + 5)]
+            f"| images/s (train) | published top-1 | {extra}", "|---|" + "---|" * (len(columns) + 5 + 2 * bool(vs))]
+    rows[0] = rows[0].rstrip()
+    key = lambda r: (*(value(r, k) for k in columns), epochs_trained(r))
+    # the base runs of a row: the same values of every column that acts on both, the same epochs
+    same = lambda a, b: all(x is None or y is None or x == y for x, y in zip(a, b))
     for attn in VARIANTS:
         groups = {}
         for r in runs:
             if r['config']['attn'] == attn:
-                groups.setdefault((*(value(r, k) for k in columns), epochs_trained(r)), []).append(r)
+                groups.setdefault(key(r), []).append(r)
         for (*values, epochs), rs in sorted(groups.items(), key=lambda g: str(g[0])):
             acc = [r['final']['top1'] for r in rs]
             spread = f" ± {statistics.stdev(acc):.2f}" if len(acc) > 1 else ""  # one seed has no spread
             ips = statistics.median(r['images_per_s'] for r in rs)
             settings = ''.join(f"{cell(v)} | " for v in values)
             paper = [v for v in dict.fromkeys(published(r['config']).get(attn) for r in rs) if v is not None]
-            rows.append(f"| {attn} | {settings}{statistics.mean(acc):.2f}{spread} | {len(acc)} "
-                        f"| {epochs:g} | {ips:,.0f} | {', '.join(paper)} |")
-    return '\n'.join(rows)
+            row = (f"| {attn} | {settings}{statistics.mean(acc):.2f}{spread} | {len(acc)} "
+                   f"| {epochs:g} | {ips:,.0f} | {', '.join(paper)} |")
+            if vs:
+                base = [b for b in runs if b['config']['attn'] == vs and same(key(b)[:-1], values) and epochs_trained(b) == epochs]
+                pair = None if attn == vs else paired(rs, base)
+                row += (" base | – |" if attn == vs else " – | – |" if pair is None else
+                        f" {pair[0]:+.2f}" + (f" [{pair[0] - pair[1]:+.2f}, {pair[0] + pair[1]:+.2f}]" if pair[1] is not None else "")
+                        + f" | {pair[2]}/{pair[3]} |")
+            rows.append(row)
+    note = (f"\nΔ top-1 vs {vs}: the mean over the seeds that both ran of (top-1 - {vs}'s top-1), runs of the same seed "
+            f"paired; [95% CI]: Student t over those paired differences (n - 1 degrees of freedom); pairs won: the "
+            f"differences above 0.") if vs else ""
+    return '\n'.join(rows) + note
 
 def run_table(runs):
     """Each run's final and best top-1 (%), by variant (in VARIANTS' order), then seed."""
@@ -157,61 +215,10 @@ def curves(runs, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
-def load_checkpoint(run_dir):
-    """The run's ckpt.pt and its model config (settings it predates take their defaults)."""
-    ckpt = torch.load(os.path.join(run_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
-    return ckpt, saved_config(ckpt['config'])
-
-def load_model(run_dir):
-    ckpt, cfg = load_checkpoint(run_dir)
-    model = ViT(cfg)
-    model.load_state_dict(ckpt['model'])
-    return model
-
-def features_mask(graph, f):
-    """The exact M = Phi Phi^T, Phi = sum_k f_k W^k, of graph = (nbr, deg) per row of f [H, K+1], [H, N, N] in f's dtype."""
-    powers = masks.matrix_powers(masks.normalized_adjacency(graph).double(), 2 * f.shape[1] - 2)
-    return masks.topo_mask(powers.to(f.dtype), f)
-
-def first_checkpointed(runs, attn, skipped):
-    """The first run of attn that kept its ckpt.pt (checkpoints are not committed with results/), or None; a variant
-    whose runs kept none is named, with what it is left out of."""
-    mine = [r for r in runs if r['config']['attn'] == attn]
-    run = next((r for r in mine if os.path.isfile(os.path.join(r['dir'], 'ckpt.pt'))), None)
-    if mine and run is None:
-        print(f"{attn}: no ckpt.pt in {', '.join(r['dir'] for r in mine)}: {skipped}")
-    return run
-
-@torch.no_grad()
-def mask_rows(runs):
-    """The learned masks to draw, [(title, [an h x w image per head])]: for each masked variant among the runs, its
-    first run that kept its ckpt.pt, per layer the centre token's row of the mask. A variant that samples walks
-    (grf) gets a second row per layer, the exact mask of the same f, and the estimate's relative error is printed."""
-    rows = []
-    for attn, cls in VARIANTS.items():
-        run = first_checkpointed(runs, attn, 'no mask picture') if is_masked(cls) else None
-        if run is None:
-            continue
-        model = load_model(run['dir'])
-        for layer, block in enumerate(model.blocks):
-            a = block.attn
-            centre = (a.h // 2) * a.w + a.w // 2
-            mask = a.mask()
-            if not cls.sampled:
-                rows.append((f"{attn} L{layer}: M[centre, :]", list(mask[:, centre].view(-1, a.h, a.w))))
-                continue
-            exact = features_mask(a.graph, a.f_logits.exp())
-            err = ((mask - exact).norm() / exact.norm()).item()
-            print(f"{attn} layer {layer}: ||M_hat - M|| / ||M|| = {err:.3f} (same learned f; f per head: "
-                  + '; '.join(' '.join(f'{v:.2f}' for v in f[:4]) + ' ...' for f in a.f_logits.exp()) + ')')
-            rows.append((f"{attn} L{layer}: M_hat[centre, :] (rel. err {err:.2f})", list(mask[:, centre].view(-1, a.h, a.w))))
-            rows.append((f"{attn} L{layer}: exact M[centre, :], same f", list(exact[:, centre].view(-1, a.h, a.w))))
-    return rows
-
 def mask_pictures(runs, path):
-    """mask_rows drawn: a row of pictures per row, a column per head."""
+    """trained_masks.mask_rows drawn: a row of pictures per row, a column per head."""
     import matplotlib.pyplot as plt
-    rows = mask_rows(runs)
+    rows = trained_masks.mask_rows(runs)
     if not rows:
         return
     H = max(len(imgs) for _, imgs in rows)
@@ -228,131 +235,44 @@ def mask_pictures(runs, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
-def walk_buffers(model):
-    """The state keys of the walks that a model samples (its attention layers' `sampled` buffers)."""
-    return {f'{name}.{b}' for name, m in model.named_modules() if isinstance(m, Attention) for b in m.sampled}
-
-@torch.no_grad()
-def mask_swap(runs, data_dir, walks=(20, 100, 1000), walk_seeds=3):
-    """The first topo and grf models evaluated with their mask swapped, the learned coefficients kept: the exact mask,
-    and GRF estimates from n walks (walk_seeds fresh ensembles each, the model's coupling). Tells how much the walks'
-    noise costs in accuracy. A topo model of the alpha form gets GRF masks only if every head's deconvolution f of
-    alpha (f * f = alpha up to K) is non-negative; those estimate Phi Phi^T, which also has the terms beyond K."""
-    rows = ["| trained as | its own mask | exact mask |" + ''.join(f" GRF, {n} walks |" for n in walks),
-            "|---|---|---|" + "---|" * len(walks)]
-    notes = []
-    for attn in ('topo', 'grf'):
-        r = first_checkpointed(runs, attn, 'not in the mask swap')
-        if r is None:
-            continue
-        ckpt, cfg = load_checkpoint(r['dir'])
-        trained = ViT(cfg)  # the checkpoint's modules, for the names of its walks and alpha coefficients
-        saved_walks = walk_buffers(trained)
-        state = {k: v for k, v in ckpt['model'].items() if k not in saved_walks}  # keep the walks a new model samples
-        features = state  # the state with f_logits, for the GRF models
-        alpha_layers = [name for name, m in trained.named_modules() if isinstance(m, TopoAttention) and m.alpha_form]
-        if alpha_layers:
-            f = {f'{name}.f_logits': masks.deconvolution(state[f'{name}.alpha_logits'].double().exp()) for name in alpha_layers}
-            positive = torch.cat([x.min(-1).values >= 0 for x in f.values()])
-            notes.append(f"{os.path.basename(r['dir'])}: alpha's deconvolution is non-negative in {int(positive.sum())} "
-                         f"of {len(positive)} heads")
-            features = None
-            if positive.all():
-                alpha_keys = {f'{name}.alpha_logits' for name in alpha_layers}
-                features = {**{k: v for k, v in state.items() if k not in alpha_keys},
-                            **{k: x.clamp(min=1e-30).log().float() for k, x in f.items()}}
-        loaders = data.load(ckpt['config']['dataset'], data_dir, cfg.image_size, micro_batch=1000)
-        def top1(state, **change):
-            model = ViT(replace(cfg, **change))
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            assert not unexpected and set(missing) <= walk_buffers(model), (missing, unexpected)
-            model.eval()
-            return 100 * sum((model(x).argmax(1) == y).sum().item() for x, y in loaders.val) / loaders.num_val
-        exact = top1(state, attn='topo') if attn == 'topo' else top1(state, attn='topo', topo_form='features')
-        cells = []
-        for n in walks:
-            if features is None:
-                cells.append(" – |")
-                continue
-            acc = [top1(features, attn='grf', grf_walks=n, mask_seed=1000 + s) for s in range(walk_seeds)]
-            cells.append(f" {statistics.mean(acc):.2f} ± {statistics.stdev(acc):.2f} |")
-        rows.append(f"| {attn} ({os.path.basename(r['dir'])}) | {r['final']['top1']:.2f} | {exact:.2f} |" + ''.join(cells))
-    return '\n'.join(rows + [''] + notes)
-
-def grf_mask(graph, f, n_walks, p_halt, coupling, generator):
-    """One GRF estimate M_hat = Phi_hat Phi_hat^T on graph = (nbr, deg) per row of f [H, K+1] (a fresh walk ensemble
-    each, drawn one after the other with generator), [H, N, N]."""
-    layout = masks.grf_walk_layout(graph, [generator] * len(f), n_walks=n_walks, p_halt=p_halt, max_len=f.shape[1] - 1,
-                                   coupling=coupling)
-    P = masks.csr_to_dense(layout, masks.grf_features(layout, f.flatten()), graph[0].shape[0])
-    return P @ P.transpose(1, 2)
-
-@torch.no_grad()
-def walk_errors(runs, walks=(5, 20, 100), ensembles=20):
-    """Mean ||M_hat - M|| / ||M|| (norms over all heads) of GRF masks per walk coupling and number of walks,
-    M = Phi Phi^T exact: f = 0.5^k on the 14x14 grid (K 10, p_halt 0.1), and the learned f of each layer of
-    the first grf model among the runs, on its own grid."""
-    cases = [('0.5^k (14x14 grid)', masks.grid_graph(14, 14), 0.5 ** torch.arange(11.0, dtype=torch.float64)[None], 0.1)]
-    r = first_checkpointed(runs, 'grf', 'no learned f in the walk errors')
-    if r is not None:
-        model = load_model(r['dir'])
-        for layer, block in enumerate(model.blocks):
-            a = block.attn
-            cases.append((f"learned, layer {layer} ({r['dir']}, {a.h}x{a.w})", a.graph, a.f_logits.exp().double(),
-                          a.walk_settings['p_halt']))
-    rows = ["| f | walks |" + ''.join(f" {c} |" for c in masks.COUPLINGS), "|---|---|" + "---|" * len(masks.COUPLINGS)]
-    for title, graph, f, p_halt in cases:
-        M = features_mask(graph, f)
-        for n in walks:
-            cells = []
-            for coupling in masks.COUPLINGS:
-                if coupling.endswith('antithetic') and n % 2:
-                    cells.append(" – |")  # antithetic walkers come in pairs
-                    continue
-                g = torch.Generator().manual_seed(0)
-                errs = [((grf_mask(graph, f, n_walks=n, p_halt=p_halt, coupling=coupling, generator=g) - M).norm()
-                         / M.norm()).item() for _ in range(ensembles)]
-                cells.append(f" {statistics.mean(errs):.3f} |")
-            rows.append(f"| {title} | {n} |" + ''.join(cells))
-    return '\n'.join(rows)
-
-
 def picture_paths(roots, out=None):
     """Where the pictures go: <out>/curves.png and <out>/masks.png, out by default the folder that holds every root."""
     out = out or os.path.commonpath([os.path.abspath(r) for r in roots] if len({os.path.isabs(r) for r in roots}) > 1 else roots)
     return os.path.join(out, 'curves.png'), os.path.join(out, 'masks.png')
 
-def option(name, default=None):
-    """The value of --name=value on the command line ('' for a bare --name), or default when it is not there."""
-    return next((a.partition('=')[2] for a in sys.argv[1:] if a.split('=')[0] == name), default)
+def has_matplotlib():
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    return True
 
 if __name__ == '__main__':
-    if {'-h', '--help'} & set(sys.argv):
-        sys.exit(print(__doc__))
-    options = ('--no_plots', '--runs', '--out', '--mask_swap', '--walk_error', '--ensembles')
-    unknown = [a for a in sys.argv[1:] if a.startswith('-') and a.split('=')[0] not in options]
-    if unknown:
-        sys.exit(f"{unknown[0]}: unknown option; valid: {', '.join(options)} (python report.py --help)")
-    walks, ensembles, count = option('--walk_error'), option('--ensembles', '20'), r'[1-9]\d*'
-    walks = '5,20,100' if walks == '' else walks  # a bare --walk_error: the default walk counts
-    if walks is not None and not (re.fullmatch(f'{count}(,{count})*', walks) and re.fullmatch(count, ensembles)):
-        sys.exit(f"--walk_error={walks} --ensembles={ensembles}: valid: walk counts and a count of ensembles >= 1, "
-                 f"e.g. --walk_error=20,100 --ensembles=3")
-    roots = [a for a in sys.argv[1:] if not a.startswith('--')] or ['out/sweep']
-    runs = [r for root in roots for r in load_runs(root)]
-    if not runs:
-        sys.exit(f"no result.json under {', '.join(roots)}")
-    print(table(runs))
-    if '--runs' in sys.argv:
-        print('\n' + run_table(runs))
-    if '--no_plots' not in sys.argv:
-        curves_path, masks_path = picture_paths(roots, option('--out'))
+    config = dict(SETTINGS)
+    configure(config, [a for a in sys.argv[1:] if a.startswith('-')], flags=FLAGS)
+    globals().update(config)
+    roots = [a for a in sys.argv[1:] if not a.startswith('-')] or ['out/sweep']
+    if vs and vs not in VARIANTS:
+        fail(f"vs={vs!r} is not a variant; valid: {', '.join(VARIANTS)}")
+    if walk_error and not re.fullmatch(r'[1-9]\d*(,[1-9]\d*)*', walk_error):
+        fail(f"walk_error={walk_error!r} is invalid; valid: walk counts >= 1, comma-separated, e.g. '5,20,100'")
+    if ensembles < 1:
+        fail(f"ensembles={ensembles} is invalid; valid: an integer >= 1")
+    results = [r for root in roots for r in load_runs(root)]
+    if not results:
+        fail(f"no result.json under {', '.join(roots)}", kind='data')
+    print(table(results, vs))
+    if runs:
+        print('\n' + run_table(results))
+    if not no_plots and not has_matplotlib():
+        print("no pictures: matplotlib is not installed (pip install matplotlib)")
+    elif not no_plots:
+        curves_path, masks_path = picture_paths(roots, out)
         os.makedirs(os.path.dirname(curves_path) or '.', exist_ok=True)
-        curves(runs, curves_path)
-        mask_pictures(runs, masks_path)
+        curves(results, curves_path)
+        mask_pictures(results, masks_path)
         print(f"wrote {curves_path}, {masks_path}")
-    if walks is not None:
-        print(walk_errors(runs, tuple(map(int, walks.split(','))), int(ensembles)))
-    data_dir = option('--mask_swap')
-    if data_dir:
-        print(mask_swap(runs, data_dir))
+    if walk_error:
+        print(trained_masks.walk_errors(results, tuple(map(int, walk_error.split(','))), ensembles))
+    if mask_swap:
+        print(trained_masks.mask_swap(results, mask_swap))

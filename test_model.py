@@ -386,7 +386,7 @@ def window_mask(h, w, radius, outside):
 
 class WindowAttention(Attention):
     """The toy's class: a learned weight per head for the patches outside a 3 x 3 window."""
-    settings = ("mask_init_decay",)
+    mask_settings = ("mask_init_decay",)
 
     def __init__(self, c, layer):
         super().__init__(c, layer)

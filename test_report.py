@@ -18,6 +18,7 @@ import torch.nn as nn
 
 import model
 import report
+import trained_masks
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SYNTHETIC = ('--dataset=synthetic --image_size=16 --patch_size=4 --dim=32 --depth=1 --heads=2 --mlp_dim=64 '
@@ -100,7 +101,7 @@ def test_knobs_come_from_the_variant_classes():
 
 class WindowAttention(model.Attention):
     """A toy variant: M_ij = decay^(|dr| + |dc|), a learnable decay per head."""
-    settings = ('mask_init_decay',)
+    mask_settings = ('mask_init_decay',)
 
     def __init__(self, c, layer):
         super().__init__(c, layer)
@@ -137,7 +138,7 @@ def test_a_variant_registered_in_variants_gets_its_row_its_knob_and_its_mask_pic
     assert rows(text) == [['softmax', '–', '70.00', '1', '10', '100', ''],
                           ['window', '0.25', '81.00', '1', '10', '100', ''],
                           ['window', '0.5', '80.00', '1', '10', '100', '']]
-    pictures = report.mask_rows(runs)  # the first window run: window-a
+    pictures = trained_masks.mask_rows(runs)  # the first window run: window-a
     assert [title for title, _ in pictures] == ['window L0: M[centre, :]', 'window L1: M[centre, :]']
     r, c = torch.meshgrid(torch.arange(3), torch.arange(3), indexing='ij')
     hops = (r - 1).abs() + (c - 1).abs()  # from the centre of the 3 x 3 grid
@@ -153,12 +154,12 @@ def test_mask_pictures_come_from_the_first_run_with_a_checkpoint_and_a_variant_w
     fake_run(root, 'grf-s0', 'grf', 80.0, **SMALL)
     fake_run(root, 'window-s0', 'window', 80.0, **SMALL)
     fake_model_run(root, 'window-s1', 81.0, [0.3, 0.7], attn='window')
-    pictures = report.mask_rows(report.load_runs(root))
+    pictures = trained_masks.mask_rows(report.load_runs(root))
     assert [title for title, _ in pictures] == ['window L0: M[centre, :]', 'window L1: M[centre, :]']
     torch.testing.assert_close(pictures[0][1][1][1, 2], torch.tensor(0.7))  # window-s1's head 1, one hop from the centre
     assert f"topo: no ckpt.pt in {os.path.join(root, 'topo-s0')}: no mask picture" in capsys.readouterr().out
-    assert rows(report.mask_swap(report.load_runs(root), data_dir='unused')) == []  # and the other tables go on
-    assert [r[0] for r in rows(report.walk_errors(report.load_runs(root), walks=(2,), ensembles=1))] == ['0.5^k (14x14 grid)']
+    assert rows(trained_masks.mask_swap(report.load_runs(root), data_dir='unused')) == []  # and the other tables go on
+    assert [r[0] for r in rows(trained_masks.walk_errors(report.load_runs(root), walks=(2,), ensembles=1))] == ['0.5^k (14x14 grid)']
     out = capsys.readouterr().out
     assert f"topo: no ckpt.pt in {os.path.join(root, 'topo-s0')}: not in the mask swap" in out
     assert f"grf: no ckpt.pt in {os.path.join(root, 'grf-s0')}: no learned f in the walk errors" in out
@@ -224,7 +225,7 @@ def test_mask_swap_gives_the_trained_accuracy_back_with_the_exact_mask(tmp_path)
                            cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert p.returncode == 0, p.stderr[-3000:]
     runs = report.load_runs(str(tmp_path))
-    rows_ = rows(report.mask_swap(runs, data_dir='unused', walks=(4, 4000), walk_seeds=2))
+    rows_ = rows(trained_masks.mask_swap(runs, data_dir='unused', walks=(4, 4000), walk_seeds=2))
     topo, grf = rows_
     assert topo[0] == 'topo (topo-s0)' and topo[1] == topo[2] == f"{runs[1]['final']['top1']:.2f}"
     assert abs(float(topo[4].split(' ± ')[0]) - float(topo[2])) < 1.5  # 4000 walks: close to the exact mask
@@ -235,7 +236,7 @@ def test_mask_swap_of_an_alpha_model_gives_its_exact_accuracy_and_says_whether_f
                         f'--out_dir={tmp_path}/topo-s0', *SYNTHETIC.split()], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     runs = report.load_runs(str(tmp_path))
-    text = report.mask_swap(runs, data_dir='unused', walks=(4,), walk_seeds=2)
+    text = trained_masks.mask_swap(runs, data_dir='unused', walks=(4,), walk_seeds=2)
     [row] = rows(text)
     assert row[1] == row[2] == f"{runs[0]['final']['top1']:.2f}"  # alpha form: its own mask is the exact one
     assert "alpha's deconvolution is non-negative in" in text and "of 2 heads" in text
@@ -243,21 +244,75 @@ def test_mask_swap_of_an_alpha_model_gives_its_exact_accuracy_and_says_whether_f
 
 def test_walk_error_table_shows_repelling_walks_closer_to_the_exact_mask():
     """report.walk_errors against the exact M from matrix powers: a row per walk count, a column per coupling."""
-    rows_ = rows(report.walk_errors([], walks=(20,), ensembles=3))
+    rows_ = rows(trained_masks.walk_errors([], walks=(20,), ensembles=3))
     assert len(rows_) == 1 and rows_[0][:2] == ['0.5^k (14x14 grid)', '20']
-    err = dict(zip(report.masks.COUPLINGS, map(float, rows_[0][2:])))
+    err = dict(zip(trained_masks.masks.COUPLINGS, map(float, rows_[0][2:])))
     assert 0.1 < err['iid'] < 0.2 and err['repelling'] < 0.6 * err['iid']
 
-def test_report_command_line_takes_walk_counts_and_ensembles_and_refuses_a_bad_option_before_reading(tmp_path):
+def test_paired_differences_to_a_base_variant_by_hand(tmp_path):
+    """linear seeds 0-3: 50, 52, 54, 56; grf seeds 0-4: 52, 56, 54, 58, 70 (seed 4 has no linear to pair with).
+    Differences 2, 4, 0, 2: mean 2, sample std sqrt(8/3) = 1.63299, standard error 0.816497, t(0.975, 3 df) = 3.182446,
+    half-width 2.598: [-0.60, +4.60]; won 3 of 4 (a tie is not won). softmax, seed 0 alone: -1, no interval. A grf
+    run of another depth has no linear run of its depth to pair with."""
+    root = str(tmp_path)
+    for seed, top1 in enumerate([50.0, 52.0, 54.0, 56.0]):
+        fake_run(root, f'linear-s{seed}', 'linear', top1, seed=seed)
+    for seed, top1 in enumerate([52.0, 56.0, 54.0, 58.0, 70.0]):
+        fake_run(root, f'grf-s{seed}', 'grf', top1, seed=seed)
+    fake_run(root, 'softmax-s0', 'softmax', 49.0, seed=0)
+    fake_run(root, 'grf-deep-s0', 'grf', 60.0, seed=0, depth=6)
+    text = report.table(report.load_runs(root), vs='linear')
+    assert text.splitlines()[0].endswith('| published top-1 | Δ top-1 vs linear [95% CI] | pairs won |')
+    assert rows(text) == [['softmax', '2', '49.00', '1', '10', '100', '', '-1.00', '0/1'],
+                          ['linear', '2', '53.00 ± 2.58', '4', '10', '100', '', 'base', '–'],
+                          ['grf', '2', '58.00 ± 7.07', '5', '10', '100', '', '+2.00 [-0.60, +4.60]', '3/4'],
+                          ['grf', '6', '60.00', '1', '10', '100', '', '–', '–']]
+    assert 'Student t over those paired differences' in text  # the output says which interval it is
+
+def test_t_quantiles_are_the_tables():
+    """The 97.5% quantiles of Student's t as printed in any statistics table."""
+    for df, t in [(1, 12.706), (2, 4.303), (3, 3.182), (5, 2.571), (10, 2.228), (30, 2.042)]:
+        assert round(report.t_quantile(0.975, df), 3) == t
+
+def report_py(*args, env=None):
+    return subprocess.run([sys.executable, 'report.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=env)
+
+def test_report_command_line_takes_walk_counts_and_ensembles(tmp_path):
     fake_run(str(tmp_path), 'linear-s0', 'linear', 80.0)
-    run = lambda *a: subprocess.run([sys.executable, 'report.py', str(tmp_path), '--no_plots', *a], cwd=ROOT,
-                                    capture_output=True, text=True, timeout=600)
-    p = run('--walk_error=3,8', '--ensembles=2')
+    p = report_py(str(tmp_path), '--no_plots', '--walk_error=3,8', '--ensembles=2')
     assert p.returncode == 0, p.stderr[-3000:]
     walk_rows = rows(p.stdout[p.stdout.index('| f | walks'):])
     assert [r[1] for r in walk_rows] == ['3', '8'] and walk_rows[0][3] == '–' and walk_rows[1][3] != '–'
-    for bad, said in [('--walk-error', '--walk-error: unknown option; valid: --no_plots'),
-                      ('--walk_error=0', '--walk_error=0 --ensembles=20: valid:'),
-                      ('--ensembles=two', '--walk_error=5,20,100 --ensembles=two: valid:')]:
-        p = run('--walk_error' if bad.startswith('--ensembles') else '--runs', bad)
-        assert p.returncode != 0 and p.stderr.startswith(said) and p.stdout == '', (bad, p.stdout, p.stderr)
+
+@pytest.mark.parametrize('bad, said', [
+    ('--walk-error=5', "config error: unknown key 'walk-error'; closest valid keys: walk_error"),  # unknown option
+    ('--ensembles=abc', "config error: ensembles='abc' has type str, expected int"),  # a value of the wrong type
+    ('--no_plots=1', "config error: --no_plots is a flag, given bare: got '--no_plots=1'"),  # a value for a flag
+    ('--mask_swap', "config error: expected --key=value, got '--mask_swap'"),  # no value for an option that takes one
+    ('--walk_error=0', "config error: walk_error='0' is invalid; valid: walk counts >= 1"),
+    ('--ensembles=0', "config error: ensembles=0 is invalid; valid: an integer >= 1"),
+    ('--vs=linaer', "config error: vs='linaer' is not a variant; valid: softmax, linear,")])
+def test_a_bad_option_fails_in_one_line_before_anything_is_read(tmp_path, bad, said):
+    os.makedirs(tmp_path / 'broken')
+    (tmp_path / 'broken' / 'result.json').write_text('{')  # read, it would end in a traceback
+    p = report_py(str(tmp_path), bad)
+    assert p.returncode == 2 and p.stderr.startswith(said) and p.stderr.count('\n') == 1 and '|' not in p.stdout, p.stderr
+
+def test_a_repeated_option_takes_the_last_value_and_says_so(tmp_path):
+    fake_run(str(tmp_path), 'linear-s0', 'linear', 80.0, seed=0)
+    fake_run(str(tmp_path), 'softmax-s0', 'softmax', 81.0, seed=0)
+    p = report_py(str(tmp_path), '--no_plots', '--vs=softmax', '--vs=linear')
+    assert p.returncode == 0, p.stderr
+    assert "override: vs = 'softmax'\noverride: vs = 'linear'\n" in p.stdout and 'Δ top-1 vs linear' in p.stdout
+    assert rows(p.stdout[p.stdout.index('| attention'):])[0][-2:] == ['+1.00', '1/1']
+
+def test_without_matplotlib_the_table_prints_and_the_pictures_are_skipped_in_one_line(tmp_path):
+    (tmp_path / 'stub' / 'matplotlib').mkdir(parents=True)  # matplotlib as where it is not installed
+    (tmp_path / 'stub' / 'matplotlib' / '__init__.py').write_text("raise ImportError('no matplotlib here')\n")
+    fake_run(str(tmp_path / 'runs'), 'linear-s0', 'linear', 80.0)
+    p = report_py(str(tmp_path / 'runs'), env={**os.environ, 'PYTHONPATH': str(tmp_path / 'stub')})
+    assert p.returncode == 0 and not p.stderr, p.stderr
+    assert rows(p.stdout)[0][:2] == ['linear', '80.00']
+    assert p.stdout.endswith("no pictures: matplotlib is not installed (pip install matplotlib)\n")
+    assert not (tmp_path / 'runs' / 'curves.png').exists()
