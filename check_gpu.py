@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 import traceback
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -34,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
-from configurator import configure, fail as config_error
+from configurator import configure, fail
 from model import VARIANTS, Attention, ViT, ViTConfig, amp_dtype, ddp_no_buffer_sync
 
 size = 'vitb16'            # vitb16 (ImageNet: K = 100, 100 walks) | tiny (16 px, 2 layers)
@@ -58,9 +59,9 @@ config = {k: v for k, v in globals().items() if not k.startswith('_') and isinst
 configure(config, sys.argv[1:])
 globals().update(config)
 if size not in SHAPES:
-    config_error(f"size={size!r} is invalid; valid: {', '.join(SHAPES)}")
+    fail(f"size={size!r} is invalid; valid: {', '.join(SHAPES)}")
 if set(paths.split(',')) - set(bench.PATHS):
-    config_error(f"paths={paths!r} names an unknown path; valid: {','.join(bench.PATHS)}")
+    fail(f"paths={paths!r} names an unknown path; valid: {','.join(bench.PATHS)}")
 start = time.perf_counter()
 left = lambda: budget_s - (time.perf_counter() - start)
 if device == 'auto':
@@ -76,7 +77,7 @@ name = torch.cuda.get_device_name() if cuda else 'cpu'
 peak_flops = next((p for part, p in PEAK_FLOPS.items() if part in name and 'NVL' not in name), None)
 out_dir = os.path.dirname(out) or '.'
 memory_gb = torch.cuda.get_device_properties(device).total_memory / 1e9 if cuda else 4.0
-bench.setup([f'--device={device}', f"--dtype={str(dtype).split('.')[-1]}", f'--out_dir={out_dir}', f'--variants={bench_paths}',
+bench_settings = bench.setup([f'--device={device}', f"--dtype={str(dtype).split('.')[-1]}", f'--out_dir={out_dir}', f'--variants={bench_paths}',
              f"--sides={bench_sides or ('8,11,16,23,32,45,64,91,128' if size == 'vitb16' else '4,8')}",
              '--time_budget=1.0', '--min_seconds=0.2', f'--memory_budget={memory_gb / 2}'])
 print(f"check_gpu: {size}, compile backend {backend}, bf16 peak {f'{peak_flops / 1e12:.0f} TFLOP/s' if peak_flops else 'unknown'}"
@@ -92,7 +93,8 @@ def save():
     with open(out, 'w') as f:
         json.dump(result, f, indent=1)
 
-def fail(what, e):
+def failed(what, e):
+    """A stage that failed: its traceback, and a line in the result's failures; the check goes on."""
     traceback.print_exception(e)
     result['failed'].append(f"{what}: {type(e).__name__}: {str(e)[:300]}")
     print(f"{what} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -107,7 +109,7 @@ def trainer(model, batch):
     x = torch.randn(batch, shape['in_channels'], shape['image_size'], shape['image_size'], device=device)
     y = torch.randint(shape['num_classes'], (batch,), device=device)
     def step():
-        with bench.autocast:
+        with bench_settings.autocast:
             loss = F.cross_entropy(model(x).float(), y)
         loss.backward()
         opt.step()
@@ -151,10 +153,10 @@ def flops_per_image(model):
 def compiled_steps(model, batch):
     """(seconds of the first step, which compiles; median seconds of `steps` steps after a second; peak bytes)."""
     step = trainer(torch.compile(model, backend=backend), batch)
-    first = bench.timed(step)
-    bench.timed(step)
-    seconds = statistics.median(bench.timed(step) for _ in range(steps))
-    return first, seconds, bench.peak_bytes(step, resident=0)  # CUDA: the allocator's peak over a step
+    first = bench.timed(step, cuda)
+    bench.timed(step, cuda)
+    seconds = statistics.median(bench.timed(step, cuda) for _ in range(steps))
+    return first, seconds, bench.peak_bytes(step, 0, cuda)  # CUDA: the allocator's peak over a step
 
 def on_path(attn, impl):
     """A copy of the variant's model on the device, taking path impl: set on the copy, as the model is built once."""
@@ -196,11 +198,11 @@ try:
     model = on_path('grf', 'auto')
     step = trainer(DDP(model, device_ids=[torch.cuda.current_device()] if cuda else None, **ddp_no_buffer_sync()), 8)
     step()
-    result['ddp'] = {'backend': dist.get_backend(), 'step_s': bench.timed(step)}
+    result['ddp'] = {'backend': dist.get_backend(), 'step_s': bench.timed(step, cuda)}
     print(f"DDP ({result['ddp']['backend']}, 1 process): a grf training step at batch 8 took {result['ddp']['step_s']:.2f} s")
     del model, step
 except Exception as e:
-    fail('DDP', e)
+    failed('DDP', e)
 if dist.is_initialized():
     dist.destroy_process_group()
 save()
@@ -222,7 +224,7 @@ for path in paths.split(','):
             result['failed'].append(f"{path}: {r['graph_breaks']} graph breaks")
     except Exception as e:
         result['train'][path] = {'error': f"{type(e).__name__}: {str(e)[:300]}"}
-        fail(path, e)
+        failed(path, e)
     free_memory()  # out of the except clause, whose traceback holds the path's model
     took.append(time.perf_counter() - t0)
     save()
@@ -231,20 +233,20 @@ for path in paths.split(','):
 if left() < 10:
     skip('attention benchmark', f"{left():.0f} s left")
 else:
-    bench.total_budget = left() - 10.0  # points not begun by then are skipped; the last one begun may take a few s
+    budget = SimpleNamespace(**{**vars(bench_settings), 'total_budget': left() - 10.0})  # the last point begun may take a few s
     try:
-        measured = result['attention'] = bench.attention_bench()
+        measured = result['attention'] = bench.attention_bench(budget)
         errors = {f"{p} N={n}": r['error'] for p, rs in measured['results'].items() for n, r in rs.items() if 'error' in r}
         for what, e in errors.items():
             if 'out of memory' in e:
                 skip(f"attention {what}", e)
             else:
-                fail(f"attention {what}", RuntimeError(e))
+                failed(f"attention {what}", RuntimeError(e))
         late = [p for p, rs in measured['results'].items() if any(r.get('total_budget_spent') for r in rs.values())]
         if late:
             skip('attention benchmark', f"out of time before the largest N of {', '.join(late)}")
     except Exception as e:
-        fail('attention benchmark', e)
+        failed('attention benchmark', e)
 save()
 
 print(f"\n{name}, {result['dtype']}, {size}: compiled training per path")

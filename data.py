@@ -2,16 +2,18 @@
 Datasets as iterables of (images, labels) batches, sharded over DDP ranks by one batch sampler.
   fmnist, cifar10, synthetic   held whole on the device as uint8, batched by index, normalised per batch
   imagenet, inat2021, places365  image files decoded by worker processes (imagefiles.py), normalised on the device
+Imports run one way: data.py -> imagefiles.py (the files on disk, found or downloaded by rank 0 first) -> configurator.
 """
 import os
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
-from torchvision.datasets.utils import check_integrity
+
+import imagefiles
+from configurator import fail
+from imagefiles import downloaded, rank_zero_first
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -73,8 +75,8 @@ class Normalised:
         for x, y, *failed in self.batches:  # a file dataset's batch also names them, '\n'-joined per sample
             self.replaced.update(dict.fromkeys(path for paths in (failed[0] if failed else ()) for path in paths.split('\n') if path))
             if len(self.replaced) > self.limit:
-                raise SystemExit(f"{len(self.replaced)} images failed to decode in one pass, more than {self.limit} (0.1%): "
-                                 f"the copy of the dataset is damaged; {', '.join(list(self.replaced)[:3])}, ...")
+                fail(f"{len(self.replaced)} images failed to decode in one pass, more than {self.limit} (0.1%): "
+                     f"the copy of the dataset is damaged; {', '.join(list(self.replaced)[:3])}, ...", kind='data')
             x = self.augment(x.to(self.device, non_blocking=True))
             yield (x.float() - self.mean) / self.std, y.to(self.device, non_blocking=True)
 
@@ -95,29 +97,6 @@ def resized(x, size):
     out = [F.interpolate(c.float(), size=(size, size), mode='bilinear', antialias=True, align_corners=False)
            for c in x.split(8192)]
     return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
-
-@contextmanager
-def rank_zero_first(rank, world):
-    """Rank 0 runs the block first (and downloads what is missing), the others after it: no two write one folder."""
-    if world > 1 and rank > 0:
-        dist.barrier()
-    yield
-    if world > 1 and rank == 0:
-        dist.barrier()
-
-def downloaded(make, name, data_dir, layout, md5s={}):
-    """make() (a torchvision dataset that downloads itself), or one line that names the first file of md5s {path: md5}
-    that is there but damaged, or says where it looked and what it expects."""
-    try:
-        return make()
-    except Exception as e:
-        damaged = [f for f, md5 in md5s.items() if os.path.exists(f) and not check_integrity(f, md5)]
-        if damaged:
-            raise SystemExit(f"{damaged[0]} is damaged ({type(e).__name__}); delete it, and it is downloaded again") from None
-        if not isinstance(e, (RuntimeError, OSError)):  # torchvision's 'Dataset not found', or a failed download (URLError)
-            raise
-        raise SystemExit(f"{name} is not in {data_dir} and could not be downloaded ({type(e).__name__}: {e}). "
-                         f"Expected {layout.replace('data_dir', data_dir)}; point --data_dir at a folder that holds it.")
 
 FMNIST_MD5 = {'train-images-idx3-ubyte': 'f4a8712d7a061bf5bd6d2ca38dc4d50a', 'train-labels-idx1-ubyte': '9018921c3c673c538a1fc5bad174d6f9',
               't10k-images-idx3-ubyte': '8181f5470baa50b63fa0f6fddb340f0a', 't10k-labels-idx1-ubyte': '15d484375f8d13e6eb1aabb0c3f46965'}
@@ -156,7 +135,7 @@ def load(dataset, data_dir, image_size, micro_batch, grad_accum=1, rank=0, world
     (set_epoch before each pass); steps_per_epoch, num_classes, channels, num_val). num_classes sets the synthetic
     task's class count; crop_pad, flip: the training images of a tensor dataset pass through crops_and_flips."""
     if (crop_pad or flip) and dataset not in TENSOR_SETS:
-        raise SystemExit(f"crop_pad={crop_pad}, flip={flip} apply to {', '.join(TENSOR_SETS)}; {dataset} has its own crops")
+        fail(f"crop_pad={crop_pad}, flip={flip} apply to {', '.join(TENSOR_SETS)}; {dataset} has its own crops")
     shard = lambda n, train: ShardedBatches(n, micro_batch, rank=rank, world=world, accum=grad_accum, seed=seed, train=train)
     if dataset in TENSOR_SETS:
         splits = []
@@ -170,17 +149,16 @@ def load(dataset, data_dir, image_size, micro_batch, grad_accum=1, rank=0, world
         num_classes = int(train.y.max()) + 1
         limits = (0, 0)
     elif dataset in FILE_SETS:
-        import imagefiles  # imported here, as it imports this module
         train, val, num_classes, limits = imagefiles.splits(dataset, data_dir, image_size, shard, rank, world, device, num_workers)
         channels = 3
         mean, std = IMAGENET_STATS
     else:
-        raise SystemExit(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+        fail(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
     sampler = train.batch_sampler
     num_val = val.batch_sampler.n
     augment = (lambda x: crops_and_flips(x, crop_pad, flip)) if crop_pad or flip else None
     train, val = Normalised(train, device, mean, std, augment, limits[0]), Normalised(val, device, mean, std, limit=limits[1])
     if sampler.steps == 0:
-        raise SystemExit(f"{dataset} has fewer training images than one global batch of {micro_batch * grad_accum * world}")
+        fail(f"{dataset} has fewer training images than one global batch of {micro_batch * grad_accum * world}", kind='data')
     return SimpleNamespace(train=train, val=val, sampler=sampler, steps_per_epoch=sampler.steps,
                            num_classes=num_classes, channels=channels, num_val=num_val)

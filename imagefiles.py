@@ -5,17 +5,22 @@ Datasets read from image files, decoded by DataLoader worker processes (data.loa
   places365    torchvision Places365, small (256x256) images, train-standard / val
 Train and val must hold the same classes (a label is a place in the class list). An image that fails to decode is
 replaced by the next file and named; more than UNDECODABLE_MAX of a split end the run (data.Normalised).
+Also what every dataset on disk needs, the tensor sets of data.py too: rank 0 finds or downloads it first
+(rank_zero_first), and a download that fails is one line naming the folder and the layout expected (downloaded).
 """
 import os
+from contextlib import contextmanager, suppress
 
 import torch
+import torch.distributed as dist
 import torchvision
 import torchvision.transforms as T
 from torchvision.datasets.folder import default_loader  # PIL, converted to RGB
+from torchvision.datasets.utils import check_integrity
 
-from data import downloaded, rank_zero_first
+from configurator import fail
 
-IMAGENET_LAYOUT = "data_dir/train/<wnid>/*.JPEG and data_dir/val/<wnid>/*.JPEG (one folder per class, 1000 each)"
+IMAGENET_LAYOUT = "data_dir/train/<wnid>/*.JPEG and data_dir/val/<wnid>/*.JPEG (one folder per class, the same in both)"
 UNDECODABLE_MAX = 0.001    # the share of a rank's pass through a split that may fail to decode (at least one image)
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -52,8 +57,8 @@ def image_files(dataset, data_dir, train):
         try:
             ds = torchvision.datasets.ImageFolder(folder)
         except FileNotFoundError as e:  # no such folder, or a class folder without an image
-            raise SystemExit(f"ImageNet at {folder}: {e}. Expected {IMAGENET_LAYOUT.replace('data_dir', data_dir)}; "
-                             "see README.md, 'Getting the data'.") from None
+            fail(f"ImageNet at {folder}: {e}. Expected {IMAGENET_LAYOUT.replace('data_dir', data_dir)}; "
+                 "see README.md, 'Getting the data'.", kind='data')
         return ds.samples, ds.classes
     if dataset == 'inat2021':
         version = '2021_train' if train else '2021_valid'
@@ -69,6 +74,38 @@ def only_in(a, b):
     names = sorted(set(a) - set(b))
     return f"{len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else 'none'
 
+@contextmanager
+def rank_zero_first(rank, world):
+    """Rank 0 runs the block first (and downloads what is missing), the others after it: no two write one folder."""
+    if world > 1 and rank > 0:
+        dist.barrier()
+    yield
+    if world > 1 and rank == 0:
+        dist.barrier()
+
+def downloaded(make, name, data_dir, layout, md5s={}):
+    """make() (a torchvision dataset that downloads itself), or one line that names the first file of md5s {path: md5}
+    that is there but damaged, or says where it looked and what it expects; a failed download leaves no folder behind."""
+    new = set()  # the folders a download would make that are not there yet: data_dir, those of the files of md5s
+    for folder in {data_dir, *map(os.path.dirname, md5s)}:
+        while folder and not os.path.isdir(folder):
+            new.add(folder)
+            folder = os.path.dirname(folder)
+    try:
+        return make()
+    except Exception as e:
+        damaged = [f for f, md5 in md5s.items() if os.path.exists(f) and not check_integrity(f, md5)]
+        if damaged:
+            fail(f"{damaged[0]} is damaged ({type(e).__name__}); delete it, and it is downloaded again", kind='data')
+        if not isinstance(e, (RuntimeError, OSError)):  # torchvision's 'Dataset not found', or a failed download (URLError)
+            raise
+        for folder in sorted(new, key=len, reverse=True):  # the deepest first; a folder that is not empty stays
+            with suppress(OSError):
+                os.rmdir(folder)
+        reason = ' '.join(str(e).split())  # torchvision's message, one line for each mirror tried
+        fail(f"{name} is not in {data_dir} and could not be downloaded ({type(e).__name__}: {reason}). "
+             f"Expected {layout.replace('data_dir', data_dir)}; point --data_dir at a folder that holds it.", kind='data')
+
 def splits(dataset, data_dir, image_size, shard, rank=0, world=1, device='cpu', num_workers=0):
     """-> (train, val: DataLoaders of (uint8 images, labels, the paths replaced) batched by shard(n, train), the number
     of classes, and how many images of each split may fail to decode on this rank)."""
@@ -78,8 +115,8 @@ def splits(dataset, data_dir, image_size, shard, rank=0, world=1, device='cpu', 
             found.append(image_files(dataset, data_dir, is_train))
     (train, classes), (val, val_classes) = found
     if classes != val_classes:  # one extra folder shifts the labels of all that follow
-        raise SystemExit(f"{dataset}: train and val must hold the same classes; only in train: "
-                         f"{only_in(classes, val_classes)}, only in val: {only_in(val_classes, classes)}")
+        fail(f"{dataset}: train and val must hold the same classes; only in train: "
+             f"{only_in(classes, val_classes)}, only in val: {only_in(val_classes, classes)}", kind='data')
     limits = [max(1, int(UNDECODABLE_MAX * len(samples) / world)) for samples in (train, val)]
     train, val = (torch.utils.data.DataLoader(ImageFiles(samples, image_size, is_train, limit + 1),
                                               batch_sampler=shard(len(samples), is_train), num_workers=num_workers,

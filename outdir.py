@@ -1,7 +1,8 @@
 """
 A run's folder (train.py's out_dir) and the files in it: one run owns it at a time (out_dir/lock), a run from scratch
 never overwrites a run (its ckpt.pt), ckpt.pt is replaced atomically and a damaged one is named in one line, and
-metrics.jsonl is cut back to where a resumed run starts. Every failure is one line on stderr (configurator.fail).
+metrics.jsonl is cut back to where a resumed run starts. Every failure is one line on stderr (configurator.fail, of
+kind out_dir or checkpoint).
 """
 import atexit
 import json
@@ -18,11 +19,11 @@ def claim(out_dir, resume):
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
-        fail(f"out_dir={out_dir!r} cannot be made: {e}")
+        fail(f"out_dir={out_dir!r} cannot be made: {e}", kind='out_dir')
     take_lock(out_dir)
     if not resume and os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
         fail(f"{out_dir} holds a run (its ckpt.pt): continue it with --init_from=resume, or train into another "
-             f"--out_dir (or remove {out_dir} first)")
+             f"--out_dir (or remove {out_dir} first)", kind='out_dir')
 
 def take_lock(out_dir):
     """Create out_dir/lock exclusively, holding 'host pid', and remove it at exit. If it is there, fail naming its holder,
@@ -39,7 +40,7 @@ def take_lock(out_dir):
         with suppress(FileNotFoundError):  # gone meanwhile: try again
             who = holder(out_dir)
             if who and who != f"pid {os.getpid()} on {socket.gethostname()}":
-                fail(f"out_dir {out_dir} is in use by {who}; let that run end, or remove {path} if it has")
+                fail(f"out_dir {out_dir} is in use by {who}; let that run end, or remove {path} if it has", kind='out_dir')
             os.remove(path)  # its run is gone: take it over
 
 def holder(out_dir):
@@ -60,12 +61,12 @@ def pid_alive(pid):
 def read_checkpoint(path, what, convert=lambda ckpt: ckpt):
     """convert(the checkpoint at path), or one line: no checkpoint there (what: the setting that named it), or damaged."""
     if not os.path.isfile(path):
-        fail(f"{what}: no checkpoint at {path}")
+        fail(f"{what}: no checkpoint at {path}", kind='checkpoint')
     try:
         return convert(torch.load(path, map_location='cpu', weights_only=False))
     except Exception as e:
         tmp = f"; {path}.tmp is a save that was cut short, not a checkpoint" if os.path.exists(path + '.tmp') else ''
-        fail(f"{path} is damaged: torch cannot read it ({type(e).__name__}){tmp}")
+        fail(f"{path} is damaged: torch cannot read it ({type(e).__name__}){tmp}", kind='checkpoint')
 
 def save_checkpoint(ckpt, path):
     """torch.save to a temp file renamed over path: the old checkpoint stays intact until the new one is whole."""

@@ -102,6 +102,23 @@ def test_a_failure_is_one_line_that_says_its_kind(capsys):
     assert e.value.code == 2 and str(e.value) == "out_dir out/x is in use by pid 1 on h"  # for a caller that catches it
     assert capsys.readouterr().err == "out_dir error: out_dir out/x is in use by pid 1 on h\n"
 
+def test_a_busy_run_folder_a_damaged_checkpoint_and_missing_data_each_say_their_kind(tmp_path, capsys):
+    import data
+    import outdir
+    (tmp_path / 'lock').write_text('another-host 1')
+    (tmp_path / 'ckpt.pt').write_bytes(b'garbage')
+    for call, kind in [(lambda: outdir.claim(str(tmp_path), resume=True), 'out_dir'),
+                       (lambda: outdir.read_checkpoint(str(tmp_path / 'ckpt.pt'), 'init_from'), 'checkpoint'),
+                       (lambda: data.load('imagenet', str(tmp_path / 'nowhere'), 32, 8), 'data')]:
+        with pytest.raises(SystemExit) as e:
+            call()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"{kind} error: ") and err.count('\n') == 1, err
+
+def test_bench_names_a_mistyped_mode_in_one_line():
+    p = subprocess.run([sys.executable, 'bench.py', '--mode=atention'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr == "config error: mode='atention' is invalid; valid: attention, train, walks\n"
+
 def test_broken_config_file_is_one_line(tmp_path, capsys):
     cfg = write(tmp_path, "epochs = = 3\n")
     code, err = error_of([cfg], capsys)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import data
+import imagefiles
 
 DATA_DIR = os.environ.get('DATA_DIR', os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data'))
 
@@ -98,11 +99,46 @@ def test_a_failed_download_is_one_line_naming_the_folder_the_layout_and_data_dir
     msg = str(e.value)
     assert '\n' not in msg and str(tmp_path) in msg and 'FashionMNIST/raw' in msg and '--data_dir' in msg and 'no network' in msg
 
+def test_a_missing_fashion_mnist_is_one_line_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    """Offline, torchvision makes data_dir/FashionMNIST/raw and fails with a message of a line per mirror tried."""
+    import urllib.error
+    import torchvision
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError('no network')
+    monkeypatch.setattr(torchvision.datasets.mnist, 'download_and_extract_archive', offline)
+    with pytest.raises(SystemExit) as e:
+        data.load('fmnist', str(tmp_path / 'nowhere'), 32, 8)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and err.startswith('data error: FashionMNIST is not in ')
+    assert 'no network' in err and 'FashionMNIST/raw' in err and not (tmp_path / 'nowhere').exists()
+
+def test_imports_run_one_way():
+    """The scripts -> model.py, data.py (with imagefiles.py, outdir.py) -> masks.py, configurator.py: no module imports
+    one of a level above its own, and none comes back to itself through the modules it imports."""
+    import ast
+    root = os.path.dirname(os.path.abspath(__file__))
+    modules = {f[:-3] for f in os.listdir(root) if f.endswith('.py') and not f.startswith('test_')}
+    imports = {}
+    for m in modules:
+        tree = ast.parse(open(os.path.join(root, m + '.py')).read())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imports[m] = {name.split('.')[0] for name in names} & modules
+    level = {'masks': 0, 'configurator': 0, 'model': 1, 'data': 1, 'imagefiles': 1, 'outdir': 1}  # the rest: scripts, 2
+    for m, names in imports.items():
+        assert all(level.get(n, 2) <= level.get(m, 2) for n in names), (m, names)
+        reached, todo = set(), set(names)
+        while todo:
+            n = todo.pop()
+            reached.add(n)
+            todo |= imports[n] - reached
+        assert m not in reached, f"{m} imports itself through {names}"
+
 @pytest.mark.parametrize('rank', [0, 1])
 def test_rank_zero_builds_and_downloads_before_the_other_ranks(rank, monkeypatch):
     """Rank 0 builds the dataset, then meets the others at a barrier; they wait there before building theirs."""
     events = []
-    monkeypatch.setattr(data.dist, 'barrier', lambda: events.append('barrier'))
+    monkeypatch.setattr(imagefiles.dist, 'barrier', lambda: events.append('barrier'))
     def make(data_dir, train, num_classes):
         events.append('build')
         return data.synthetic(data_dir, train, num_classes)

@@ -181,7 +181,7 @@ elif ckpt:
     try:
         done = model.load_for_fine_tuning(ckpt['model'], source)
     except ValueError as e:
-        fail(f"{init_from} does not fit this model: {e}")
+        fail(f"{init_from} does not fit this model: {e}", kind='checkpoint')
     print0(f"fine-tuning from {init_from} (attn={source.attn}): loaded {len(done['loaded'])} tensors; "
            f"kept the first coefficients of {done['truncated'] or 'none'}; started afresh: {done['fresh'] or 'none'}")
     if source.attn != attn:
