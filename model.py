@@ -262,7 +262,7 @@ VARIANTS = {'softmax': SoftmaxAttention, 'linear': LinearAttention, 'toeplitz': 
 
 class CPUDropout(nn.Dropout):
     """nn.Dropout, but on the CPU the keep mask comes from 16 random bits per element (p rounded to a multiple of
-    2^-16) instead of torch's slower bernoulli_ (README, "CPU speed-ups"). Elsewhere F.dropout."""
+    2^-16) instead of torch's slower bernoulli_. Elsewhere F.dropout."""
     def forward(self, x):
         if not self.training or not 0 < self.p < 1 or x.device.type != 'cpu' or torch.compiler.is_compiling():
             return super().forward(x)

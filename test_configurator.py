@@ -173,8 +173,11 @@ def test_a_config_built_on_another_repeats_it_but_for_what_it_says_differs(base,
 
 def test_a_config_built_on_another_loads_through_train_py_from_another_directory(tmp_path):
     """configs/imagenette.py builds on configs/imagenet.py: run from outside the repository, the whole chain loads (the
-    run then stops at the data, which is not there)."""
+    run then stops at the data, which is not there, in one line that does not claim ImageNet's 1000 images a class)."""
     p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), os.path.join(ROOT, 'configs', 'imagenette.py'),
                         '--data_dir=nowhere', '--device=cpu'], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert "override in" in p.stdout and "image_size = 56" in p.stdout and "mask_max_len = 100" in p.stdout, p.stdout
     assert p.returncode != 0 and 'imagenet.py' not in p.stderr and 'nowhere' in p.stderr, p.stderr
+    assert p.stderr.startswith('data error: ImageNet at nowhere') and p.stderr.count('\n') == 1 and '1000 each' not in p.stderr
+    made = os.listdir(tmp_path / 'out') if (tmp_path / 'out').exists() else []
+    assert set(made) <= {'imagenette-softmax'}, made  # not out/imagenet-softmax, where a real ImageNet run goes

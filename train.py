@@ -30,7 +30,7 @@ from configurator import configure, fail
 from model import ViT, ViTConfig, amp_dtype, check_config, ddp_no_buffer_sync, saved_config
 
 # I/O
-out_dir = ''               # ckpt.pt, metrics.jsonl and result.json go here ('' = out/<dataset>-<attn>)
+out_dir = ''               # ckpt.pt, metrics.jsonl and result.json go here ('' = out/<dataset>-<attn>; {attn}: the variant)
 init_from = 'scratch'      # 'scratch' | 'resume' (continue out_dir/ckpt.pt) | path of a checkpoint to fine-tune from
 eval_only = False          # evaluate the checkpoint that init_from names, print the result and exit
 ckpt_interval = 0          # also write ckpt.pt mid-epoch, at the first log step this many optimizer steps after the
@@ -93,7 +93,7 @@ compile = True             # torch.compile the model (on CUDA; on CPU and MPS it
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 configure(config, sys.argv[1:])
 globals().update(config)
-config['out_dir'] = out_dir = out_dir or f'out/{dataset}-{attn}'
+config['out_dir'] = out_dir = (out_dir or f'out/{dataset}-{attn}').replace('{attn}', attn)
 model_keys = [f.name for f in fields(ViTConfig)]
 
 # every setting is checked before anything is read or written: the model's by model.check_config, the others here

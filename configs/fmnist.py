@@ -24,12 +24,12 @@ warmup_steps = 500         # about one epoch of linear warm-up, then cosine deca
 min_lr = 1e-5
 grad_clip = 1.0
 label_smoothing = 0.0      # no label smoothing, no mixup, no augmentation: the seed's plain setup
-mask_lr_mult = 10.0        # mask parameters (alpha, f, Toeplitz tables) learn 10x faster (README: its study)
+mask_lr_mult = 10.0        # mask parameters (alpha, f, Toeplitz tables) learn 10x faster (results/README.md, knobs-10ep)
 grf_walks = 20             # GRF: the paper's fine-tuning settings, n = 20, p_halt = 0.1, K = 10,
 grf_p_halt = 0.1
 grf_coupling = 'repelling' # with the reference's repelling walkers
 mask_max_len = 10          # also K for topo: alpha_0 .. alpha_10 (topo_form 'alpha', the default) or f_0 .. f_10
 mask_init_decay = 0.5      # alpha_k, f_k = 0.5^k at init: a locality start; the reference's flat exp(-0.01 k)
-                           # (--mask_init_decay=0.99005) did no better here (README: topo in the alpha form)
+                           # (--mask_init_decay=0.99005) did no better here (results/README.md, topo-alpha-10ep)
 table_init_decay = 1.0     # toeplitz: the table starts at 1 (unmasked); 0.5 starts it at 0.5^(|dr| + |dc|)
 log_interval = 100

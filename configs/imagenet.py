@@ -9,7 +9,7 @@ topological attention layer) decides; each line says which, and why where this c
 Expected top-1 (%) after 90 epochs, as published: softmax 74.1, topo 74.1, toeplitz 73.3, grf 73.0, linear 69.3.
 Cost: about 100 GFLOP per image, forward and backward (torch's FlopCounterMode: softmax 100, masked variants
 102-108 at K = 100), so 90 x 1,281,167 images are 1.2e19 FLOP, about an hour at 40% of the bf16 peak of
-8 H100s; JPEG decoding sets the pace in practice (README, "Data loading"). 312 steps per epoch, 28,080 in all.
+8 H100s; JPEG decoding sets the pace in practice (README, "Getting the data"). 312 steps per epoch, 28,080 in all.
 Data layout: data_dir/train/<wnid>/*.JPEG and data_dir/val/<wnid>/*.JPEG (see README.md).
 """
 import math

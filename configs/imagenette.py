@@ -13,6 +13,7 @@ Data layout as ImageNet's: data_dir/train/<wnid>/*.JPEG and data_dir/val/<wnid>/
 import os
 exec(open(os.path.join(os.path.dirname(__file__), 'imagenet.py')).read())  # the reference's recipe, then:
 data_dir = 'data/imagenette'
+out_dir = 'out/imagenette-{attn}'  # not configs/imagenet.py's out/imagenet-<attn>, where a real ImageNet run goes
 published = ''             # no published figure at this scale
 num_workers = 0            # decoding and cropping a 224 px JPEG takes ~1.4 ms, ~4% of a step here: no workers
 image_size = 56            # 4-pixel patches: the 14 x 14 grid. 112 px with 8-pixel patches scored the same on a
