@@ -2,7 +2,7 @@
 Datasets as iterables of (images, labels) batches, sharded over DDP ranks by one batch sampler.
   fmnist, cifar10, synthetic   held whole on the device as uint8, batched by index, normalised per batch
   imagenet, inat2021, places365  image files decoded by worker processes (imagefiles.py), normalised on the device
-Imports run one way: data.py -> imagefiles.py (the files on disk, found or downloaded by rank 0 first) -> configurator.
+imagefiles.py, which this module imports (never the other way), also finds or downloads every dataset's files.
 """
 import os
 from types import SimpleNamespace

@@ -185,7 +185,7 @@ def table(runs, vs=''):
             rows.append(row)
     note = (f"\nΔ top-1 vs {vs}: the mean over the seeds that both ran of (top-1 - {vs}'s top-1), runs of the same seed "
             f"paired; [95% CI]: Student t over those paired differences (n - 1 degrees of freedom); pairs won: the "
-            f"differences above 0.") if vs else ""
+            f"differences above 0; –: no {vs} run of a seed in common, or more than one.") if vs else ""
     return '\n'.join(rows) + note
 
 def run_table(runs):
