@@ -77,9 +77,10 @@ name = torch.cuda.get_device_name() if cuda else 'cpu'
 peak_flops = next((p for part, p in PEAK_FLOPS.items() if part in name and 'NVL' not in name), None)
 out_dir = os.path.dirname(out) or '.'
 memory_gb = torch.cuda.get_device_properties(device).total_memory / 1e9 if cuda else 4.0
-bench_settings = bench.setup([f'--device={device}', f"--dtype={str(dtype).split('.')[-1]}", f'--out_dir={out_dir}', f'--variants={bench_paths}',
-             f"--sides={bench_sides or ('8,11,16,23,32,45,64,91,128' if size == 'vitb16' else '4,8')}",
-             '--time_budget=1.0', '--min_seconds=0.2', f'--memory_budget={memory_gb / 2}'])
+bench_settings = bench.setup([f'--device={device}', f"--dtype={str(dtype).split('.')[-1]}", f'--out_dir={out_dir}',
+                              f'--variants={bench_paths}', '--time_budget=1.0', '--min_seconds=0.2',
+                              f"--sides={bench_sides or ('8,11,16,23,32,45,64,91,128' if size == 'vitb16' else '4,8')}",
+                              f'--memory_budget={memory_gb / 2}'])
 print(f"check_gpu: {size}, compile backend {backend}, bf16 peak {f'{peak_flops / 1e12:.0f} TFLOP/s' if peak_flops else 'unknown'}"
       f", budget {budget_s} s ({bench_s} s of it for the attention benchmark)", flush=True)
 result = {'device': device, 'device_name': name, 'torch': torch.__version__, 'dtype': str(dtype).split('.')[-1],
