@@ -4,13 +4,15 @@ Measures what each attention costs as the grid grows, and how fast whole trainin
     python bench.py --mode=attention                      # one layer, N = 64 ... 16,384 tokens, a few minutes
     python bench.py --mode=attention --sides=32,64,128 --variants=grf-fast,toeplitz-fast
     python bench.py --mode=train configs/fmnist.py        # images/s per variant, eager and compiled
-    python bench.py --mode=train configs/fmnist.py --train_profile=True   # and the top ops of each step
+    python bench.py --mode=train configs/imagenette.py --image_sizes=56,112,224 --train_impls=eager --threads=1
 
 attention: forward + backward of one layer per path in `variants` ('<attn>-dense' and '<attn>-fast' where the
 variant has an efficient path) on side x side grids: time and peak memory tables, log-log slopes, and the N from
 which a fast path beats its dense twin, or a path beats `baseline`. Writes out_dir/attention-<device>.json (and .png).
-train: train.py's step for each attention in `attns`, eager and torch.compile'd, taking turns so that a noisy
-machine slows them alike: median step, images/s, epoch, ratio to linear, compile time. Writes out_dir/train-*.json.
+train: train.py's step (forward, backward, clip, AdamW; random images) for each path of each attention in `attns`
+at each of `image_sizes`, eager and torch.compile'd, taking turns so that a noisy machine slows them alike: fastest
+step, images/s, peak memory, ratios to softmax and linear, the path `auto` takes and the fast_cost that the steps
+imply (model.py). Writes out_dir/train-*.json (and .png).
 Settings: the globals below and train.py's (its config files apply), overridden by config files and --key=value.
 """
 import ast
@@ -31,7 +33,7 @@ from model import VARIANTS, ViT, ViTConfig
 
 def attention_paths(attn):
     """attn's paths, name -> (attn, attn_impl): '<attn>-dense' and '<attn>-fast' if it has a fast path, else '<attn>'."""
-    if VARIANTS[attn].dense_max_n is None:
+    if VARIANTS[attn].fast_cost is None:
         return {attn: (attn, 'dense')}
     return {f'{attn}-{impl}': (attn, impl) for impl in ('dense', 'fast')}
 
@@ -48,7 +50,7 @@ out_dir = 'out/bench'      # where the JSON (and PNG) go
 sides = '8,11,16,23,32,45,64,91,128'  # attention mode: grid sides: N = side^2 = 64 ... 16,384 tokens
 variants = ','.join(PATHS) # attention paths to measure (default: every path of every variant)
 baseline = 'softmax'       # every other path is compared with this one (crossovers and ratios)
-attn_batch = 2
+attn_batch = 2             # attention mode: one layer's batch, heads, head width
 attn_heads = 2
 head_dim = 16
 grf_walks = 20
@@ -56,7 +58,7 @@ grf_p_halt = 0.1
 mask_max_len = 10          # K
 repeats = 5                # timed calls per point, and more until min_seconds of them (3 when a call is slow)
 min_seconds = 1.0
-time_budget = 10.0         # seconds per forward + backward: larger predicted sizes are skipped
+time_budget = 10.0         # seconds per forward + backward (train mode: per step): larger predicted sizes are skipped
 total_budget = 0.0         # seconds for all points: those not begun by then are skipped (0: no limit)
 memory_budget = 4.0        # GB of peak memory: larger predicted sizes are skipped
 slope_min_n = 1024         # fit the log-log slopes from this many tokens on
@@ -64,9 +66,9 @@ ratio_n = 4096             # report each pair's time and memory ratio at this ma
 attn_compile = False       # torch.compile the layer
 attns = ','.join(VARIANTS) # train mode: attentions to train (its model, data and optimizer settings are train.py's)
 train_impls = 'eager,compiled'
+image_sizes = ''           # train mode: image sizes to measure, '56,112,224' ('' = train.py's image_size)
 train_rounds = 5           # rounds of train_steps steps per variant, taken in turn
 train_steps = 4
-train_profile = False      # also print each variant's top ops (torch.profiler, eager)
 # -----------------------------------------------------------------------------
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
@@ -238,12 +240,11 @@ def attention_bench():
         r = ratios.get(f"{b} / {a}")
         print(f"  {a + ' < ' + b:30} " + (f"from N = {from_n:<6}" if from_n else "not in range") +
               (f"   {b} / {a}: time {r['time']:.1f}x, memory {r['memory']:.1f}x" if r else ''))
-    # attn_impl='auto' should take the dense twin up to the last measured N before the crossover
+    # one layer's dense twin wins up to the last measured N before the crossover (auto decides by whole steps' costs)
     twin_cross = {PATHS[a][0]: cross.get(f"{a} < {b}") for a, b in twins}
     dense_max_n = {attn: max((m for m in ns if m < n), default=0) for attn, n in twin_cross.items() if n}
     for attn, n in dense_max_n.items():
-        print(f"  attn_impl='auto': {VARIANTS[attn].__name__}.dense_max_n['{device.split(':')[0]}'] = {n} measured here "
-              f"(model.py: {VARIANTS[attn].dense_max_n})")
+        print(f"  {attn}: the dense path wins up to N = {n} here, in one layer (attn_impl='auto': see --mode=train)")
     settings = {k: config[k] for k in ('dtype', 'attn_batch', 'attn_heads', 'head_dim', 'grf_walks', 'grf_p_halt',
                                        'mask_max_len', 'repeats', 'min_seconds', 'time_budget', 'memory_budget', 'attn_compile')}
     settings |= {'device': device, 'threads': torch.get_num_threads(), 'keep_memory': kept, 'cpu_peak_memory': cpu_peak_memory}
@@ -262,13 +263,13 @@ def write_json(name, obj):
     print(f"wrote {path}")
     return path
 
-def plot(res, path):
+def plot(res, path, what='forward + backward (s)'):
     try:
         import matplotlib.pyplot as plt  # without a display matplotlib takes its Agg backend by itself
     except ImportError:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, key, label in zip(axes, ('time_s', 'peak_bytes'), ('forward + backward (s)', 'peak memory (bytes)')):
+    for ax, key, label in zip(axes, ('time_s', 'peak_bytes'), (what, 'peak memory (bytes)')):
         for v, rs in res.items():
             pts = [(n, r[key]) for n, r in rs.items() if not r['skipped']]
             if pts:
@@ -279,22 +280,43 @@ def plot(res, path):
     fig.savefig(path, dpi=120, bbox_inches='tight')
     print(f"wrote {path}")
 
+def train_model(path, size):
+    """train.py's model (its settings, attention path `path`, image_size `size`, in_channels or 3, num_classes or 10)
+    with its AdamW, and a batch of random images and labels: data does not change the cost of a step."""
+    attn, impl = PATHS[path]
+    torch.manual_seed(seed)
+    c = ViTConfig(**{k: config[k] for k in ViTConfig.__dataclass_fields__} | {
+        'attn': attn, 'attn_impl': impl, 'image_size': size, 'in_channels': in_channels or 3, 'num_classes': num_classes or 10})
+    raw = ViT(c).to(device)
+    opt = torch.optim.AdamW(raw.param_groups(weight_decay, mask_lr_mult), lr=lr, betas=(beta1, beta2), fused=cuda)
+    x = torch.randn(batch_size, c.in_channels, size, size, device=device)
+    y = torch.randint(c.num_classes, (batch_size,), device=device)
+    return raw, opt, x, y
+
 def train_bench():
-    import data
-    loaders = data.load(dataset, data_dir, image_size, batch_size, grad_accum=1, rank=0, world=1, seed=seed,
-                        device=device, num_workers=0, num_classes=num_classes, crop_pad=crop_pad, flip=flip)
-    batches = itertools.chain.from_iterable(itertools.repeat(loaders.train))  # epoch after epoch, without end
-    model_keys = [f.name for f in ViTConfig.__dataclass_fields__.values()]
-    runs = {}
-    for a in attns.split(','):
-        for impl in train_impls.split(','):
-            torch.manual_seed(seed)
-            c = {k: config[k] for k in model_keys} | {'attn': a, 'in_channels': loaders.channels, 'num_classes': loaders.num_classes}
-            raw = ViT(ViTConfig(**c)).to(device)
-            opt = torch.optim.AdamW(raw.param_groups(weight_decay, mask_lr_mult), lr=lr, betas=(beta1, beta2), fused=cuda)
+    """train.py's step (forward, backward, clip, AdamW) per path of each attention in attns at each image size, eager
+    and compiled, taking turns: the fastest step, images/s, peak memory, ratios, and the N from which each beats softmax."""
+    sizes = [int(s) for s in str(image_sizes or image_size).split(',')]
+    if any(a not in VARIANTS for a in attns.split(',')) or any(s % patch_size for s in sizes):
+        fail(f"attns={attns!r}, image_sizes={image_sizes!r}: variants of {','.join(VARIANTS)}, multiples of patch_size={patch_size}")
+    names = [f"{p} {impl}" for a in attns.split(',') for p in attention_paths(a) for impl in train_impls.split(',')]
+    res, ns = {name: {} for name in names}, []
+    for size in sizes:
+        n = (size // patch_size) ** 2
+        ns.append(n)
+        runs = {}
+        for name in names:
+            done = [(m, r['time_s'], r['peak_bytes']) for m, r in res[name].items() if not r['skipped']]
+            t, mem = predict(done, n) if len(done) >= 2 else (0.0, 0.0)
+            if t > time_budget or mem > memory_budget * 1e9:
+                res[name][n] = {'skipped': True, 'time_s': t, 'peak_bytes': mem}
+                print(f"{size}px, N={n}: {name} skipped: predicted {t:.0f} s per step (time_budget {time_budget:g}), "
+                      f"{mem / 1e9:.1f} GB (memory_budget {memory_budget:g})", flush=True)
+                continue
+            path, impl = name.split()
+            raw, opt, x, y = train_model(path, size)
             model = torch.compile(raw) if impl == 'compiled' else raw
-            def step(model=model, raw=raw, opt=opt):
-                x, y = next(batches)
+            def step(model=model, raw=raw, opt=opt, x=x, y=y):
                 with autocast:
                     loss = F.cross_entropy(model(x).float(), y)
                 loss.backward()
@@ -302,35 +324,61 @@ def train_bench():
                     torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            runs[f"{a} {impl}"] = {'step': step, 'first_s': timed(step), 'times': []}  # the first step compiles, when compiled
-            print(f"built {a} {impl}: first step {runs[f'{a} {impl}']['first_s']:.2f} s", flush=True)
-    for _ in range(train_rounds):
-        for r in runs.values():
-            r['step']()  # one untimed step after switching variants
-            r['times'] += [timed(r['step']) for _ in range(train_steps)]
-    print(f"\n{dataset}: batch {batch_size}, {image_size}px / patch {patch_size}, dim {dim}, depth {depth}, heads {heads}, "
-          f"dropout {dropout}; {loaders.steps_per_epoch} steps per epoch; median of {train_rounds} x {train_steps} steps")
-    print(f"{'variant':18}{'step ms':>9}{'img/s':>8}{'epoch s':>9}{'/ linear':>10}{'compile s':>11}")
-    out = {}
-    for name, r in runs.items():
-        impl = name.split()[1]
-        med = statistics.median(r['times'])
-        lin = runs.get(f"linear {impl}")
-        ratio = med / statistics.median(lin['times']) if lin else float('nan')
-        compile_s = max(0.0, r['first_s'] - med) if impl == 'compiled' else 0.0
-        out[name] = {'step_ms': med * 1e3, 'images_per_s': batch_size / med, 'epoch_s': med * loaders.steps_per_epoch,
-                     'ratio_to_linear': ratio, 'compile_s': compile_s, 'times_ms': [t * 1e3 for t in r['times']]}
-        print(f"{name:18}{med * 1e3:9.1f}{batch_size / med:8.0f}{med * loaders.steps_per_epoch:9.1f}{ratio:10.2f}"
-              + (f"{compile_s:11.1f}" if impl == 'compiled' else ''))
-    for name in (n for n in runs if train_profile and n.endswith('eager')):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            for _ in range(train_steps):
-                runs[name]['step']()
-        print(f"\n{name}: top ops over {train_steps} steps")
-        print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=12))
-    settings = {k: config[k] for k in (*model_keys, 'dataset', 'batch_size', 'dtype')} | {'device': device, 'keep_memory': kept}
-    settings |= {'threads': torch.get_num_threads(), 'steps_per_epoch': loaders.steps_per_epoch}
-    write_json(f"train-{dataset}", {'settings': settings, 'results': out})
+            layer = raw.blocks[0].attn
+            runs[name] = {'step': step, 'first_s': timed(step), 'times': [], 'raw': raw, 'opt': opt, 'x': x,
+                          'auto': layer.fast_pays(batch_size, n, dim // heads, device.split(':')[0]) if layer.fast_cost else None,
+                          'work': layer.work(batch_size, n, dim // heads) if layer.fast_cost else None}
+            print(f"{size}px, N={n}: built {name}, first step {runs[name]['first_s']:.2f} s", flush=True)
+        for _ in range(train_rounds):  # in turn, so that a noisy machine slows them alike
+            for r in runs.values():
+                if not r['times'] or min(r['times']) < 1.0:  # a short step after switching variants runs once untimed
+                    r['step']()
+                r['times'] += [timed(r['step']) for _ in range(train_steps)]
+        for name, r in runs.items():
+            state = [t for group in r['opt'].state.values() for t in group.values() if torch.is_tensor(t)]
+            resident = sum(t.untyped_storage().nbytes() for t in [*r['raw'].parameters(), *r['raw'].buffers(), r['x'], *state])
+            res[name][n] = {'skipped': False, 'time_s': min(r['times']), 'peak_bytes': peak_bytes(r['step'], resident),
+                            'images_per_s': batch_size / min(r['times']), 'times_s': r['times'], 'auto_takes_fast': r['auto'],
+                            'work': r['work'], 'compile_s': max(0.0, r['first_s'] - min(r['times'])) if 'compiled' in name else 0.0}
+        runs.clear()
+    print(f"\nbatch {batch_size}, patch {patch_size}, dim {dim}, depth {depth}, heads {heads}, dropout {dropout}, grf "
+          f"{grf_walks} walks, K {mask_max_len}; fastest of {train_rounds} x {train_steps} steps; (x) skipped, predicted")
+    fmt = lambda r, key, scale: '-' if r is None else f"({r[key] * scale:.3g})" if r['skipped'] else f"{r[key] * scale:.3g}"
+    for title, key, scale in (('step, s', 'time_s', 1), ('images/s', 'images_per_s', 1), ('peak memory, MB', 'peak_bytes', 1e-6)):
+        print(f"\n{title}\n{'N':>7} " + ''.join(f"{v:>22}" for v in names))
+        for n in ns:
+            print(f"{n:7d} " + ''.join(f"{fmt(res[v][n], key, scale) if key in res[v][n] else '-':>22}" for v in names))
+    ratios, cross = {}, {}
+    for v in names:
+        impl = v.split()[1]
+        for base in (f"softmax {impl}", f"linear {impl}"):
+            if base in res and base != v and not v.startswith('softmax'):
+                cross[f"{v} < {base}"] = crossover(res, v, base, ns)
+                ratios[f"{v} / {base}"] = {n: res[v][n]['time_s'] / res[base][n]['time_s'] for n in ns
+                                           if not res[v][n]['skipped'] and not res[base][n]['skipped']}
+    print("\nstep time ratios at each N, and the N from which the first beats the second at every larger measured N")
+    for pair, r in ratios.items():
+        a, b = pair.split(' / ')
+        print(f"  {pair:36} " + '  '.join(f"{n}: {x:.2f}" for n, x in r.items()) +
+              f"   faster from N = {cross[f'{a} < {b}'] or 'not in range'}")
+    fits = {}  # per variant: fast_cost = (its fast path's seconds per unit of work) / (its dense path's)
+    for a in [a for a in VARIANTS if {f"{a}-dense eager", f"{a}-fast eager", 'linear eager'} <= set(res)]:
+        both = [(n, res[f"{a}-dense eager"][n], res[f"{a}-fast eager"][n]) for n in ns]
+        pts = [(d, f, res['linear eager'][n]) for n, d, f in both if not (d['skipped'] or f['skipped'])]
+        # seconds per multiply-add beyond linear's step, a least-squares line through 0, per path
+        rate = [sum(p[i]['work'][i] * (p[i]['time_s'] - p[2]['time_s']) for p in pts) / sum(p[i]['work'][i] ** 2 for p in pts)
+                if pts else 0.0 for i in (0, 1)]
+        fits[a] = rate[1] / rate[0] if rate[0] > 0 else None
+        picks = [f"{n} {'fast' if (d if not d['skipped'] else f)['auto_takes_fast'] else 'dense'}"
+                 + ('' if d['skipped'] or f['skipped'] else f" ({'fast' if f['time_s'] < d['time_s'] else 'dense'} faster)")
+                 for n, d, f in both if not (d['skipped'] and f['skipped'])]
+        print(f"  {a}: auto takes, at N = {', '.join(picks)}; fast_cost['{device.split(':')[0]}'] fitted here: "
+              f"{fits[a] or float('nan'):.3g} (model.py: {VARIANTS[a].fast_cost})")
+    settings = {k: config[k] for k in (*ViTConfig.__dataclass_fields__, 'batch_size', 'dtype', 'image_sizes')}
+    settings |= {'device': device, 'keep_memory': kept, 'threads': torch.get_num_threads()}
+    path = write_json(f"train-{dataset}", {'settings': settings, 'results': res, 'ratios': ratios, 'crossovers': cross,
+                                            'fast_cost': fits})
+    plot(res, path[:-5] + '.png', 'training step (s)')
 
 def walks_bench():
     """Seconds to sample grf_walks walks per node of the largest grid in `sides`, K = mask_max_len, per coupling."""
