@@ -3,7 +3,6 @@ Measures what each attention costs as the grid grows, and how fast whole trainin
 
     python bench.py --mode=attention                      # one layer, N = 64 ... 16,384 tokens, a few minutes
     python bench.py --mode=attention --sides=32,64,128 --variants=grf-fast,toeplitz-fast
-    python bench.py --mode=train configs/fmnist.py        # images/s per variant, eager and compiled
     python bench.py --mode=train configs/imagenette.py --image_sizes=56,112,224 --train_impls=eager --threads=1
 
 attention: forward + backward of one layer per path in `variants` ('<attn>-dense' and '<attn>-fast' where the
@@ -40,7 +39,7 @@ def attention_paths(attn):
 PATHS = {name: path for attn in VARIANTS for name, path in attention_paths(attn).items()}
 
 # settings (--help lists those above the '# ---' line)
-mode = 'attention'         # attention | train | walks (GRF walk sampling per coupling)
+mode = 'attention'         # attention | train
 device = 'auto'            # auto (cuda if available, else cpu) | cuda | cpu
 dtype = 'float32'          # float32 | bfloat16 (autocast; the linear forms accumulate in float32 anyway)
 threads = 0                # CPU threads (0 = torch's default)
@@ -73,10 +72,9 @@ train_steps = 4
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
 def keep_freed_memory():
-    """Keep freed heap memory in the process (glibc mallopt), as CUDA's caching allocator keeps GPU memory, so that
-    timings measure the algorithms, not page faults: by default glibc serves blocks over 32 MB with mmap and unmaps
-    them when freed, so every large temporary is faulted in afresh, a large share of a large-N step (README, 'CPU
-    speed-ups'). As environment variables, for train.py on CPU: MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647."""
+    """Keep freed heap memory in the process (glibc mallopt), as CUDA's caching allocator keeps GPU memory: glibc unmaps
+    freed blocks over 32 MB, so every large temporary is faulted in afresh (README, 'CPU speed-ups'). For train.py on
+    CPU, as environment variables: MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647."""
     import ctypes, ctypes.util
     libc = ctypes.CDLL(ctypes.util.find_library('c'))
     return bool(libc.mallopt(-4, 0) and libc.mallopt(-1, 2 ** 31 - 1))  # M_MMAP_MAX, M_TRIM_THRESHOLD
@@ -280,119 +278,91 @@ def plot(res, path, what='forward + backward (s)'):
     fig.savefig(path, dpi=120, bbox_inches='tight')
     print(f"wrote {path}")
 
-def train_model(path, size):
-    """train.py's model (its settings, attention path `path`, image_size `size`, in_channels or 3, num_classes or 10)
-    with its AdamW, and a batch of random images and labels: data does not change the cost of a step."""
-    attn, impl = PATHS[path]
+def train_run(name, size):
+    """train.py's model (its settings; path and eager/compiled from `name`; in_channels or 3, num_classes or 10), its
+    AdamW and a batch of random images (data does not change a step's cost): its step, built and run once."""
+    (attn, impl), compiled = PATHS[name.split()[0]], name.endswith('compiled')
     torch.manual_seed(seed)
     c = ViTConfig(**{k: config[k] for k in ViTConfig.__dataclass_fields__} | {
         'attn': attn, 'attn_impl': impl, 'image_size': size, 'in_channels': in_channels or 3, 'num_classes': num_classes or 10})
     raw = ViT(c).to(device)
     opt = torch.optim.AdamW(raw.param_groups(weight_decay, mask_lr_mult), lr=lr, betas=(beta1, beta2), fused=cuda)
-    x = torch.randn(batch_size, c.in_channels, size, size, device=device)
-    y = torch.randint(c.num_classes, (batch_size,), device=device)
-    return raw, opt, x, y
+    model = torch.compile(raw) if compiled else raw
+    x, y = torch.randn(batch_size, c.in_channels, size, size, device=device), torch.randint(c.num_classes, (batch_size,), device=device)
+    def step():
+        with autocast:
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    n, layer = c.image_size ** 2 // c.patch_size ** 2, raw.blocks[0].attn
+    r = {'step': step, 'first_s': timed(step), 'times': [], 'resident': lambda: sum(t.untyped_storage().nbytes() for t in [
+        *raw.parameters(), *raw.buffers(), x, *(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t))])}
+    if layer.fast_cost:  # the path auto takes (model.py's fast_cost), and the work that fits fast_cost here
+        r |= {'auto_takes_fast': layer.fast_pays(batch_size, n, c.dim // c.heads, device.split(':')[0]),
+              'work': layer.work(batch_size, n, c.dim // c.heads)}
+    return r
 
 def train_bench():
-    """train.py's step (forward, backward, clip, AdamW) per path of each attention in attns at each image size, eager
-    and compiled, taking turns: the fastest step, images/s, peak memory, ratios, and the N from which each beats softmax."""
     sizes = [int(s) for s in str(image_sizes or image_size).split(',')]
     if any(a not in VARIANTS for a in attns.split(',')) or any(s % patch_size for s in sizes):
         fail(f"attns={attns!r}, image_sizes={image_sizes!r}: variants of {','.join(VARIANTS)}, multiples of patch_size={patch_size}")
     names = [f"{p} {impl}" for a in attns.split(',') for p in attention_paths(a) for impl in train_impls.split(',')]
-    res, ns = {name: {} for name in names}, []
-    for size in sizes:
-        n = (size // patch_size) ** 2
-        ns.append(n)
+    res, ns = {name: {} for name in names}, [(s // patch_size) ** 2 for s in sizes]
+    for size, n in zip(sizes, ns):
         runs = {}
         for name in names:
             done = [(m, r['time_s'], r['peak_bytes']) for m, r in res[name].items() if not r['skipped']]
             t, mem = predict(done, n) if len(done) >= 2 else (0.0, 0.0)
             if t > time_budget or mem > memory_budget * 1e9:
-                res[name][n] = {'skipped': True, 'time_s': t, 'peak_bytes': mem}
-                print(f"{size}px, N={n}: {name} skipped: predicted {t:.0f} s per step (time_budget {time_budget:g}), "
+                res[name][n] = {'skipped': True, 'time_s': t, 'peak_bytes': mem, 'images_per_s': batch_size / t}
+                print(f"{size}px, N={n}: {name} skipped: predicted {t:.0f} s a step (time_budget {time_budget:g}), "
                       f"{mem / 1e9:.1f} GB (memory_budget {memory_budget:g})", flush=True)
-                continue
-            path, impl = name.split()
-            raw, opt, x, y = train_model(path, size)
-            model = torch.compile(raw) if impl == 'compiled' else raw
-            def step(model=model, raw=raw, opt=opt, x=x, y=y):
-                with autocast:
-                    loss = F.cross_entropy(model(x).float(), y)
-                loss.backward()
-                if grad_clip:
-                    torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            layer = raw.blocks[0].attn
-            runs[name] = {'step': step, 'first_s': timed(step), 'times': [], 'raw': raw, 'opt': opt, 'x': x,
-                          'auto': layer.fast_pays(batch_size, n, dim // heads, device.split(':')[0]) if layer.fast_cost else None,
-                          'work': layer.work(batch_size, n, dim // heads) if layer.fast_cost else None}
-            print(f"{size}px, N={n}: built {name}, first step {runs[name]['first_s']:.2f} s", flush=True)
+            else:
+                runs[name] = train_run(name, size)
+                print(f"{size}px, N={n}: built {name}, first step {runs[name]['first_s']:.2f} s", flush=True)
         for _ in range(train_rounds):  # in turn, so that a noisy machine slows them alike
             for r in runs.values():
                 if not r['times'] or min(r['times']) < 1.0:  # a short step after switching variants runs once untimed
                     r['step']()
                 r['times'] += [timed(r['step']) for _ in range(train_steps)]
         for name, r in runs.items():
-            state = [t for group in r['opt'].state.values() for t in group.values() if torch.is_tensor(t)]
-            resident = sum(t.untyped_storage().nbytes() for t in [*r['raw'].parameters(), *r['raw'].buffers(), r['x'], *state])
-            res[name][n] = {'skipped': False, 'time_s': min(r['times']), 'peak_bytes': peak_bytes(r['step'], resident),
-                            'images_per_s': batch_size / min(r['times']), 'times_s': r['times'], 'auto_takes_fast': r['auto'],
-                            'work': r['work'], 'compile_s': max(0.0, r['first_s'] - min(r['times'])) if 'compiled' in name else 0.0}
-        runs.clear()
+            t = min(r['times'])
+            res[name][n] = {'skipped': False, 'time_s': t, 'peak_bytes': peak_bytes(r.pop('step'), r.pop('resident')()),
+                            'images_per_s': batch_size / t, 'compile_s': max(0.0, r['first_s'] - t) * name.endswith('compiled'), **r}
     print(f"\nbatch {batch_size}, patch {patch_size}, dim {dim}, depth {depth}, heads {heads}, dropout {dropout}, grf "
           f"{grf_walks} walks, K {mask_max_len}; fastest of {train_rounds} x {train_steps} steps; (x) skipped, predicted")
-    fmt = lambda r, key, scale: '-' if r is None else f"({r[key] * scale:.3g})" if r['skipped'] else f"{r[key] * scale:.3g}"
     for title, key, scale in (('step, s', 'time_s', 1), ('images/s', 'images_per_s', 1), ('peak memory, MB', 'peak_bytes', 1e-6)):
         print(f"\n{title}\n{'N':>7} " + ''.join(f"{v:>22}" for v in names))
         for n in ns:
-            print(f"{n:7d} " + ''.join(f"{fmt(res[v][n], key, scale) if key in res[v][n] else '-':>22}" for v in names))
-    ratios, cross = {}, {}
-    for v in names:
-        impl = v.split()[1]
-        for base in (f"softmax {impl}", f"linear {impl}"):
-            if base in res and base != v and not v.startswith('softmax'):
-                cross[f"{v} < {base}"] = crossover(res, v, base, ns)
-                ratios[f"{v} / {base}"] = {n: res[v][n]['time_s'] / res[base][n]['time_s'] for n in ns
-                                           if not res[v][n]['skipped'] and not res[base][n]['skipped']}
-    print("\nstep time ratios at each N, and the N from which the first beats the second at every larger measured N")
-    for pair, r in ratios.items():
-        a, b = pair.split(' / ')
-        print(f"  {pair:36} " + '  '.join(f"{n}: {x:.2f}" for n, x in r.items()) +
-              f"   faster from N = {cross[f'{a} < {b}'] or 'not in range'}")
-    fits = {}  # per variant: fast_cost = (its fast path's seconds per unit of work) / (its dense path's)
+            print(f"{n:7d} " + ''.join(f"{('({:.3g})' if res[v][n]['skipped'] else '{:.3g}').format(res[v][n][key] * scale):>22}" for v in names))
+    print("\nstep time ratios at each N; the N from which the first is faster at every larger measured N")
+    pairs = [(v, b) for v in names for b in (f"softmax {v.split()[1]}", f"linear {v.split()[1]}") if b in res and v != b and not v.startswith("softmax")]
+    ratios = {f"{a} / {b}": {n: res[a][n]['time_s'] / res[b][n]['time_s'] for n in ns if not res[a][n]['skipped'] | res[b][n]['skipped']}
+              for a, b in pairs}
+    cross = {f"{a} < {b}": crossover(res, a, b, ns) for a, b in pairs}
+    for a, b in pairs:
+        print(f"  {a + ' / ' + b:36} " + '  '.join(f"{n}: {x:.2f}" for n, x in ratios[f"{a} / {b}"].items())
+              + f"   faster from N = {cross[f'{a} < {b}'] or '-'}")
+    fits = {}  # fast_cost per variant: the fast path's seconds per multiply-add over the dense path's
     for a in [a for a in VARIANTS if {f"{a}-dense eager", f"{a}-fast eager", 'linear eager'} <= set(res)]:
-        both = [(n, res[f"{a}-dense eager"][n], res[f"{a}-fast eager"][n]) for n in ns]
-        pts = [(d, f, res['linear eager'][n]) for n, d, f in both if not (d['skipped'] or f['skipped'])]
-        # seconds per multiply-add beyond linear's step, a least-squares line through 0, per path
-        rate = [sum(p[i]['work'][i] * (p[i]['time_s'] - p[2]['time_s']) for p in pts) / sum(p[i]['work'][i] ** 2 for p in pts)
-                if pts else 0.0 for i in (0, 1)]
+        both = [(n, res[f"{a}-dense eager"][n], res[f"{a}-fast eager"][n], res['linear eager'][n]) for n in ns]
+        pts = [p for p in both if not (p[1]['skipped'] or p[2]['skipped'] or p[3]['skipped'])]
+        rate = [sum(p[i]['work'][i - 1] * (p[i]['time_s'] - p[3]['time_s']) for p in pts) /  # seconds beyond linear's step
+                sum(p[i]['work'][i - 1] ** 2 for p in pts) if pts else 0.0 for i in (1, 2)]  # least squares through 0
         fits[a] = rate[1] / rate[0] if rate[0] > 0 else None
-        picks = [f"{n} {'fast' if (d if not d['skipped'] else f)['auto_takes_fast'] else 'dense'}"
-                 + ('' if d['skipped'] or f['skipped'] else f" ({'fast' if f['time_s'] < d['time_s'] else 'dense'} faster)")
-                 for n, d, f in both if not (d['skipped'] and f['skipped'])]
-        print(f"  {a}: auto takes, at N = {', '.join(picks)}; fast_cost['{device.split(':')[0]}'] fitted here: "
-              f"{fits[a] or float('nan'):.3g} (model.py: {VARIANTS[a].fast_cost})")
+        picks = [f"{n} {'fast' if (f if d['skipped'] else d)['auto_takes_fast'] else 'dense'}" + (
+            '' if d['skipped'] or f['skipped'] else f" ({'fast' if f['time_s'] < d['time_s'] else 'dense'} faster)")
+            for n, d, f, _ in both if not (d['skipped'] and f['skipped'])]
+        print(f"  {a}: auto takes, at N = {', '.join(picks)}; fast_cost fitted here {fits[a] or float('nan'):.3g} "
+              f"(model.py: {VARIANTS[a].fast_cost})")
     settings = {k: config[k] for k in (*ViTConfig.__dataclass_fields__, 'batch_size', 'dtype', 'image_sizes')}
     settings |= {'device': device, 'keep_memory': kept, 'threads': torch.get_num_threads()}
-    path = write_json(f"train-{dataset}", {'settings': settings, 'results': res, 'ratios': ratios, 'crossovers': cross,
-                                            'fast_cost': fits})
+    path = write_json(f"train-{dataset}", {'settings': settings, 'results': res, 'ratios': ratios, 'crossovers': cross, 'fast_cost': fits})
     plot(res, path[:-5] + '.png', 'training step (s)')
-
-def walks_bench():
-    """Seconds to sample grf_walks walks per node of the largest grid in `sides`, K = mask_max_len, per coupling."""
-    import masks
-    side = int(sides.split(',')[-1])
-    base = None
-    print(f"sampling {grf_walks} walks per node on a {side}x{side} grid (N = {side * side:,}), p_halt {grf_p_halt}, K {mask_max_len}")
-    for coupling in masks.COUPLINGS:
-        sample = lambda: masks.sample_grf_walks(masks.grid_graph(side, side), grf_walks, grf_p_halt, max_len=mask_max_len,
-                                                generator=torch.Generator().manual_seed(seed), coupling=coupling)
-        median = statistics.median([timed(sample) for _ in range(repeats)])
-        base = base or median
-        print(f"{coupling:22}{median:8.3f} s{median / base:8.2f} x iid")
 
 if __name__ == '__main__':
     setup(sys.argv[1:])
-    {'attention': attention_bench, 'train': train_bench, 'walks': walks_bench}[mode]()
+    {'attention': attention_bench, 'train': train_bench}[mode]()
