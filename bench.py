@@ -164,8 +164,12 @@ def measure(name, side):
     x.grad = None
     return statistics.median(times[1:]), peak_bytes(step, resident)
 
-def predict(points, n):
-    """Extrapolate (time, memory) to n from the last two measured points, at least linearly in N."""
+def predict(results, n):
+    """Extrapolate (time, memory) to n from the last two measured points of results {N: {time_s, peak_bytes, skipped}},
+    at least linearly in N; (0, 0) before two."""
+    points = [(m, r['time_s'], r['peak_bytes']) for m, r in results.items() if not r['skipped']]
+    if len(points) < 2:
+        return 0.0, 0.0
     (n0, t0, m0), (n1, t1, m1) = points[-2:]
     grow = lambda a, b: b * (n / n1) ** max(1.0, math.log(b / a) / math.log(n1 / n0))
     return grow(t0, t1), grow(m0, m1)
@@ -177,6 +181,13 @@ def slope(points):
         return None, None
     logn, logt, logm = zip(*pts)
     return statistics.linear_regression(logn, logt).slope, statistics.linear_regression(logn, logm).slope
+
+def table(title, res, ns, key, scale, width):
+    """Print res[path][N][key] * scale, a column per path and a row per N."""
+    cell = lambda r: '-' if r is None or r.get('total_budget_spent') else f"({r[key] * scale:.3g})" if r['skipped'] else f"{r[key] * scale:.3g}"
+    print(f"\n{title}; (x) = skipped over budget, predicted; - = not measured\n{'N':>7} " + ''.join(f"{v:>{width}}" for v in res))
+    for n in ns:
+        print(f"{n:7d} " + ''.join(f"{cell(res[v].get(n)):>{width}}" for v in res))
 
 def crossover(res, fast, dense, ns):
     """The smallest N from which `fast` beats `dense` at every larger measured N (a dense point skipped for its
@@ -200,8 +211,7 @@ def attention_bench():
     end = time.perf_counter() + (total_budget or math.inf)
     for side, n in zip(side_list, ns):
         for v in names:
-            done = [(m, r['time_s'], r['peak_bytes']) for m, r in res[v].items() if not r['skipped']]
-            t, mem = predict(done, n) if len(done) >= 2 else (0.0, 0.0)  # (0, 0): nothing to extrapolate from yet
+            t, mem = predict(res[v], n)
             if t > time_budget or mem > memory_budget * 1e9 or time.perf_counter() > end:
                 res[v][n] = {'skipped': True, 'time_s': t, 'peak_bytes': mem, 'total_budget_spent': time.perf_counter() > end}
                 continue
@@ -212,13 +222,8 @@ def attention_bench():
                 res[v][n] = {'skipped': True, 'time_s': float('nan'), 'peak_bytes': float('nan'), 'error': str(e)[:200]}
         print(f"N={n:6d} " + ' '.join(f"{v} {r[n]['time_s'] * 1e3:.3g}ms{'*' if r[n]['skipped'] else ''}"
                                       for v, r in res.items()), flush=True)
-    cell = lambda r, key, scale: ('-' if r is None or r.get('total_budget_spent') else f"({r[key] * scale:.3g})" if r['skipped']
-                                  else f"{r[key] * scale:.3g}")
     for title, key, scale in (('forward + backward time, ms (median)', 'time_s', 1e3), ('peak memory, MB', 'peak_bytes', 1e-6)):
-        print(f"\n{title}; (x) = skipped over budget, predicted; - = not measured")
-        print(f"{'N':>7} " + ''.join(f"{v:>15}" for v in names))
-        for n in ns:
-            print(f"{n:7d} " + ''.join(f"{cell(res[v].get(n), key, scale):>15}" for v in names))
+        table(title, res, ns, key, scale, 15)
     slopes = {v: dict(zip(('time', 'memory'), slope([(n, r['time_s'], r['peak_bytes']) for n, r in res[v].items()
                                                      if not r['skipped']]))) for v in names}
     print(f"\nlog-log slopes for N >= {slope_min_n} (measured points only)")
@@ -314,8 +319,7 @@ def train_bench():
     for size, n in zip(sizes, ns):
         runs = {}
         for name in names:
-            done = [(m, r['time_s'], r['peak_bytes']) for m, r in res[name].items() if not r['skipped']]
-            t, mem = predict(done, n) if len(done) >= 2 else (0.0, 0.0)
+            t, mem = predict(res[name], n)
             if t > time_budget or mem > memory_budget * 1e9:
                 res[name][n] = {'skipped': True, 'time_s': t, 'peak_bytes': mem, 'images_per_s': batch_size / t}
                 print(f"{size}px, N={n}: {name} skipped: predicted {t:.0f} s a step (time_budget {time_budget:g}), "
@@ -335,9 +339,7 @@ def train_bench():
     print(f"\nbatch {batch_size}, patch {patch_size}, dim {dim}, depth {depth}, heads {heads}, dropout {dropout}, grf "
           f"{grf_walks} walks, K {mask_max_len}; fastest of {train_rounds} x {train_steps} steps; (x) skipped, predicted")
     for title, key, scale in (('step, s', 'time_s', 1), ('images/s', 'images_per_s', 1), ('peak memory, MB', 'peak_bytes', 1e-6)):
-        print(f"\n{title}\n{'N':>7} " + ''.join(f"{v:>22}" for v in names))
-        for n in ns:
-            print(f"{n:7d} " + ''.join(f"{('({:.3g})' if res[v][n]['skipped'] else '{:.3g}').format(res[v][n][key] * scale):>22}" for v in names))
+        table(title, res, ns, key, scale, 22)
     print("\nstep time ratios at each N; the N from which the first is faster at every larger measured N")
     pairs = [(v, b) for v in names for b in (f"softmax {v.split()[1]}", f"linear {v.split()[1]}") if b in res and v != b and not v.startswith("softmax")]
     ratios = {f"{a} / {b}": {n: res[a][n]['time_s'] / res[b][n]['time_s'] for n in ns if not res[a][n]['skipped'] | res[b][n]['skipped']}
