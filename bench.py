@@ -63,7 +63,7 @@ memory_budget = 4.0        # GB of peak memory: larger predicted sizes are skipp
 slope_min_n = 1024         # fit the log-log slopes from this many tokens on
 ratio_n = 4096             # report each pair's time and memory ratio at this many tokens
 attn_compile = False       # torch.compile the layer
-attns = ','.join(VARIANTS) # train mode: attentions to train (its model, data and optimizer settings are train.py's)
+attns = ','.join(VARIANTS) # train mode: attentions (each path) or paths to train (model and optimizer: train.py's)
 train_impls = 'eager,compiled'
 image_sizes = ''           # train mode: image sizes to measure, '56,112,224' ('' = train.py's image_size)
 train_rounds = 5           # rounds of train_steps steps per variant, taken in turn
@@ -312,9 +312,9 @@ def train_run(name, size):
 
 def train_bench():
     sizes = [int(s) for s in str(image_sizes or image_size).split(',')]
-    if any(a not in VARIANTS for a in attns.split(',')) or any(s % patch_size for s in sizes):
-        fail(f"attns={attns!r}, image_sizes={image_sizes!r}: variants of {','.join(VARIANTS)}, multiples of patch_size={patch_size}")
-    names = [f"{p} {impl}" for a in attns.split(',') for p in attention_paths(a) for impl in train_impls.split(',')]
+    if any(a not in VARIANTS and a not in PATHS for a in attns.split(',')) or any(s % patch_size for s in sizes):
+        fail(f"attns={attns!r}, image_sizes={image_sizes!r}: variants or paths of {','.join(PATHS)}, multiples of patch_size={patch_size}")
+    names = [f"{p} {impl}" for a in attns.split(',') for p in (attention_paths(a) if a in VARIANTS else [a]) for impl in train_impls.split(',')]
     res, ns = {name: {} for name in names}, [(s // patch_size) ** 2 for s in sizes]
     for size, n in zip(sizes, ns):
         runs = {}

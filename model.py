@@ -163,7 +163,7 @@ class ToeplitzAttention(Attention):
     """M_ij = t[row_i - row_j, col_i - col_j], a learnable table per head; t = exp(logits) >= 0, starting at
     decay^(|dr| + |dc|) (decay 1: unmasked)."""
     settings = ('table_init_decay',)
-    fast_cost = {'cpu': 1.0}
+    fast_cost = {'cpu': 3.4}
 
     def __init__(self, c, layer):
         super().__init__(c, layer)
@@ -222,7 +222,7 @@ class GRFAttention(Attention):
     sampled = ('grf_crow', 'grf_col', 'grf_slot', 'grf_fidx', 'grf_load')
     derived = ('grf_rows', 'grf_crow_t', 'grf_col_t', 'grf_perm')  # from grf_crow and grf_col, not saved
     walks = ('image_size', 'patch_size', 'graph', 'grf_walks', 'grf_p_halt', 'grf_coupling', 'mask_max_len', 'mask_seed')
-    fast_cost = {'cpu': 1.0}
+    fast_cost = {'cpu': 22.5}
 
     def __init__(self, c, layer):
         super().__init__(c, layer)
