@@ -8,10 +8,9 @@ Measures what each attention costs as the grid grows, and how fast whole trainin
 attention: forward + backward of one layer per path in `variants` ('<attn>-dense' and '<attn>-fast' where the
 variant has an efficient path) on side x side grids: time and peak memory tables, log-log slopes, and the N from
 which a fast path beats its dense twin, or a path beats `baseline`. Writes out_dir/attention-<device>.json (and .png).
-train: train.py's step (forward, backward, clip, AdamW; random images) for each path of each attention in `attns`
-at each of `image_sizes`, eager and torch.compile'd, taking turns so that a noisy machine slows them alike: fastest
-step, images/s, peak memory, ratios to softmax and linear, the path `auto` takes and the fast_cost that the steps
-imply (model.py). Writes out_dir/train-*.json (and .png).
+train: train.py's step (random images) per path of each of `attns` at each of `image_sizes`, eager and compiled, in
+turns so that a noisy machine slows them alike: fastest step, images/s, peak memory, ratios to softmax and linear,
+the path `auto` takes and the fast_cost the steps imply (model.py). Writes out_dir/train-*.json (and .png).
 Settings: the globals below and train.py's (its config files apply), overridden by config files and --key=value.
 """
 import ast
@@ -32,9 +31,8 @@ from model import VARIANTS, ViT, ViTConfig
 
 def attention_paths(attn):
     """attn's paths, name -> (attn, attn_impl): '<attn>-dense' and '<attn>-fast' if it has a fast path, else '<attn>'."""
-    if VARIANTS[attn].fast_cost is None:
-        return {attn: (attn, 'dense')}
-    return {f'{attn}-{impl}': (attn, impl) for impl in ('dense', 'fast')}
+    fast = VARIANTS[attn].fast_cost is not None
+    return {f'{attn}-{impl}': (attn, impl) for impl in ('dense', 'fast')} if fast else {attn: (attn, 'dense')}
 
 PATHS = {name: path for attn in VARIANTS for name, path in attention_paths(attn).items()}
 
@@ -86,8 +84,7 @@ def train_defaults():
             if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)}
 
 def setup(args):
-    """Set this module's settings: train.py's (so that its config files apply here), this file's, then args (config
-    files, --key=value); pick the device. python bench.py calls it with its command line; check_gpu.py with its own."""
+    """Set this module's settings: train.py's (its config files apply), this file's, then args; pick the device."""
     global config, device, cuda, kept, autocast
     config = train_defaults() | SETTINGS
     configure(config, args)
@@ -115,14 +112,14 @@ def timed(fn):
 def quiet_stderr():
     """Silence file descriptor 2 (the profiler's C++ side logs each session start and stop there)."""
     sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, 'w') as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 def peak_bytes(fn, resident):
     """Peak memory of fn(): the allocator's peak on CUDA. On CPU (cpu_peak_memory) the bytes resident before fn()

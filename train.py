@@ -141,13 +141,12 @@ init_from = config['init_from'] = init_from.replace('{attn}', attn)  # a config 
 
 if init_from == 'scratch' and eval_only:  # scratch: a new model, initialised from seed
     fail("eval_only=True needs init_from='resume' or the path of a checkpoint")
-# resume: continue out_dir/ckpt.pt exactly (model, optimizer, step, random streams); a path: fine-tune from it (this
-# run's model settings; the tensors that still fit, another grid's resampled) or, with eval_only, evaluate it
+# resume: continue out_dir/ckpt.pt exactly; a path: fine-tune from it (what fits; another grid's resampled), or evaluate it
 ckpt = None if init_from == 'scratch' else outdir.read_checkpoint(
     ckpt_path if init_from == 'resume' else init_from, f"init_from={init_from!r}",
     lambda c: c | {'config': c['config'] | asdict(saved_config(c['config']))})  # as it ran
 if ckpt and (init_from == 'resume' or eval_only):  # the model is the checkpoint's as it is: its settings win over this run's
-    own = {'image_size'} if eval_only and any(a.startswith('--image_size=') for a in sys.argv[1:]) else set()  # but this
+    own = {'image_size'} if eval_only and any(a.startswith('--image_size=') for a in sys.argv[1:]) else set()  # this run's
     differ = {k: ckpt['config'][k] for k in model_keys if config[k] != ckpt['config'][k] and k not in own
               and not (k in ('in_channels', 'num_classes') and config[k] == 0)}
     if differ:
