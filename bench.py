@@ -3,14 +3,14 @@ Measures what each attention costs as the grid grows, and how fast whole trainin
 
     python bench.py --mode=attention                      # one layer, N = 64 ... 16,384 tokens, a few minutes
     python bench.py --mode=attention --sides=32,64,128 --variants=grf-fast,toeplitz-fast
-    python bench.py --mode=train configs/fmnist.py        # images/s per variant, eager and compiled
-    python bench.py --mode=train configs/fmnist.py --train_profile=True   # and the top ops of each step
+    python bench.py --mode=train configs/imagenette.py --image_sizes=56,112,224 --train_impls=eager --threads=1
 
 attention: forward + backward of one layer per path in `variants` ('<attn>-dense' and '<attn>-fast' where the
 variant has an efficient path) on side x side grids: time and peak memory tables, log-log slopes, and the N from
 which a fast path beats its dense twin, or a path beats `baseline`. Writes out_dir/attention-<device>.json (and .png).
-train: train.py's step for each attention in `attns`, eager and torch.compile'd, taking turns so that a noisy
-machine slows them alike: median step, images/s, epoch, ratio to linear, compile time. Writes out_dir/train-*.json.
+train: train.py's step (random images) per path of each of `attns` at each of `image_sizes`, eager and compiled, in
+turns so that a noisy machine slows them alike: fastest step, images/s, peak memory, ratios to softmax and linear,
+the path `auto` takes and the fast_cost the steps imply (model.py). Writes out_dir/train-*.json (and .png).
 Settings: the globals below and train.py's (its config files apply), overridden by config files and --key=value.
 """
 import ast
@@ -27,21 +27,18 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-import data
-import masks
 from configurator import configure, fail
 from model import VARIANTS, ViT, ViTConfig
 
 def attention_paths(attn):
     """attn's paths, name -> (attn, attn_impl): '<attn>-dense' and '<attn>-fast' if it has a fast path, else '<attn>'."""
-    if VARIANTS[attn].dense_max_n is None:
-        return {attn: (attn, 'dense')}
-    return {f'{attn}-{impl}': (attn, impl) for impl in ('dense', 'fast')}
+    fast = VARIANTS[attn].fast_cost is not None
+    return {f'{attn}-{impl}': (attn, impl) for impl in ('dense', 'fast')} if fast else {attn: (attn, 'dense')}
 
 PATHS = {name: path for attn in VARIANTS for name, path in attention_paths(attn).items()}
 
 # settings (--help lists those above the '# ---' line)
-mode = 'attention'         # attention | train | walks (GRF walk sampling per coupling)
+mode = 'attention'         # attention | train
 device = 'auto'            # auto (cuda if available, else cpu) | cuda | cpu
 dtype = 'float32'          # float32 | bfloat16 (autocast; the linear forms accumulate in float32 anyway)
 threads = 0                # CPU threads (0 = torch's default)
@@ -51,7 +48,7 @@ out_dir = 'out/bench'      # where the JSON (and PNG) go
 sides = '8,11,16,23,32,45,64,91,128'  # attention mode: grid sides: N = side^2 = 64 ... 16,384 tokens
 variants = ','.join(PATHS) # attention paths to measure (default: every path of every variant)
 baseline = 'softmax'       # every other path is compared with this one (crossovers and ratios)
-attn_batch = 2
+attn_batch = 2             # attention mode: one layer's batch, heads, head width
 attn_heads = 2
 head_dim = 16
 grf_walks = 20
@@ -59,17 +56,17 @@ grf_p_halt = 0.1
 mask_max_len = 10          # K
 repeats = 5                # timed calls per point, and more until min_seconds of them (3 when a call is slow)
 min_seconds = 1.0
-time_budget = 10.0         # seconds per forward + backward: larger predicted sizes are skipped
+time_budget = 10.0         # seconds per forward + backward (train mode: per step): larger predicted sizes are skipped
 total_budget = 0.0         # seconds for all points: those not begun by then are skipped (0: no limit)
 memory_budget = 4.0        # GB of peak memory: larger predicted sizes are skipped
 slope_min_n = 1024         # fit the log-log slopes from this many tokens on
 ratio_n = 4096             # report each pair's time and memory ratio at this many tokens
 attn_compile = False       # torch.compile the layer
-attns = ','.join(VARIANTS) # train mode: attentions to train (its model, data and optimizer settings are train.py's)
+attns = ','.join(VARIANTS) # train mode: attentions (each path) or paths to train (model and optimizer: train.py's)
 train_impls = 'eager,compiled'
+image_sizes = ''           # train mode: image sizes to measure, '56,112,224' ('' = train.py's image_size)
 train_rounds = 5           # rounds of train_steps steps per variant, taken in turn
 train_steps = 4
-train_profile = False      # also print each variant's top ops (torch.profiler, eager)
 # -----------------------------------------------------------------------------
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
@@ -92,8 +89,8 @@ def setup(args):
     args (config files, --key=value), and the device picked (device, cuda, kept, autocast). check_gpu.py passes its own."""
     config = train_defaults() | SETTINGS
     configure(config, args)
-    if config['mode'] not in ('attention', 'train', 'walks'):
-        fail(f"mode={config['mode']!r} is invalid; valid: attention, train, walks")
+    if config['mode'] not in ('attention', 'train'):
+        fail(f"mode={config['mode']!r} is invalid; valid: attention, train")
     s = SimpleNamespace(**config)
     s.device = ('cuda' if torch.cuda.is_available() else 'cpu') if s.device == 'auto' else s.device
     s.cuda = s.device.startswith('cuda')
@@ -118,14 +115,14 @@ def timed(fn, cuda):
 def quiet_stderr():
     """Silence file descriptor 2 (the profiler's C++ side logs each session start and stop there)."""
     sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, 'w') as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 def peak_bytes(fn, resident, cuda, cpu_peak_memory=True):
     """Peak memory of fn(): the allocator's peak on CUDA. On CPU (cpu_peak_memory) the bytes resident before fn() (parameters,
@@ -166,8 +163,12 @@ def measure(name, side, s):
     x.grad = None
     return statistics.median(times[1:]), peak_bytes(step, resident, s.cuda, s.cpu_peak_memory)
 
-def predict(points, n):
-    """Extrapolate (time, memory) to n from the last two measured points, at least linearly in N."""
+def predict(results, n):
+    """Extrapolate (time, memory) to n from the last two measured points of results {N: {time_s, peak_bytes, skipped}},
+    at least linearly in N; (0, 0) before two."""
+    points = [(m, r['time_s'], r['peak_bytes']) for m, r in results.items() if not r['skipped']]
+    if len(points) < 2:
+        return 0.0, 0.0
     (n0, t0, m0), (n1, t1, m1) = points[-2:]
     grow = lambda a, b: b * (n / n1) ** max(1.0, math.log(b / a) / math.log(n1 / n0))
     return grow(t0, t1), grow(m0, m1)
@@ -179,6 +180,13 @@ def slope(points, min_n):
         return None, None
     logn, logt, logm = zip(*pts)
     return statistics.linear_regression(logn, logt).slope, statistics.linear_regression(logn, logm).slope
+
+def table(title, res, ns, key, scale, width):
+    """Print res[path][N][key] * scale, a column per path and a row per N."""
+    cell = lambda r: '-' if r is None or r.get('total_budget_spent') else f"({r[key] * scale:.3g})" if r['skipped'] else f"{r[key] * scale:.3g}"
+    print(f"\n{title}; (x) = skipped over budget, predicted; - = not measured\n{'N':>7} " + ''.join(f"{v:>{width}}" for v in res))
+    for n in ns:
+        print(f"{n:7d} " + ''.join(f"{cell(res[v].get(n)):>{width}}" for v in res))
 
 def crossover(res, fast, dense, ns):
     """The smallest N from which `fast` beats `dense` at every larger measured N (a dense point skipped for its
@@ -202,8 +210,7 @@ def attention_bench(s):
     end = time.perf_counter() + (s.total_budget or math.inf)
     for side, n in zip(side_list, ns):
         for v in names:
-            done = [(m, r['time_s'], r['peak_bytes']) for m, r in res[v].items() if not r['skipped']]
-            t, mem = predict(done, n) if len(done) >= 2 else (0.0, 0.0)  # (0, 0): nothing to extrapolate from yet
+            t, mem = predict(res[v], n)
             if t > s.time_budget or mem > s.memory_budget * 1e9 or time.perf_counter() > end:
                 res[v][n] = {'skipped': True, 'time_s': t, 'peak_bytes': mem, 'total_budget_spent': time.perf_counter() > end}
                 continue
@@ -214,13 +221,8 @@ def attention_bench(s):
                 res[v][n] = {'skipped': True, 'time_s': float('nan'), 'peak_bytes': float('nan'), 'error': str(e)[:200]}
         print(f"N={n:6d} " + ' '.join(f"{v} {r[n]['time_s'] * 1e3:.3g}ms{'*' if r[n]['skipped'] else ''}"
                                       for v, r in res.items()), flush=True)
-    cell = lambda r, key, scale: ('-' if r is None or r.get('total_budget_spent') else f"({r[key] * scale:.3g})" if r['skipped']
-                                  else f"{r[key] * scale:.3g}")
     for title, key, scale in (('forward + backward time, ms (median)', 'time_s', 1e3), ('peak memory, MB', 'peak_bytes', 1e-6)):
-        print(f"\n{title}; (x) = skipped over budget, predicted; - = not measured")
-        print(f"{'N':>7} " + ''.join(f"{v:>15}" for v in names))
-        for n in ns:
-            print(f"{n:7d} " + ''.join(f"{cell(res[v].get(n), key, scale):>15}" for v in names))
+        table(title, res, ns, key, scale, 15)
     slopes = {v: dict(zip(('time', 'memory'), slope([(n, r['time_s'], r['peak_bytes']) for n, r in res[v].items()
                                                      if not r['skipped']], s.slope_min_n))) for v in names}
     print(f"\nlog-log slopes for N >= {s.slope_min_n} (measured points only)")
@@ -240,12 +242,11 @@ def attention_bench(s):
         r = ratios.get(f"{b} / {a}")
         print(f"  {a + ' < ' + b:30} " + (f"from N = {from_n:<6}" if from_n else "not in range") +
               (f"   {b} / {a}: time {r['time']:.1f}x, memory {r['memory']:.1f}x" if r else ''))
-    # attn_impl='auto' should take the dense twin up to the last measured N before the crossover
+    # one layer's dense twin wins up to the last measured N before the crossover (auto decides by whole steps' costs)
     twin_cross = {PATHS[a][0]: cross.get(f"{a} < {b}") for a, b in twins}
     dense_max_n = {attn: max((m for m in ns if m < n), default=0) for attn, n in twin_cross.items() if n}
     for attn, n in dense_max_n.items():
-        print(f"  attn_impl='auto': {VARIANTS[attn].__name__}.dense_max_n['{s.device.split(':')[0]}'] = {n} measured here "
-              f"(model.py: {VARIANTS[attn].dense_max_n})")
+        print(f"  {attn}: the dense path wins up to N = {n} here, in one layer (attn_impl='auto': see --mode=train)")
     settings = {k: vars(s)[k] for k in ('dtype', 'attn_batch', 'attn_heads', 'head_dim', 'grf_walks', 'grf_p_halt',
                                        'mask_max_len', 'repeats', 'min_seconds', 'time_budget', 'memory_budget', 'attn_compile')}
     settings |= {'device': s.device, 'threads': torch.get_num_threads(), 'keep_memory': s.kept, 'cpu_peak_memory': s.cpu_peak_memory}
@@ -264,13 +265,13 @@ def write_json(name, obj, s):
     print(f"wrote {path}")
     return path
 
-def plot(res, path):
+def plot(res, path, what='forward + backward (s)'):
     try:
         import matplotlib.pyplot as plt  # without a display matplotlib takes its Agg backend by itself
     except ImportError:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, key, label in zip(axes, ('time_s', 'peak_bytes'), ('forward + backward (s)', 'peak memory (bytes)')):
+    for ax, key, label in zip(axes, ('time_s', 'peak_bytes'), (what, 'peak memory (bytes)')):
         for v, rs in res.items():
             pts = [(n, r[key]) for n, r in rs.items() if not r['skipped']]
             if pts:
@@ -281,70 +282,89 @@ def plot(res, path):
     fig.savefig(path, dpi=120, bbox_inches='tight')
     print(f"wrote {path}")
 
-def train_bench(s):
-    loaders = data.load(s.dataset, s.data_dir, s.image_size, s.batch_size, grad_accum=1, rank=0, world=1, seed=s.seed,
-                        device=s.device, num_workers=0, num_classes=s.num_classes, crop_pad=s.crop_pad, flip=s.flip)
-    batches = itertools.chain.from_iterable(itertools.repeat(loaders.train))  # epoch after epoch, without end
-    model_keys = [f.name for f in ViTConfig.__dataclass_fields__.values()]
-    runs = {}
-    for a in s.attns.split(','):
-        for impl in s.train_impls.split(','):
-            torch.manual_seed(s.seed)
-            c = {k: vars(s)[k] for k in model_keys} | {'attn': a, 'in_channels': loaders.channels, 'num_classes': loaders.num_classes}
-            raw = ViT(ViTConfig(**c)).to(s.device)
-            opt = torch.optim.AdamW(raw.param_groups(s.weight_decay, s.mask_lr_mult), lr=s.lr, betas=(s.beta1, s.beta2), fused=s.cuda)
-            model = torch.compile(raw) if impl == 'compiled' else raw
-            def step(model=model, raw=raw, opt=opt):
-                x, y = next(batches)
-                with s.autocast:
-                    loss = F.cross_entropy(model(x).float(), y)
-                loss.backward()
-                if s.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(raw.parameters(), s.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            runs[f"{a} {impl}"] = {'step': step, 'first_s': timed(step, s.cuda), 'times': []}  # the first step compiles, when compiled
-            print(f"built {a} {impl}: first step {runs[f'{a} {impl}']['first_s']:.2f} s", flush=True)
-    for _ in range(s.train_rounds):
-        for r in runs.values():
-            r['step']()  # one untimed step after switching variants
-            r['times'] += [timed(r['step'], s.cuda) for _ in range(s.train_steps)]
-    print(f"\n{s.dataset}: batch {s.batch_size}, {s.image_size}px / patch {s.patch_size}, dim {s.dim}, depth {s.depth}, heads {s.heads}, "
-          f"dropout {s.dropout}; {loaders.steps_per_epoch} steps per epoch; median of {s.train_rounds} x {s.train_steps} steps")
-    print(f"{'variant':18}{'step ms':>9}{'img/s':>8}{'epoch s':>9}{'/ linear':>10}{'compile s':>11}")
-    out = {}
-    for name, r in runs.items():
-        impl = name.split()[1]
-        med = statistics.median(r['times'])
-        lin = runs.get(f"linear {impl}")
-        ratio = med / statistics.median(lin['times']) if lin else float('nan')
-        compile_s = max(0.0, r['first_s'] - med) if impl == 'compiled' else 0.0
-        out[name] = {'step_ms': med * 1e3, 'images_per_s': s.batch_size / med, 'epoch_s': med * loaders.steps_per_epoch,
-                     'ratio_to_linear': ratio, 'compile_s': compile_s, 'times_ms': [t * 1e3 for t in r['times']]}
-        print(f"{name:18}{med * 1e3:9.1f}{s.batch_size / med:8.0f}{med * loaders.steps_per_epoch:9.1f}{ratio:10.2f}"
-              + (f"{compile_s:11.1f}" if impl == 'compiled' else ''))
-    for name in (n for n in runs if s.train_profile and n.endswith('eager')):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            for _ in range(s.train_steps):
-                runs[name]['step']()
-        print(f"\n{name}: top ops over {s.train_steps} steps")
-        print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=12))
-    settings = {k: vars(s)[k] for k in (*model_keys, 'dataset', 'batch_size', 'dtype')} | {'device': s.device, 'keep_memory': s.kept}
-    settings |= {'threads': torch.get_num_threads(), 'steps_per_epoch': loaders.steps_per_epoch}
-    write_json(f"train-{s.dataset}", {'settings': settings, 'results': out}, s)
+def train_run(name, size, s):
+    """train.py's model (its settings; path and eager/compiled from `name`; in_channels or 3, num_classes or 10), its
+    AdamW and a batch of random images (data does not change a step's cost): its step, built and run once."""
+    (attn, impl), compiled = PATHS[name.split()[0]], name.endswith('compiled')
+    torch.manual_seed(s.seed)
+    c = ViTConfig(**{k: vars(s)[k] for k in ViTConfig.__dataclass_fields__} | {
+        'attn': attn, 'attn_impl': impl, 'image_size': size, 'in_channels': s.in_channels or 3, 'num_classes': s.num_classes or 10})
+    raw = ViT(c).to(s.device)
+    opt = torch.optim.AdamW(raw.param_groups(s.weight_decay, s.mask_lr_mult), lr=s.lr, betas=(s.beta1, s.beta2), fused=s.cuda)
+    model = torch.compile(raw) if compiled else raw
+    x = torch.randn(s.batch_size, c.in_channels, size, size, device=s.device)
+    y = torch.randint(c.num_classes, (s.batch_size,), device=s.device)
+    def step():
+        with s.autocast:
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        if s.grad_clip:
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), s.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    n, layer = c.image_size ** 2 // c.patch_size ** 2, raw.blocks[0].attn
+    r = {'step': step, 'first_s': timed(step, s.cuda), 'times': [], 'resident': lambda: sum(t.untyped_storage().nbytes() for t in [
+        *raw.parameters(), *raw.buffers(), x, *(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t))])}
+    if layer.fast_cost:  # the path auto takes (model.py's fast_cost), and the work that fits fast_cost here
+        r |= {'auto_takes_fast': layer.fast_pays(s.batch_size, n, c.dim // c.heads, s.device.split(':')[0]),
+              'work': layer.work(s.batch_size, n, c.dim // c.heads)}
+    return r
 
-def walks_bench(s):
-    """Seconds to sample grf_walks walks per node of the largest grid in `sides`, K = mask_max_len, per coupling."""
-    side = int(s.sides.split(',')[-1])
-    base = None
-    print(f"sampling {s.grf_walks} walks per node on a {side}x{side} grid (N = {side * side:,}), p_halt {s.grf_p_halt}, K {s.mask_max_len}")
-    for coupling in masks.COUPLINGS:
-        sample = lambda: masks.sample_grf_walks(masks.grid_graph(side, side), s.grf_walks, s.grf_p_halt, max_len=s.mask_max_len,
-                                                generator=torch.Generator().manual_seed(s.seed), coupling=coupling)
-        median = statistics.median([timed(sample, s.cuda) for _ in range(s.repeats)])
-        base = base or median
-        print(f"{coupling:22}{median:8.3f} s{median / base:8.2f} x iid")
+def train_bench(s):
+    sizes = [int(size) for size in str(s.image_sizes or s.image_size).split(',')]
+    if any(a not in VARIANTS and a not in PATHS for a in s.attns.split(',')) or any(size % s.patch_size for size in sizes):
+        fail(f"attns={s.attns!r}, image_sizes={s.image_sizes!r}: variants or paths of {','.join(PATHS)}, multiples of patch_size={s.patch_size}")
+    names = [f"{p} {impl}" for a in s.attns.split(',') for p in (attention_paths(a) if a in VARIANTS else [a]) for impl in s.train_impls.split(',')]
+    res, ns = {name: {} for name in names}, [(size // s.patch_size) ** 2 for size in sizes]
+    for size, n in zip(sizes, ns):
+        runs = {}
+        for name in names:
+            t, mem = predict(res[name], n)
+            if t > s.time_budget or mem > s.memory_budget * 1e9:
+                res[name][n] = {'skipped': True, 'time_s': t, 'peak_bytes': mem, 'images_per_s': s.batch_size / t}
+                print(f"{size}px, N={n}: {name} skipped: predicted {t:.0f} s a step (time_budget {s.time_budget:g}), "
+                      f"{mem / 1e9:.1f} GB (memory_budget {s.memory_budget:g})", flush=True)
+            else:
+                runs[name] = train_run(name, size, s)
+                print(f"{size}px, N={n}: built {name}, first step {runs[name]['first_s']:.2f} s", flush=True)
+        for _ in range(s.train_rounds):  # in turn, so that a noisy machine slows them alike
+            for r in runs.values():
+                if not r['times'] or min(r['times']) < 1.0:  # a short step after switching variants runs once untimed
+                    r['step']()
+                r['times'] += [timed(r['step'], s.cuda) for _ in range(s.train_steps)]
+        for name, r in runs.items():
+            t = min(r['times'])
+            res[name][n] = {'skipped': False, 'time_s': t, 'peak_bytes': peak_bytes(r.pop('step'), r.pop('resident')(), s.cuda, s.cpu_peak_memory),
+                            'images_per_s': s.batch_size / t, 'compile_s': max(0.0, r['first_s'] - t) * name.endswith('compiled'), **r}
+    print(f"\nbatch {s.batch_size}, patch {s.patch_size}, dim {s.dim}, depth {s.depth}, heads {s.heads}, dropout {s.dropout}, grf "
+          f"{s.grf_walks} walks, K {s.mask_max_len}; fastest of {s.train_rounds} x {s.train_steps} steps; (x) skipped, predicted")
+    for title, key, scale in (('step, s', 'time_s', 1), ('images/s', 'images_per_s', 1), ('peak memory, MB', 'peak_bytes', 1e-6)):
+        table(title, res, ns, key, scale, 22)
+    print("\nstep time ratios at each N; the N from which the first is faster at every larger measured N")
+    pairs = [(v, b) for v in names for b in (f"softmax {v.split()[1]}", f"linear {v.split()[1]}") if b in res and v != b and not v.startswith("softmax")]
+    ratios = {f"{a} / {b}": {n: res[a][n]['time_s'] / res[b][n]['time_s'] for n in ns if not res[a][n]['skipped'] | res[b][n]['skipped']}
+              for a, b in pairs}
+    cross = {f"{a} < {b}": crossover(res, a, b, ns) for a, b in pairs}
+    for a, b in pairs:
+        print(f"  {a + ' / ' + b:36} " + '  '.join(f"{n}: {x:.2f}" for n, x in ratios[f"{a} / {b}"].items())
+              + f"   faster from N = {cross[f'{a} < {b}'] or '-'}")
+    fits = {}  # fast_cost per variant: the fast path's seconds per multiply-add over the dense path's
+    for a in [a for a in VARIANTS if {f"{a}-dense eager", f"{a}-fast eager", 'linear eager'} <= set(res)]:
+        both = [(n, res[f"{a}-dense eager"][n], res[f"{a}-fast eager"][n], res['linear eager'][n]) for n in ns]
+        pts = [p for p in both if not (p[1]['skipped'] or p[2]['skipped'] or p[3]['skipped'])]
+        rate = [sum(p[i]['work'][i - 1] * (p[i]['time_s'] - p[3]['time_s']) for p in pts) /  # seconds beyond linear's step
+                sum(p[i]['work'][i - 1] ** 2 for p in pts) if pts else 0.0 for i in (1, 2)]  # least squares through 0
+        fits[a] = rate[1] / rate[0] if rate[0] > 0 else None
+        picks = [f"{n} {'fast' if (f if d['skipped'] else d)['auto_takes_fast'] else 'dense'}" + (
+            '' if d['skipped'] or f['skipped'] else f" ({'fast' if f['time_s'] < d['time_s'] else 'dense'} faster)")
+            for n, d, f, _ in both if not (d['skipped'] and f['skipped'])]
+        print(f"  {a}: auto takes, at N = {', '.join(picks)}; fast_cost fitted here {fits[a] or float('nan'):.3g} "
+              f"(model.py: {VARIANTS[a].fast_cost})")
+    settings = {k: vars(s)[k] for k in (*ViTConfig.__dataclass_fields__, 'batch_size', 'dtype', 'image_sizes')}
+    settings |= {'device': s.device, 'keep_memory': s.kept, 'threads': torch.get_num_threads()}
+    path = write_json(f"train-{s.dataset}", {'settings': settings, 'results': res, 'ratios': ratios, 'crossovers': cross, 'fast_cost': fits}, s)
+    plot(res, path[:-5] + '.png', 'training step (s)')
 
 if __name__ == '__main__':
-    settings = setup(sys.argv[1:])
-    {'attention': attention_bench, 'train': train_bench, 'walks': walks_bench}[settings.mode](settings)
+    s = setup(sys.argv[1:])
+    {'attention': attention_bench, 'train': train_bench}[s.mode](s)

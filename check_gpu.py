@@ -259,13 +259,13 @@ for path, r in result['train'].items():
     mfu = f"{r['mfu']:.1%}" if r['mfu'] is not None else '-'
     print(f"{path:15}{r['graph_breaks']:7d}{r['batch']:6d}{r['images_per_s']:9.0f}{r['step_s'] * 1e3:9.1f}{r['peak_gb']:9.3g}"
           f"{r['flops_per_image'] / 1e9:10.3g}{mfu:>7}{r['compile_s']:10.0f}")
-for attn in [a for a in VARIANTS if VARIANTS[a].dense_max_n]:
+for attn in [a for a in VARIANTS if VARIANTS[a].fast_cost]:
     dense, fast = (result['train'].get(f'{attn}-{impl}', {}).get('images_per_s') for impl in ('dense', 'fast'))
     n = (shape['image_size'] // shape['patch_size']) ** 2
     measured = (result['attention'] or {}).get('dense_max_n', {}).get(attn, 'no crossover measured')
     print(f"{attn}: dense_max_n['{device.split(':')[0]}'] from the attention benchmark: {measured}; at N = {n} training, "
           + (f"fast / dense {fast / dense:.2f}x images/s" if dense and fast else "not both paths measured")
-          + f" (model.py: {VARIANTS[attn].dense_max_n})")
+          + f" (model.py: fast_cost {VARIANTS[attn].fast_cost})")
 result['passed'] = not result['failed']
 save()
 print(f"wrote {out} in {result['elapsed_s']:.0f} s")

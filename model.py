@@ -21,9 +21,8 @@ import masks
 
 IMPLS = ('auto', 'dense', 'fast')
 TOPO_FORMS = ('alpha', 'features')
-# graph -> the graph on the h x w patch grid that topo and grf mask with, graph = (nbr, deg) (masks.py). grid4_shuffled is
-# grid4 with its nodes relabelled by a fixed permutation: a control with the grid's walks, degrees and sparsity whose
-# edges join patches unrelated in the image
+# graph -> the graph on the h x w patch grid that topo and grf mask with, graph = (nbr, deg) (masks.py). grid4_shuffled:
+# grid4's nodes relabelled by a fixed permutation, a control with its walks, degrees and sparsity but unrelated patches
 GRAPHS = {'grid4': masks.grid_graph, 'grid8': lambda h, w: masks.grid_graph(h, w, diagonals=True),
           'grid4_shuffled': lambda h, w: masks.relabelled(
               masks.grid_graph(h, w), torch.randperm(h * w, generator=torch.Generator().manual_seed(0)))}
@@ -94,9 +93,8 @@ def amp_dtype(device_type):
 def ddp_no_buffer_sync():
     """DDP's keyword that stops its buffer broadcast before every forward, which the walks and W powers do not
     need (they are identical on every rank by construction): forward_sync_buffers from torch 2.13 on."""
-    if 'forward_sync_buffers' in inspect.signature(nn.parallel.DistributedDataParallel).parameters:
-        return {'forward_sync_buffers': False}
-    return {'broadcast_buffers': False}
+    new = 'forward_sync_buffers' in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    return {'forward_sync_buffers' if new else 'broadcast_buffers': False}
 
 def decay_logits(decay, hops, heads):
     """Per head, the logits of coefficients that start at decay^hops: log(decay) * hops, [heads, *hops.shape]."""
@@ -114,9 +112,7 @@ class Attention(nn.Module):
     form_settings = () # ViTConfig settings that change what the mask parameters mean: fine-tuning takes them if equal
     walk_buffers = ()  # names of the buffers drawn at random (walks), saved with the model
     walk_settings = () # ViTConfig settings the walk buffers are drawn from: fine-tuning takes them if all are equal
-    # with fast_mix(): attn_impl='auto' takes the dense path up to this many tokens, per device type (bench.py); a
-    # device type not named takes the CPU's, the only one measured so far (check_gpu.py measures CUDA's)
-    dense_max_n = None
+    fast_cost = None   # with fast_mix() and work(): auto's {device type: fast_cost} (fast_pays; bench.py fits it)
     # the dense path keeps its N x N scores for backward up to this many tokens, per device type, and recomputes
     # them above (O(N d) kept, for two more O(N^2 d) products); a device type not named always recomputes
     scores_kept_max_n = {'cpu': 256}
@@ -127,7 +123,7 @@ class Attention(nn.Module):
         self.h = self.w = c.image_size // c.patch_size
         self.qkv = nn.Linear(c.dim, 3 * c.dim)
         self.proj = nn.Linear(c.dim, c.dim)
-        self.impl = c.attn_impl if self.dense_max_n else 'dense'
+        self.impl = c.attn_impl if self.fast_cost else 'dense'
 
     def mask(self):
         """The dense N x N mask per head, [H, N, N], in float32 under any autocast (for the dense path, and to look at)."""
@@ -136,11 +132,18 @@ class Attention(nn.Module):
 
     def mix(self, q, k, v):
         """The token mixing, [B, H, N, d] -> [B, H, N, d]. The path is chosen here, where the device is known."""
-        n, device = q.shape[-2], q.device.type
-        if self.impl == 'fast' or self.impl == 'auto' and n > self.dense_max_n.get(device, self.dense_max_n['cpu']):
+        B, _, n, d = q.shape
+        if self.impl == 'fast' or self.impl == 'auto' and self.fast_pays(B, n, d, q.device.type):
             return self.fast_mix(q, k, v)
-        recompute = n > self.scores_kept_max_n.get(device, 0)
+        recompute = n > self.scores_kept_max_n.get(q.device.type, 0)
         return masks.masked_linear_attention(q, k, v, self.mask(), recompute=recompute)
+
+    def fast_pays(self, B, n, d, device='cpu'):
+        """attn_impl='auto': whether fast_mix() is cheaper on B images of n tokens, d channels per head: fast_cost x
+        fast work < dense work, work(B, n, d) = (dense, fast) in multiply-adds per head. fast_cost[device type], the time
+        of a fast multiply-add in dense ones, is fitted to whole training steps (bench.py); other devices take the CPU's."""
+        dense, fast = self.work(B, n, d)
+        return self.fast_cost.get(device, self.fast_cost['cpu']) * fast < dense
 
     def forward(self, x):
         B, N, C = x.shape
@@ -160,13 +163,11 @@ class ToeplitzAttention(Attention):
     """M_ij = t[row_i - row_j, col_i - col_j], a learnable table per head; t = exp(logits) >= 0, starting at
     decay^(|dr| + |dc|) (decay 1: unmasked)."""
     mask_settings = ('table_init_decay',)
-    dense_max_n = {'cpu': 1024}
+    fast_cost = {'cpu': 3.4}
 
     def __init__(self, c, layer):
         super().__init__(c, layer)
-        dr = torch.arange(1 - self.h, self.h).abs()
-        dc = torch.arange(1 - self.w, self.w).abs()
-        hops = dr[:, None] + dc[None, :]
+        hops = torch.arange(1 - self.h, self.h).abs()[:, None] + torch.arange(1 - self.w, self.w).abs()  # |dr| + |dc|
         self.table_logits = nn.Parameter(decay_logits(c.table_init_decay, hops, c.heads))
         self.register_buffer('toeplitz_index', masks.toeplitz_index(self.h, self.w), persistent=False)
 
@@ -175,6 +176,18 @@ class ToeplitzAttention(Attention):
 
     def fast_mix(self, q, k, v):
         return masks.toeplitz_linear_attention_fft(q, k, v, self.table_logits.exp(), h=self.h, w=self.w)
+
+    def resample(self, name, saved):
+        """A table of another grid's offsets [H, 2a-1, 2b-1] at the same offsets as fractions of the image (bicubic):
+        offset (dr, dc) here reads the saved table at (dr a / h, dc b / w), its farthest offsets extended outwards."""
+        a, b = (saved.shape[-2] + 1) // 2, (saved.shape[-1] + 1) // 2  # grid_sample's -1 and 1: its first and last offsets
+        y, x = (torch.arange(1 - n, n) * old / n / max(old - 1, 1) for n, old in ((self.h, a), (self.w, b)))
+        grid = torch.stack(torch.meshgrid(x, y, indexing='xy'), -1).clamp(-1, 1)[None].to(saved)
+        return F.grid_sample(saved[None].float(), grid, mode='bicubic', padding_mode='border', align_corners=True)[0]
+
+    def work(self, B, n, d):
+        """Multiply-adds per head: dense B n^2 d (scores, times v); FFT B d^2 n' log2 n', n' = 4n the padded grid."""
+        return B * n * n * d, B * d * d * 4 * n * math.log2(4 * n)
 
 class TopoAttention(Attention):
     """The exact topological mask of the patch graph, coefficients starting at decay^k. topo_form='alpha' learns
@@ -209,7 +222,7 @@ class GRFAttention(Attention):
     walk_buffers = ('grf_crow', 'grf_col', 'grf_slot', 'grf_fidx', 'grf_load')
     derived_buffers = ('grf_rows', 'grf_crow_t', 'grf_col_t', 'grf_perm')  # from grf_crow and grf_col, not saved
     walk_settings = ('image_size', 'patch_size', 'graph', 'grf_walks', 'grf_p_halt', 'grf_coupling', 'mask_max_len', 'mask_seed')
-    dense_max_n = {'cpu': 256}
+    fast_cost = {'cpu': 22.5}
 
     def __init__(self, c, layer):
         super().__init__(c, layer)
@@ -255,6 +268,11 @@ class GRFAttention(Attention):
 
     def fast_mix(self, q, k, v):
         return masks.grf_linear_attention(q, k, v, self.layout(), self.grf_values())
+
+    def work(self, B, n, d):
+        """Multiply-adds per head: dense n^3 (M, once a batch) + B n^2 d; sparse B n R d^2, R non-zeros per row of Phi_hat."""
+        R = self.grf_col.numel() / (self.heads * n)
+        return n ** 3 + B * n * n * d, B * n * R * d * d
 
 # attn -> its class. A new variant: its math in masks.py, its class above, its entry here (README, "Adding a mask").
 VARIANTS = {'softmax': SoftmaxAttention, 'linear': LinearAttention, 'toeplitz': ToeplitzAttention,
@@ -314,38 +332,49 @@ class ViT(nn.Module):
     def load_for_fine_tuning(self, state, src):
         """Take the tensors of a saved model (state, its ViTConfig src) that still mean the same thing here: the
         shared weights; the head if the class count is the same; the mask parameters if the variant and its `form_settings`
-        are (coefficient vectors of another length cut or extended, so K may change; parameters of another
-        grid start afresh); the sampled walks if all its `walk_settings` are. The rest keeps its initialisation.
-        -> {'loaded': [...], 'truncated': [...], 'fresh': [...]}"""
+        are (coefficient vectors of another length cut or extended, so K may change); the sampled walks if
+        all its `walk_settings` are; position embeddings and Toeplitz tables of another grid resampled to this one
+        (resample()). The rest keeps its initialisation. -> {'loaded', 'truncated', 'resampled', 'fresh': [names]}"""
         c = self.config
-        variant = VARIANTS[c.attn]
+        variant, grid, saved_grid = VARIANTS[c.attn], c.image_size // c.patch_size, src.image_size // src.patch_size
         same_mask = src.attn == c.attn and all(getattr(src, k) == getattr(c, k) for k in variant.form_settings)
         same_walks = same_mask and all(getattr(src, k) == getattr(c, k) for k in variant.walk_settings)
-        mask = set(self.mask_parameters())
-        walks = set(self.walk_buffers())
-        new, done = {}, {'loaded': [], 'truncated': [], 'fresh': []}
+        mask, walks = set(self.mask_parameters()), set(self.walk_buffers())
+        new, done = {}, {'loaded': [], 'truncated': [], 'resampled': [], 'fresh': []}
         for k, own in self.state_dict().items():
-            saved = state.get(k)
+            saved, module = state.get(k), self.get_submodule(k.rpartition('.')[0])
+            resample = grid != saved_grid and saved is not None and hasattr(module, 'resample')
+            resampled = module.resample(k.rpartition('.')[2], saved) if resample else None
             if (saved is None or k.startswith('head.') and src.num_classes != c.num_classes
                     or k in mask and not same_mask or k in walks and not same_walks):
                 done['fresh'].append(k)
             elif k in walks or saved.shape == own.shape:
                 new[k] = saved
                 done['loaded'].append(k)
+            elif resampled is not None and resampled.shape == own.shape:  # of another grid
+                new[k] = resampled
+                done['resampled'].append(k)
             elif k in mask and saved.shape[:-1] == own.shape[:-1]:  # coefficients 0 .. K of another K
                 n = min(saved.shape[-1], own.shape[-1])
                 new[k] = torch.cat([saved[..., :n], own[..., n:]], -1)
                 done['truncated'].append(k)
-            elif k in mask:  # a parameter of another grid (a Toeplitz table)
+            elif k in mask:  # a parameter of another head count
                 done['fresh'].append(k)
             else:
                 raise ValueError(f"{k} of shape {tuple(saved.shape)} does not fit this model's {tuple(own.shape)}")
         self.load_state_dict(new, strict=False)
         return done
 
+    def resample(self, name, saved):
+        """pos_embed of another grid, bicubic over the patch grid as timm's resample_abs_pos_embed; else None."""
+        if name != 'pos_embed':  # the Toeplitz tables: their Attention's resample()
+            return None
+        side, grid = math.isqrt(saved.shape[1]), self.config.image_size // self.config.patch_size
+        x = saved.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()  # [1, dim, rows, cols]
+        return F.interpolate(x, size=(grid, grid), mode='bicubic', antialias=True, align_corners=False).flatten(2).transpose(1, 2)
+
     def mask_parameters(self):
-        """The mask's own parameters (f, alpha, Toeplitz tables), by name: those an Attention holds itself,
-        beside its qkv and output projections."""
+        """The mask's own parameters (f, alpha, Toeplitz tables), by name: an Attention's own, not qkv's or proj's."""
         return {f'{name}.{p_name}': p for name, m in self.named_modules() if isinstance(m, Attention)
                 for p_name, p in m.named_parameters(recurse=False)}
 
@@ -365,8 +394,7 @@ class ViT(nn.Module):
                 groups['decay'].append(p)
             else:
                 groups['no_decay'].append(p)
-        assert sum(len(g) for g in groups.values()) == len(list(self.parameters())), "a parameter in no group"
-        assert len({id(p) for g in groups.values() for p in g}) == len(list(self.parameters())), "a parameter in two groups"
+        assert sorted(id(p) for g in groups.values() for p in g) == sorted(map(id, self.parameters())), "not one group each"
         settings = {'decay': (weight_decay, 1.0), 'no_decay': (0.0, 1.0), 'mask': (0.0, mask_lr_mult)}
         return [{'params': ps, 'weight_decay': settings[k][0], 'lr_mult': settings[k][1]}
                 for k, ps in groups.items() if ps]

@@ -117,7 +117,7 @@ def test_a_busy_run_folder_a_damaged_checkpoint_and_missing_data_each_say_their_
 
 def test_bench_names_a_mistyped_mode_in_one_line():
     p = subprocess.run([sys.executable, 'bench.py', '--mode=atention'], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and p.stderr == "config error: mode='atention' is invalid; valid: attention, train, walks\n"
+    assert p.returncode == 2 and p.stderr == "config error: mode='atention' is invalid; valid: attention, train\n"
 
 def test_broken_config_file_is_one_line(tmp_path, capsys):
     cfg = write(tmp_path, "epochs = = 3\n")

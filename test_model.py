@@ -13,7 +13,7 @@ def tiny(**kw):
                                 heads=2, mlp_dim=64, dropout=0.0, grf_walks=4, mask_max_len=4), **kw})
 
 MASKED = [a for a, cls in VARIANTS.items() if hasattr(cls, "dense_mask")]  # the masked linear attentions
-PATHS = [(a, impl) for a, cls in VARIANTS.items() for impl in ("dense", "fast")[:1 + (cls.dense_max_n is not None)]]
+PATHS = [(a, impl) for a, cls in VARIANTS.items() for impl in ("dense", "fast")[:1 + (cls.fast_cost is not None)]]
 
 IMAGES = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -35,7 +35,7 @@ def test_every_variant_trains_in_fp32_and_bf16(attn, impl):
     assert torch.isfinite(out.float()).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
-@pytest.mark.parametrize("attn", [a for a, cls in VARIANTS.items() if cls.dense_max_n is not None])
+@pytest.mark.parametrize("attn", [a for a, cls in VARIANTS.items() if cls.fast_cost is not None])
 def test_dense_and_fast_models_agree(attn):
     torch.manual_seed(0)
     dense = ViT(tiny(attn=attn, attn_impl="dense"))
@@ -46,18 +46,20 @@ def test_dense_and_fast_models_agree(attn):
     fast.load_state_dict(dense.state_dict())
     torch.testing.assert_close(fast(IMAGES), dense(IMAGES), rtol=1e-4, atol=1e-5)
 
-@pytest.mark.parametrize("attn", [a for a, cls in VARIANTS.items() if cls.dense_max_n is not None])
-def test_auto_takes_the_dense_path_up_to_dense_max_n_of_the_tokens_device_type(attn, monkeypatch):
+@pytest.mark.parametrize("attn", [a for a, cls in VARIANTS.items() if cls.fast_cost is not None])
+def test_auto_takes_the_fast_path_where_its_cost_is_lower_with_the_fast_cost_of_the_tokens_device_type(attn, monkeypatch):
     """16 tokens, on the CPU and on the meta device; a device type the table does not name takes the CPU's value."""
     layer = ViT(tiny(attn=attn)).blocks[0].attn
+    dense, fast = layer.work(1, 16, 16)
+    even = dense / fast  # the fast_cost at which both paths cost the same
     taken = []
     monkeypatch.setattr(type(layer), "fast_mix", lambda self, q, k, v: taken.append("fast"))
     monkeypatch.setattr(masks, "masked_linear_attention", lambda *args, **kw: taken.append("dense"))
-    for device, table, path in [("cpu", {"cpu": 16}, "dense"), ("cpu", {"cpu": 15}, "fast"),
-                                ("cpu", {"cpu": 16, "meta": 15}, "dense"), ("meta", {"cpu": 16, "meta": 15}, "fast"),
-                                ("meta", {"cpu": 15, "meta": 16}, "dense"), ("meta", {"cpu": 15}, "fast"),
-                                ("meta", {"cpu": 16}, "dense")]:
-        monkeypatch.setattr(type(layer), "dense_max_n", table)
+    for device, table, path in [("cpu", {"cpu": even * 1.01}, "dense"), ("cpu", {"cpu": even * 0.99}, "fast"),
+                                ("cpu", {"cpu": even * 1.01, "meta": even / 2}, "dense"), ("meta", {"cpu": even * 2, "meta": even / 2}, "fast"),
+                                ("meta", {"cpu": even / 2, "meta": even * 2}, "dense"), ("meta", {"cpu": even / 2}, "fast"),
+                                ("meta", {"cpu": even * 2}, "dense")]:
+        monkeypatch.setattr(type(layer), "fast_cost", table)
         q = torch.zeros(1, 2, 16, 16, device=device)
         layer.mix(q, q, q)
         assert taken.pop() == path, (device, table)
@@ -422,3 +424,95 @@ def test_a_sixth_variant_added_the_documented_way_trains_and_its_mask_is_what_a_
                 num, den = num + weight * v[0, hd, j], den + weight
             out[0, hd, i] = num / (den + masks.EPS)
     torch.testing.assert_close(attn.mix(q, k, v).detach(), out, rtol=1e-5, atol=1e-6)
+
+def bicubic(table, r, c, a=-0.75):
+    """table [rows, cols] at the fractional index (r, c): Keys' cubic convolution (torch's a = -0.75) over the 4 x 4
+    nearest entries, an index past the edge reading the edge, as a loop."""
+    def weight(x):
+        x = abs(x)
+        return ((a + 2) * x - (a + 3)) * x * x + 1 if x <= 1 else ((x - 5) * x + 8) * x * a - 4 * a if x < 2 else 0.0
+    r0, c0 = math.floor(r), math.floor(c)
+    return sum(weight(r - i) * weight(c - j) * table[min(max(i, 0), table.shape[0] - 1), min(max(j, 0), table.shape[1] - 1)]
+               for i in range(r0 - 1, r0 + 3) for j in range(c0 - 1, c0 + 3))
+
+def changed_resolution(attn, image_size, **kw):
+    """A tiny model (4 x 4 grid) with random weights, fine-tuned at image_size: (source state, new state, done)."""
+    torch.manual_seed(0)
+    src = ViT(tiny(attn=attn, **kw))
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p))
+    model = ViT(tiny(attn=attn, image_size=image_size, **kw))
+    done = model.load_for_fine_tuning(src.state_dict(), src.config)
+    return src.state_dict(), model.state_dict(), done
+
+@pytest.mark.parametrize("image_size", [24, 12, 32])
+def test_position_embeddings_of_another_grid_are_the_old_grid_resampled_bicubic(image_size):
+    """Against F.interpolate of the embeddings laid out by hand on the 4 x 4 grid, node i = row * 4 + col."""
+    src, new, done = changed_resolution("linear", image_size)
+    side = image_size // 4
+    grid = torch.stack([torch.stack([src["pos_embed"][0, row * 4 + col] for col in range(4)], -1) for row in range(4)], -2)
+    want = torch.nn.functional.interpolate(grid[None], size=(side, side), mode="bicubic", antialias=True)[0]
+    got = new["pos_embed"][0]
+    assert got.shape == (side * side, 32) and done["resampled"] == ["pos_embed"]
+    torch.testing.assert_close(torch.stack([got[row * side + col] for row in range(side) for col in range(side)]),
+                               want.permute(1, 2, 0).reshape(-1, 32))
+    assert torch.equal(new["blocks.0.attn.qkv.weight"], src["blocks.0.attn.qkv.weight"])
+
+@pytest.mark.parametrize("attn", VARIANTS)
+def test_fine_tuning_at_the_same_size_changes_nothing(attn):
+    src, new, done = changed_resolution(attn, 16)
+    assert done["resampled"] == [] and done["fresh"] == [] and src.keys() == new.keys()
+    assert all(torch.equal(src[k], new[k]) for k in src)
+
+@pytest.mark.parametrize("image_size", [24, 12, 32])
+def test_toeplitz_tables_are_resampled_at_the_same_offsets_as_fractions_of_the_image(image_size):
+    """Offset dr of the new grid of h' patches reads the old table of h = 4 at dr * 4 / h' (the farthest offset
+    where that is beyond it): against Keys' cubic convolution in a loop; at 32 px (8 x 8) even offsets are exact."""
+    src, new, done = changed_resolution("toeplitz", image_size)
+    h, side = 4, image_size // 4
+    tables = [k for k in src if k.endswith("table_logits")]
+    assert tables and set(tables) <= set(done["resampled"])
+    for k in tables:
+        assert new[k].shape == (2, 2 * side - 1, 2 * side - 1)
+        for head in range(2):
+            for i, dr in enumerate(range(1 - side, side)):
+                for j, dc in enumerate(range(1 - side, side)):
+                    r, c = (min(max(o * h / side, 1 - h), h - 1) + h - 1 for o in (dr, dc))
+                    want = bicubic(src[k][head], r, c)
+                    assert abs(new[k][head, i, j] - want) < 1e-4, (k, head, dr, dc)
+        if side == 8:
+            torch.testing.assert_close(new[k][:, 1::2, 1::2], src[k], rtol=0, atol=1e-5)
+
+@pytest.mark.parametrize("attn", ["topo", "grf"])
+def test_another_resolution_keeps_the_per_hop_coefficients_and_builds_powers_and_walks_for_the_new_grid(attn):
+    src, new, done = changed_resolution(attn, 24)
+    coef = [k for k in src if k.endswith("_logits")]
+    assert coef and all(torch.equal(new[k], src[k]) and k in done["loaded"] for k in coef)
+    model = ViT(tiny(attn=attn, image_size=24))
+    model.load_for_fine_tuning(src, tiny(attn=attn))
+    layer = model.blocks[0].attn
+    fresh = ViT(tiny(attn=attn, image_size=24)).blocks[0].attn  # the powers and walks of the 6 x 6 grid, as built
+    if attn == "topo":
+        W = masks.normalized_adjacency(masks.grid_graph(6, 6))
+        torch.testing.assert_close(layer.W_powers[2], (W @ W).float())
+    else:
+        assert all(k in done["fresh"] for k in src if "grf_" in k)
+        assert layer.grf_crow.shape[0] == 2 * 36 + 1 and torch.equal(layer.grf_col, fresh.grf_col)
+    assert torch.isfinite(model(torch.randn(2, 3, 24, 24))).all()
+
+@pytest.mark.parametrize("walks, K, dense_at, fast_at", [(100, 100, 784, 3136), (20, 10, 784, 3136)])
+def test_auto_takes_grf_dense_and_sparse_paths_where_whole_training_steps_found_each_faster(walks, K, dense_at, fast_at):
+    """The Imagenette model's attention (heads of 32 channels, batch 2) with the walks drawn at the reference's
+    settings and at the benchmark's: bench.py --mode=train measured the dense step faster at dense_at tokens, the
+    sparse one at fast_at (README, 'What they cost')."""
+    for n, fast in ((dense_at, False), (fast_at, True)):
+        side = math.isqrt(n)
+        layer = VARIANTS["grf"](ViTConfig(image_size=4 * side, dim=32, heads=1, grf_walks=walks, mask_max_len=K,
+                                          mask_init_decay=0.99), layer=0)
+        assert layer.fast_pays(2, n, 32) == fast, (n, layer.work(2, n, 32))
+
+def test_auto_takes_the_toeplitz_fft_only_from_a_grid_larger_than_whole_training_steps_found_it_slower_on():
+    """Heads of 32 channels, batch 2: the dense step was faster up to 3,136 tokens (README, 'What they cost')."""
+    at = lambda n: VARIANTS["toeplitz"](ViTConfig(image_size=4 * math.isqrt(n), dim=32, heads=1), 0).fast_pays(2, n, 32)
+    assert not at(196) and not at(784) and not at(3136) and at(12544)

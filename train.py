@@ -139,20 +139,20 @@ scaler = torch.amp.GradScaler('cuda', enabled=ptdtype == torch.float16)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 init_from = config['init_from'] = init_from.replace('{attn}', attn)  # a config may name the variant's own checkpoint
 
-ckpt = None
-if init_from == 'scratch':  # a new model, initialised from seed
-    if eval_only:
-        fail("eval_only=True needs init_from='resume' or the path of a checkpoint")
-else:  # resume: continue out_dir/ckpt.pt exactly (model, optimizer, step, random streams); a path: fine-tune from that
-    # checkpoint (this run's model settings, the tensors that still fit) or, with eval_only, evaluate it as it is
-    ckpt = outdir.read_checkpoint(ckpt_path if init_from == 'resume' else init_from, f"init_from={init_from!r}",
-                                  lambda c: c | {'config': c['config'] | asdict(saved_config(c['config']))})  # as it ran
-    if init_from == 'resume' or eval_only:  # the model is the checkpoint's as it is: its settings win over this run's
-        differ = {k: ckpt['config'][k] for k in model_keys if config[k] != ckpt['config'][k]
-                  and not (k in ('in_channels', 'num_classes') and config[k] == 0)}
-        if differ:
-            print0(f"the checkpoint's model settings win over this run's: {differ}")
-        config.update({k: ckpt['config'][k] for k in model_keys})
+if init_from == 'scratch' and eval_only:  # scratch: a new model, initialised from seed
+    fail("eval_only=True needs init_from='resume' or the path of a checkpoint")
+# resume: continue out_dir/ckpt.pt exactly; a path: fine-tune from it (what fits; another grid's resampled), or evaluate it
+ckpt = None if init_from == 'scratch' else outdir.read_checkpoint(
+    ckpt_path if init_from == 'resume' else init_from, f"init_from={init_from!r}",
+    lambda c: c | {'config': c['config'] | asdict(saved_config(c['config']))})  # as it ran
+if ckpt and (init_from == 'resume' or eval_only):  # the model is the checkpoint's as it is: its settings win over this run's
+    own = {'image_size'} if eval_only and any(a.startswith('--image_size=') for a in sys.argv[1:]) else set()  # this run's
+    differ = {k: ckpt['config'][k] for k in model_keys if config[k] != ckpt['config'][k] and k not in own
+              and not (k in ('in_channels', 'num_classes') and config[k] == 0)}
+    if differ:
+        hint = " (a resumed run keeps its image size: fine-tune with --init_from=PATH to change it)"
+        print0(f"the checkpoint's model settings win over this run's: {differ}" + hint * ('image_size' in differ and not eval_only))
+    config.update({k: ckpt['config'][k] for k in model_keys if k not in own})
 globals().update({k: config[k] for k in model_keys})
 
 # out_dir: one run writes it at a time, and a new run never overwrites an old one (rank 0 writes; eval_only writes nothing)
@@ -174,18 +174,18 @@ if (in_channels, num_classes) != (loaders.channels, loaders.num_classes):
          f"{dataset} has {loaders.channels}, {loaders.num_classes}")
 torch.manual_seed(seed)
 model = ViT(ViTConfig(**{k: config[k] for k in model_keys}))
-if init_from == 'resume' or (eval_only and ckpt):
+source = ckpt and saved_config(ckpt['config'])
+if init_from == 'resume' or eval_only and ckpt and source.image_size == image_size:
     model.load_state_dict(ckpt['model'])
-elif ckpt:
-    source = saved_config(ckpt['config'])
+elif ckpt:  # fine-tuning, or evaluating at another image size
     try:
         done = model.load_for_fine_tuning(ckpt['model'], source)
     except ValueError as e:
         fail(f"{init_from} does not fit this model: {e}", kind='checkpoint')
-    print0(f"fine-tuning from {init_from} (attn={source.attn}): loaded {len(done['loaded'])} tensors; "
-           f"kept the first coefficients of {done['truncated'] or 'none'}; started afresh: {done['fresh'] or 'none'}")
-    if source.attn != attn:
-        print0(f"note: the checkpoint was trained with attn={source.attn!r}, this run uses attn={attn!r}")
+    print0(f"{'evaluating' if eval_only else 'fine-tuning'} from {init_from} (attn={source.attn}" + (f"; this run: {attn}"
+           if source.attn != attn else '') + f"): loaded {len(done['loaded'])} tensors; resampled from {source.image_size} "
+           f"to {image_size} px: {done['resampled'] or 'none'}; kept the first coefficients of {done['truncated'] or 'none'}; "
+           f"started afresh: {done['fresh'] or 'none'}")
 model.to(device)
 raw_model = model  # saved without DDP's module. and compile's _orig_mod. prefixes
 optimizer = torch.optim.AdamW(model.param_groups(weight_decay, mask_lr_mult), lr=lr, betas=(beta1, beta2), fused=device_type == 'cuda')
