@@ -15,6 +15,7 @@ import time
 import pytest
 
 import data
+import outdir
 from configurator import configure
 from test_data import need
 from test_train import ROOT, TINY, assert_same_model, checkpoint, records, result, train
@@ -50,6 +51,9 @@ def early_exits(finished, tmp_path_factory):
     runs['scratch'] = [*SYNTHETIC, f'--out_dir={tmp}/scratch']
     runs['fine-tuning'] = [*SYNTHETIC, f'--init_from={finished}/ckpt.pt', f'--out_dir={tmp}/fine-tuning']
     (tmp / 'another host' / 'lock').write_text('another-host 1')
+    shutil.copytree(finished, tmp / 'empty lock')
+    runs['empty lock'] = [*SYNTHETIC, '--init_from=resume', f"--out_dir={tmp / 'empty lock'}"]
+    (tmp / 'empty lock' / 'lock').write_text('')
     for name, damage in DAMAGE.items():
         (tmp / name / 'ckpt.pt').write_bytes(damage((finished / 'ckpt.pt').read_bytes()))
     (tmp / 'truncated' / 'ckpt.pt.tmp').write_bytes(b'half a save')
@@ -119,7 +123,7 @@ def test_an_empty_class_folder_is_one_line_naming_it(mini):
 
 # c. two trainings into one out_dir ----------------------------------------------------------------------------------
 
-def test_a_second_run_into_a_busy_out_dir_refuses_and_a_killed_runs_lock_is_taken_over(tmp_path):
+def test_a_second_run_into_a_busy_out_dir_refuses_and_a_killed_runs_folder_is_free_at_once(tmp_path):
     out = tmp_path / 'run'
     loading = tmp_path / 'loading'
     hold = ("import runpy, sys, time, data\n"  # the first run stops where its data would load, holding out_dir
@@ -133,20 +137,49 @@ def test_a_second_run_into_a_busy_out_dir_refuses_and_a_killed_runs_lock_is_take
                 break
             time.sleep(0.1)
         assert loading.exists(), "the first run never reached its data"
+        assert outdir.holder(str(out)) == f"pid {first.pid} on {socket.gethostname()}"
         second = train(*SYNTHETIC, out=out, ok=False)
         assert second.returncode == 2 and one_line(second.stderr), second.stderr
         assert f"pid {first.pid} on {socket.gethostname()}" in second.stderr and str(out) in second.stderr
     finally:
-        first.kill()  # SIGKILL: no exit handler removes its lock
+        first.kill()  # SIGKILL: no exit handler runs, the OS drops its lock
         first.wait()
-    assert open(out / 'lock').read() == f"{socket.gethostname()} {first.pid}"
-    third = train(*SYNTHETIC, '--max_steps=2', out=out)  # that pid is gone from this host: the lock is taken over
-    assert 'done' in third.stdout and not (out / 'lock').exists() and checkpoint(out)['step'] == 2
+    assert open(out / 'lock').read() == f"{socket.gethostname()} {first.pid}" and outdir.holder(str(out)) is None
+    third = train(*SYNTHETIC, '--max_steps=2', out=out)  # no take-over to decide: the lock is free
+    assert 'done' in third.stdout and outdir.holder(str(out)) is None and checkpoint(out)['step'] == 2
 
-def test_a_lock_held_from_another_host_is_respected(early_exits):
+def test_a_lock_file_left_by_a_run_on_another_host_or_an_empty_one_is_no_obstacle(early_exits):
+    """A requeued job on another node resumes at once; what a dead run's lock file says no longer matters."""
     tmp, exits = early_exits
-    code, err = exits['another host']
-    assert code == 2 and one_line(err) and 'in use by pid 1 on another-host' in err and str(tmp / 'another host' / 'lock') in err
+    for name in ('another host', 'empty lock'):
+        code, err = exits[name]
+        assert code == 0 and 'error' not in err, f"{name}: {code} {err}"
+        assert json.load(open(tmp / name / 'result.json'))['steps'] == 2 * STEPS_PER_EPOCH
+
+def test_two_runs_started_into_one_folder_at_the_same_moment_one_trains_and_one_refuses(tmp_path):
+    """Both wait at the door (just before taking out_dir) until a go file appears, then go at once."""
+    out, go = tmp_path / 'run', tmp_path / 'go'
+    door = ("import os, runpy, sys, time, outdir\n"
+            "real = outdir.claim\n"
+            "def claim(*args, **kwargs):\n"
+            f"    open({str(tmp_path)!r} + '/ready-' + sys.argv[1], 'w').close()\n"
+            f"    while not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
+            "    real(*args, **kwargs)\n"
+            "outdir.claim = claim\n"
+            f"sys.argv = ['train.py', *{SYNTHETIC + ['--max_steps=2', f'--out_dir={out}']!r}]\n"
+            "runpy.run_path('train.py', run_name='__main__')\n")
+    runs = [subprocess.Popen([sys.executable, '-c', door, str(i)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for i in range(2)]
+    for _ in range(1200):
+        if all((tmp_path / f'ready-{i}').exists() for i in range(2)) or any(r.poll() is not None for r in runs):
+            break
+        time.sleep(0.05)
+    go.touch()
+    done = [r.communicate(timeout=600) + (r.returncode,) for r in runs]
+    assert sorted(code for _, _, code in done) == [0, 2], done
+    (_, err, _), = [d for d in done if d[2] == 2]
+    assert one_line(err) and 'is in use by pid' in err and str(out) in err, err
+    assert checkpoint(out)['step'] == 2 and outdir.holder(str(out)) is None
 
 # d. a run from scratch into a folder that holds a run ----------------------------------------------------------------
 
@@ -155,8 +188,8 @@ def test_a_run_from_scratch_or_a_fine_tuning_never_overwrites_a_run(early_exits,
     tmp, exits = early_exits
     code, err = exits[run]
     assert code == 2 and one_line(err) and '--init_from=resume' in err and '--out_dir' in err, err
-    assert sorted(os.listdir(tmp / run)) == sorted(os.listdir(finished))  # its lock went at exit
-    assert all((tmp / run / f).read_bytes() == (finished / f).read_bytes() for f in os.listdir(finished))
+    assert sorted(os.listdir(tmp / run)) == sorted(os.listdir(finished)) and outdir.holder(str(tmp / run)) is None
+    assert all((tmp / run / f).read_bytes() == (finished / f).read_bytes() for f in os.listdir(finished) if f != 'lock')
 
 # e. undecodable images; an evaluation that crashes ------------------------------------------------------------------
 
@@ -260,3 +293,77 @@ def test_a_config_path_that_is_a_directory_says_so(capsys):
     with pytest.raises(SystemExit):
         configure({'lr': 1e-3}, ['configs'])
     assert capsys.readouterr().err.strip() == "config error: config file configs is a directory, not a file"
+
+# h. what a cluster does to a run: preemption (SIGTERM), Ctrl-C (SIGINT), a worker killed -------------------------------
+
+def wrapped(tmp_path, signum, at_step, rank=0):
+    """A script that runs train.py as given and has `rank` send itself signum while it takes optimizer step at_step,
+    as a scheduler's signal lands in the middle of a step."""
+    script = tmp_path / f'signal_{signum}_at_{at_step}.py'
+    script.write_text("import os, runpy, sys, torch\n"
+                      f"sys.path.insert(0, {ROOT!r})\n"
+                      "real_step, calls = torch.optim.AdamW.step, []\n"
+                      "def step(self, *args, **kwargs):\n"
+                      "    calls.append(1)\n"
+                      f"    if len(calls) == {at_step} and os.environ.get('RANK', '0') == '{rank}':\n"
+                      f"        os.kill(os.getpid(), {signum})\n"
+                      "    return real_step(self, *args, **kwargs)\n"
+                      "torch.optim.AdamW.step = step\n"
+                      "sys.argv[0] = 'train.py'\n"
+                      "runpy.run_path('train.py', run_name='__main__')\n")
+    return str(script)
+
+TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')
+
+def run(launcher, script, *args, out):
+    return subprocess.run([*launcher, script, *args, f'--out_dir={out}'], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+def logged(out):
+    return [(r['kind'], r['step'], r['loss'], r.get('top1')) for r in map(json.loads, open(out / 'metrics.jsonl'))]
+
+@pytest.mark.parametrize('signum, at_step', [(15, 3), (2, STEPS_PER_EPOCH)])  # SIGTERM mid-epoch, SIGINT at its end
+def test_a_signal_stops_the_run_after_its_step_and_the_resumed_run_ends_as_if_never_stopped(finished, tmp_path, signum, at_step):
+    out = tmp_path / 'run'
+    p = run((sys.executable,), wrapped(tmp_path, signum, at_step), *SYNTHETIC, out=out)
+    name = {15: 'SIGTERM', 2: 'SIGINT'}[signum]
+    assert p.returncode == 128 + signum and one_line(p.stderr), p.stderr  # 143 or 130: ended by that signal
+    assert f"stopped by {name} at step {at_step}" in p.stderr and '--init_from=resume' in p.stderr
+    assert checkpoint(out)['step'] == at_step and outdir.holder(str(out)) is None
+    assert not records(out, 'eval')  # the evaluation at the epoch's end is left to the resumed run
+    again = p.stderr.strip().split('resume with: python ')[1].split()
+    train(*again[1:], out=out)  # the command it printed (and the same out_dir)
+    assert_same_model(checkpoint(finished)['model'], checkpoint(out)['model'])
+    assert logged(out) == logged(finished)  # every train loss and evaluation, the partial log interval's included
+    assert result(out)['final'] == result(finished)['final'] and result(out)['best'] == result(finished)['best']
+
+def test_under_torchrun_every_rank_stops_at_the_step_one_rank_was_signalled_at(finished, tmp_path):
+    """Rank 1 alone gets SIGTERM during step 3: both stop after step 3; resumed, the run ends as an unstopped one."""
+    out = tmp_path / 'run'
+    p = run(TORCHRUN, wrapped(tmp_path, 15, 3, rank=1), *SYNTHETIC, out=out)
+    assert p.returncode != 0 and p.stderr.count('stopped by SIGTERM at step 3') == 1, p.stderr[-3000:]
+    c = checkpoint(out)
+    assert c['step'] == 3 and len(c['rng']) == 2 and outdir.holder(str(out)) is None
+    p = run(TORCHRUN, 'train.py', *SYNTHETIC, '--init_from=resume', out=out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_same_model(checkpoint(finished)['model'], checkpoint(out)['model'], exact=False)
+    assert abs(result(out)['final']['top1'] - result(finished)['final']['top1']) <= 0.1  # 2 of 2048 images
+
+def test_torchrun_with_a_worker_killed_ends_and_its_last_checkpoint_resumes(finished, tmp_path):
+    """Rank 1 dies by SIGKILL during step 6 (epoch 2): torchrun ends (no hang: this call's timeout bounds it) with the
+    checkpoint of epoch 1 intact and the folder free; the run resumes from it, here on one process."""
+    out = tmp_path / 'run'
+    p = run(TORCHRUN, wrapped(tmp_path, 9, STEPS_PER_EPOCH + 2, rank=1), *SYNTHETIC, out=out)
+    assert p.returncode != 0 and 'SIGKILL' in p.stderr, p.stderr[-3000:]
+    assert checkpoint(out)['step'] == STEPS_PER_EPOCH and outdir.holder(str(out)) is None
+    train(*SYNTHETIC, '--init_from=resume', out=out)
+    assert_same_model(checkpoint(finished)['model'], checkpoint(out)['model'], exact=False)
+
+def test_a_checkpoint_is_on_disk_before_it_replaces_the_last(tmp_path, monkeypatch):
+    """The temp file is fsync'ed before the rename: a crash of the machine cannot leave an empty ckpt.pt."""
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, 'fsync', lambda fd: calls.append(('fsync', os.readlink(f'/proc/self/fd/{fd}'))) or real_fsync(fd))
+    monkeypatch.setattr(os, 'replace', lambda a, b: calls.append(('replace', str(a))) or real_replace(a, b))
+    path = str(tmp_path / 'ckpt.pt')
+    outdir.save_checkpoint({'step': 1}, path)
+    assert calls == [('fsync', path + '.tmp'), ('replace', path + '.tmp')]
