@@ -218,6 +218,21 @@ def test_more_undecodable_images_than_one_in_a_thousand_stop_the_run_in_one_line
     msg = str(e.value)
     assert '\n' not in msg and msg.startswith('2 images failed to decode') and paths[0] in msg and 'damaged' in msg
 
+@pytest.mark.parametrize('num_workers', [0, 2])
+@pytest.mark.parametrize('fault', ['vanished', 'unreadable'])
+def test_a_file_that_cannot_be_read_ends_the_run_in_one_line_naming_it(mini, num_workers, fault):
+    """Not an undecodable image to replace: a file gone since the folders were listed, or one whose read fails (here a
+    folder where the file was: the read raises IsADirectoryError, an OSError as an I/O error is)."""
+    d = data.load('imagenet', str(mini), 32, 20, num_workers=num_workers)
+    path = files(mini / 'val' / 'n01440764')[3]
+    os.remove(path)
+    if fault == 'unreadable':
+        os.makedirs(path)
+    with pytest.raises(SystemExit) as e:
+        list(d.val)
+    msg = str(e.value)
+    assert msg.startswith(f"data error: {path} cannot be read (") and '\n' not in msg and 'damaged' not in msg, msg
+
 def test_an_evaluation_that_crashes_costs_no_training(finished, tmp_path):
     """The checkpoint of a finished epoch is on disk before its evaluation; the resumed run evaluates it first, and
     ends where an uninterrupted run ends, with the same evaluations and the same best."""
