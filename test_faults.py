@@ -313,7 +313,7 @@ def test_a_config_path_that_is_a_directory_says_so(capsys):
 
 def wrapped(tmp_path, signum, at_step, rank=0):
     """A script that runs train.py as given and has `rank` send itself signum while it takes optimizer step at_step,
-    as a scheduler's signal lands in the middle of a step."""
+    as a scheduler's signal lands in the middle of a step; at its end it names the threads still running."""
     script = tmp_path / f'signal_{signum}_at_{at_step}.py'
     script.write_text("import os, runpy, sys, torch\n"
                       f"sys.path.insert(0, {ROOT!r})\n"
@@ -325,7 +325,11 @@ def wrapped(tmp_path, signum, at_step, rank=0):
                       "    return real_step(self, *args, **kwargs)\n"
                       "torch.optim.AdamW.step = step\n"
                       "sys.argv[0] = 'train.py'\n"
-                      "runpy.run_path('train.py', run_name='__main__')\n")
+                      "try:\n"
+                      "    runpy.run_path('train.py', run_name='__main__')\n"
+                      "finally:\n"
+                      "    threads = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
+                      "    print(f'threads at exit:', *sorted(threads), file=sys.stderr)\n")
     return str(script)
 
 TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')
@@ -351,17 +355,30 @@ def test_a_signal_stops_the_run_after_its_step_and_the_resumed_run_ends_as_if_ne
     assert logged(out) == logged(finished)  # every train loss and evaluation, the partial log interval's included
     assert result(out)['final'] == result(finished)['final'] and result(out)['best'] == result(finished)['best']
 
-def test_under_torchrun_every_rank_stops_at_the_step_one_rank_was_signalled_at(finished, tmp_path):
-    """Rank 1 alone gets SIGTERM during step 3: both stop after step 3; resumed, the run ends as an unstopped one."""
-    out = tmp_path / 'run'
-    p = run(TORCHRUN, wrapped(tmp_path, 15, 3, rank=1), *SYNTHETIC, out=out)
-    assert p.returncode != 0 and p.stderr.count('stopped by SIGTERM at step 3') == 1, p.stderr[-3000:]
-    c = checkpoint(out)
-    assert c['step'] == 3 and len(c['rng']) == 2 and outdir.holder(str(out)) is None
-    p = run(TORCHRUN, 'train.py', *SYNTHETIC, '--init_from=resume', out=out)
-    assert p.returncode == 0, p.stderr[-3000:]
+@pytest.fixture(scope='module')
+def ddp_stopped_and_resumed(tmp_path_factory):
+    """2 ranks, rank 1 alone signalled (SIGTERM during step 3), then resumed: (out_dir, the stopped run, the resumed)."""
+    tmp = tmp_path_factory.mktemp('ddp')
+    stopped = run(TORCHRUN, wrapped(tmp, 15, 3, rank=1), *SYNTHETIC, out=tmp / 'run')
+    stopped.saved = checkpoint(tmp / 'run')
+    resumed = run(TORCHRUN, wrapped(tmp, 15, 0), *SYNTHETIC, '--init_from=resume', out=tmp / 'run')  # no signal
+    return tmp / 'run', stopped, resumed
+
+def test_under_torchrun_every_rank_stops_at_the_step_one_rank_was_signalled_at(finished, ddp_stopped_and_resumed):
+    """Both stop after step 3 (rank 0 never had the signal); resumed, the run ends as an unstopped one."""
+    out, stopped, resumed = ddp_stopped_and_resumed
+    assert stopped.returncode != 0 and stopped.stderr.count('stopped by SIGTERM at step 3') == 1, stopped.stderr[-3000:]
+    assert stopped.saved['step'] == 3 and len(stopped.saved['rng']) == 2 and resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_model(checkpoint(finished)['model'], checkpoint(out)['model'], exact=False)
     assert abs(result(out)['final']['top1'] - result(finished)['final']['top1']) <= 0.1  # 2 of 2048 images
+
+def test_no_gloo_thread_outlives_a_ddp_run_stopped_or_finished(ddp_stopped_and_resumed):
+    """A gloo thread alive at interpreter exit aborted a rank at random (terminate called without an active exception,
+    SIGABRT) after a run that had done all its work; every rank of both runs ends with its main thread alone."""
+    _, stopped, resumed = ddp_stopped_and_resumed
+    for p in (stopped, resumed):
+        ends = [l for l in p.stderr.splitlines() if l.startswith('threads at exit:')]
+        assert len(ends) == 2 and not any('gloo' in l for l in ends), ends
 
 def test_torchrun_with_a_worker_killed_ends_and_its_last_checkpoint_resumes(finished, tmp_path):
     """Rank 1 dies by SIGKILL during step 6 (epoch 2): torchrun ends (no hang: this call's timeout bounds it) with the
@@ -382,3 +399,32 @@ def test_a_checkpoint_is_on_disk_before_it_replaces_the_last(tmp_path, monkeypat
     path = str(tmp_path / 'ckpt.pt')
     outdir.save_checkpoint({'step': 1}, path)
     assert calls == [('fsync', path + '.tmp'), ('replace', path + '.tmp')]
+
+# i. a sweep -------------------------------------------------------------------------------------------------------------
+
+def sweep(*args, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'sweep.py'), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+def test_a_sweep_from_another_folder_skips_a_held_run_and_fails_naming_the_run_that_failed(tmp_path):
+    """softmax trains; linear's folder holds a damaged checkpoint, so its run fails; grf's is held by this process."""
+    for attn in ('linear', 'grf'):
+        os.makedirs(tmp_path / 'sweep' / f'{attn}-s0')
+    (tmp_path / 'sweep' / 'linear-s0' / 'ckpt.pt').write_bytes(b'damaged')
+    outdir.take_lock(str(tmp_path / 'sweep' / 'grf-s0'))
+    try:
+        p = sweep('--attns=softmax,linear,grf', '--seeds=1', '--epochs=1', '--out_root=sweep',
+                  f"--args={' '.join([*SYNTHETIC[:-3], '--max_steps=1', '--device=cpu'])}", cwd=tmp_path)
+    finally:
+        outdir.release(str(tmp_path / 'sweep' / 'grf-s0'))
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert f"sweep/grf-s0: in use by pid {os.getpid()} on {socket.gethostname()}, skipped" in p.stdout
+    assert result(tmp_path / 'sweep' / 'softmax-s0')['steps'] == 1 and 'is damaged' in open(tmp_path / 'sweep' / 'linear-s0' / 'train.log').read()
+    assert p.stderr.strip().splitlines()[-1] == "sweep: 1 runs done, 1 skipped, 1 failed: sweep/linear-s0"
+
+@pytest.mark.parametrize('bad, named', [('--config_file=configs/nope.py', 'config file not found: configs/nope.py'),
+                                        ('--seeds=0', 'seeds=0'), ('--args=--lrr=1', "unknown key 'lrr'"),
+                                        ('--attns=softmax,nope', "'nope'")])
+def test_a_sweep_checks_its_settings_and_config_before_it_launches_anything(tmp_path, bad, named):
+    p = sweep(bad, '--out_root=sweep', cwd=tmp_path)
+    assert p.returncode == 2 and one_line(p.stderr) and named in p.stderr and not (tmp_path / 'sweep').exists(), p.stderr

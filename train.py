@@ -14,7 +14,6 @@ Every hyperparameter is a global below; config files and --key=value arguments o
 import json
 import math
 import os
-import shlex
 import signal
 import sys
 import time
@@ -131,11 +130,12 @@ if ddp:
 print0 = print if master else (lambda *args, **kwargs: None)
 
 def finish(status):
-    """Every way out of a run that every rank takes together: out_dir given back, the process group torn down in order
-    (after a barrier: no rank tears it down while another has collectives in flight), then exit with status."""
+    """Every way out that all ranks take together: out_dir given back, the process group torn down in order, exit."""
+    global model, cpu_group
     outdir.release(out_dir)
-    if ddp:
-        dist.barrier()
+    if ddp:  # after a barrier (no collective in flight), and unreferenced (DDP holds it): destroy joins gloo's threads,
+        dist.barrier()  # which would otherwise outlive the interpreter and abort the process at exit (SIGABRT)
+        model = cpu_group = None
         dist.destroy_process_group()
     sys.exit(status)
 if batch_size % (world * grad_accum):
@@ -171,14 +171,12 @@ globals().update({k: config[k] for k in model_keys})
 if master and not eval_only:
     outdir.claim(out_dir, resume=init_from == 'resume')
 
-# SIGTERM (a scheduler preempting the job) or SIGINT (Ctrl-C): finish the optimizer step, save, exit; a second one ends
-# the run at once. Set before the data: its forked workers inherit it, instead of dying mid-epoch
-stop_signal = 0
-def on_stop_signal(signum, frame):
+stop_signal = 0  # SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C): stop after the optimizer step, saved
+def on_stop_signal(signum, frame):  # a second one ends the run at once
     global stop_signal
     stop_signal = signum
     signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-for sig in (signal.SIGTERM, signal.SIGINT):
+for sig in (signal.SIGTERM, signal.SIGINT):  # set before the data: forked loader workers inherit it, not die of it
     signal.signal(sig, on_stop_signal)
 
 # data
@@ -320,21 +318,19 @@ def save_checkpoint(eval_pending):
                 'eval_pending': eval_pending, 'wall_time': wall_before + time.time() - t_start, 'loss_count': loss_count}
         outdir.save_checkpoint(ckpt, ckpt_path)
 
-def stop_requested():
-    """The stop signal that any rank has had (0: none), the same on every rank: all stop after the same step."""
-    flag = torch.tensor(stop_signal)
-    if ddp:  # on the CPU (gloo, under nccl too): no wait for the device
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=cpu_group)
-    return int(flag)
-
-def stop(signum, saved):
-    """Save the step just taken (unless it is), give out_dir back, say how to resume and exit as killed by signum."""
-    if not saved:
-        save_checkpoint(eval_pending=False)
-    again = shlex.join([sys.argv[0], *(a for a in sys.argv[1:] if not a.startswith('--init_from=')), '--init_from=resume'])
-    print0(f"stopped by {signal.Signals(signum).name} at step {step}, saved in {ckpt_path}; resume with: "
-           f"{'torchrun <the same options> ' if ddp else 'python '}{again}", file=sys.stderr)
-    finish(128 + signum)  # what a shell, Slurm and Kubernetes read as ended by that signal: preempted, to requeue
+def stop_if_signalled(saved):
+    """If any rank has had a stop signal (all-reduced on the CPU, gloo: every rank stops after the same step, with no
+    wait for the device), save this step (unless saved), say how to resume and exit as that signal's kill does."""
+    signum = torch.tensor(stop_signal)
+    if ddp:
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX, group=cpu_group)
+    if signum:
+        if not saved:
+            save_checkpoint(eval_pending=False)
+        again = ' '.join([sys.argv[0], *(a for a in sys.argv[1:] if not a.startswith('--init_from=')), '--init_from=resume'])
+        print0(f"stopped by {signal.Signals(int(signum)).name} at step {step}, saved in {ckpt_path}; resume with: "
+               f"{'torchrun <the same options> ' if ddp else 'python '}{again}", file=sys.stderr)
+        finish(128 + int(signum))  # 143 or 130, as Slurm and Kubernetes read a job ended by that signal
 
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
@@ -421,13 +417,11 @@ while True:
             t0, last_step = time.time(), step
         if epoch_end:
             break
-        if signum := stop_requested():
-            stop(signum, saved=saved_step == step)
+        stop_if_signalled(saved=saved_step == step)
     save_checkpoint(eval_pending=True)  # before the evaluation: an exception there costs no training
     saved_step = step
     eval_due = True
-    if signum := stop_requested():  # the evaluation is left to the resumed run
-        stop(signum, saved=True)
+    stop_if_signalled(saved=True)  # the evaluation is left to the resumed run
 if master:
     summary = {'config': config, 'final': result, 'best': best, 'num_params': raw_model.num_params(), 'steps': step,
                'epochs_trained': step / steps_per_epoch,
