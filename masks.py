@@ -33,9 +33,28 @@ def relabelled(graph, perm):
     (nbr, deg), inv = graph, torch.argsort(perm)
     return torch.where(nbr[perm] >= 0, inv[nbr[perm].clamp(min=0)], -1), deg[perm]
 
+def check_graph(graph):
+    """graph, or a ValueError naming the rule it breaks and a node: row i of nbr lists deg_i neighbours, then -1 padding;
+    each neighbour in 0 .. N-1, once, not i itself, and with i in its own row. O(N width^2 + E log E)."""
+    nbr, deg = graph
+    N = nbr.shape[0]
+    node, real = torch.arange(N)[:, None].expand_as(nbr), nbr >= 0
+    key = node * N + nbr
+    rules = {'a neighbour is a node, 0 .. N-1 (or -1: padding)': ((nbr < -1) | (nbr >= N)).any(1),
+             'deg is the count of neighbours (entries >= 0)': real.sum(1) != deg,
+             'the -1 padding comes after the neighbours': (real.int().diff(dim=1) > 0).any(1),
+             'no self loop': (nbr == node).any(1),
+             'each neighbour listed once': (real & (key[:, :, None] == key[:, None, :]).sum(-1).gt(1)).any(1),
+             "every edge i-j listed in both rows, i's and j's": (real & ~torch.isin(nbr * N + node, key[real])).any(1)}
+    for rule, broken in rules.items():
+        if broken.any():
+            i = int(broken.nonzero()[0])
+            raise ValueError(f"graph breaks the rule '{rule}' at node {i}: neighbours {nbr[i].tolist()}, deg {int(deg[i])}")
+    return graph
+
 def normalized_adjacency(graph):
     """W = D^-1/2 A D^-1/2 of graph = (nbr, deg), dense N x N: W_ij = 1 / sqrt(deg_i deg_j) if i ~ j, else 0. O(N^2)."""
-    nbr, deg = graph
+    nbr, deg = check_graph(graph)
     A = torch.zeros(nbr.shape[0], nbr.shape[0] + 1).scatter_(1, nbr + 1, 1.0)[:, 1:]  # padding -1 lands in column 0, dropped
     s = deg.float().clamp(min=1).rsqrt()
     return s[:, None] * A * s[None, :]
@@ -116,7 +135,7 @@ def sample_grf_walks(graph, n_walks, p_halt, max_len, generator=None, coupling='
     antithetic = coupling.endswith('antithetic')
     if antithetic and n_walks % 2:
         raise ValueError(f"n_walks={n_walks} is invalid for coupling={coupling!r}; valid: an even number (walkers come in pairs)")
-    nbr, deg = graph
+    nbr, deg = check_graph(graph)
     N = nbr.shape[0]
     start = torch.arange(N).repeat_interleave(n_walks)
     slot = torch.arange(N * n_walks)  # walker j of start node i sits in slot i*n + j
