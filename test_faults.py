@@ -88,12 +88,16 @@ def files(folder):
 # a. train and val class folders that disagree ----------------------------------------------------------------------
 
 @pytest.mark.parametrize('change, named', [('extra', 'only in train: none, only in val: 1 (n09999999)'),
-                                           ('missing', 'only in train: 1 (n03888257), only in val: none')])
+                                           ('missing', 'only in train: 1 (n03888257), only in val: none'),
+                                           ('renamed', 'only in train: 1 (n03888257), only in val: 1 (n01000000)')])
 def test_train_and_val_must_hold_the_same_classes(mini, change, named):
-    """An extra val folder shifted every label after it (11-class head, wrong top-1); a missing one crashed at step 1."""
+    """An extra val folder shifted every label after it (11-class head, wrong top-1); a missing one crashed at step 1;
+    a renamed one (the same count) shifts no count, only the labels."""
     if change == 'extra':
         os.makedirs(mini / 'val' / 'n09999999')
         shutil.copy(files(mini / 'val' / 'n01440764')[0], mini / 'val' / 'n09999999')
+    elif change == 'renamed':
+        os.rename(mini / 'val' / 'n03888257', mini / 'val' / 'n01000000')  # first: every label moves
     else:
         shutil.rmtree(mini / 'val' / 'n03888257')
     with pytest.raises(SystemExit) as e:
