@@ -384,14 +384,19 @@ def test_no_gloo_thread_outlives_a_ddp_run_stopped_or_finished(ddp_stopped_and_r
         ends = [l for l in p.stderr.splitlines() if l.startswith('threads at exit:')]
         assert len(ends) == 2 and not any('gloo' in l for l in ends), ends
 
-def test_torchrun_with_a_worker_killed_ends_and_its_last_checkpoint_resumes(finished, tmp_path):
-    """Rank 1 dies by SIGKILL during step 6 (epoch 2): torchrun ends (no hang: this call's timeout bounds it) with the
-    checkpoint of epoch 1 intact and the folder free; the run resumes from it, here on one process."""
+def test_torchrun_with_a_worker_killed_ends_and_its_last_checkpoint_resumes_on_another_host(finished, tmp_path):
+    """Rank 0, which holds out_dir, dies by SIGKILL during step 6 (epoch 2): torchrun ends (no hang: this call's timeout
+    bounds it) with the checkpoint of epoch 1 intact; the job, requeued on another node, resumes from it at once."""
     out = tmp_path / 'run'
-    p = run(TORCHRUN, wrapped(tmp_path, 9, STEPS_PER_EPOCH + 2, rank=1), *SYNTHETIC, out=out)
+    p = run(TORCHRUN, wrapped(tmp_path, 9, STEPS_PER_EPOCH + 2, rank=0), *SYNTHETIC, out=out)
     assert p.returncode != 0 and 'SIGKILL' in p.stderr, p.stderr[-3000:]
     assert checkpoint(out)['step'] == STEPS_PER_EPOCH and outdir.holder(str(out)) is None
-    train(*SYNTHETIC, '--init_from=resume', out=out)
+    elsewhere = ("import runpy, socket, sys\n"
+                 "socket.gethostname = lambda: 'another-node'\n"
+                 f"sys.argv = ['train.py', *{SYNTHETIC + ['--init_from=resume', f'--out_dir={out}']!r}]\n"
+                 "runpy.run_path('train.py', run_name='__main__')\n")
+    p = subprocess.run([sys.executable, '-c', elsewhere], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
     assert_same_model(checkpoint(finished)['model'], checkpoint(out)['model'], exact=False)
 
 def test_a_checkpoint_is_on_disk_before_it_replaces_the_last(tmp_path, monkeypatch):
@@ -418,7 +423,7 @@ def test_a_sweep_from_another_folder_skips_a_held_run_and_fails_naming_the_run_t
     outdir.take_lock(str(tmp_path / 'sweep' / 'grf-s0'))
     try:
         p = sweep('--attns=softmax,linear,grf', '--seeds=1', '--epochs=1', '--out_root=sweep',
-                  f"--args={' '.join([*SYNTHETIC[:-3], '--max_steps=1', '--device=cpu'])}", cwd=tmp_path)
+                  f"--args={' '.join([*SYNTHETIC[:8], '--max_steps=1', '--device=cpu'])}", cwd=tmp_path)
     finally:
         outdir.release(str(tmp_path / 'sweep' / 'grf-s0'))
     assert p.returncode == 1, p.stdout + p.stderr
