@@ -138,6 +138,7 @@ def finish(status):
         model = cpu_group = None
         dist.destroy_process_group()
     sys.exit(status)
+
 if batch_size % (world * grad_accum):
     fail(f"batch_size={batch_size} is not divisible by world size {world} x grad_accum {grad_accum}")
 micro_batch = batch_size // (world * grad_accum)
