@@ -1,7 +1,8 @@
 """
 What a user sees when something goes wrong (issue 23), each fault met as a user meets it: train and val folders that
 disagree (a), an empty class folder (b), two trainings into one out_dir (c), a run from scratch into a run's folder (d),
-undecodable images and an evaluation that crashes (e), bad settings (f), damaged files (g). Real data from $DATA_DIR is
+undecodable images and an evaluation that crashes (e), bad settings (f), damaged files (g); and what a cluster does to
+a run (issue 33): preemption, Ctrl-C, a worker killed (h), and a sweep whose runs fail (i). Real data from $DATA_DIR is
 copied into tmp_path and damaged there; the trainings are real processes on the CPU, tiny.
 """
 import json
