@@ -4,10 +4,12 @@ Datasets read from image files, decoded by DataLoader worker processes (data.loa
   inat2021     torchvision INaturalist, 2021_train / 2021_valid
   places365    torchvision Places365, small (256x256) images, train-standard / val
 Train and val must hold the same classes (a label is a place in the class list). An image that fails to decode is
-replaced by the next file and named; more than UNDECODABLE_MAX of a split end the run (data.Normalised).
+replaced by the next file and named; more than UNDECODABLE_MAX of a split end the run (data.Normalised). A file
+that cannot be read (gone, an I/O error) is no damaged image: it ends the run at once, in one line naming it.
 Also what every dataset on disk needs, the tensor sets of data.py too: rank 0 finds or downloads it first
 (rank_zero_first), and a download that fails is one line naming the folder and the layout expected (downloaded).
 """
+import io
 import os
 from contextlib import contextmanager, suppress
 
@@ -15,13 +17,19 @@ import torch
 import torch.distributed as dist
 import torchvision
 import torchvision.transforms as T
-from torchvision.datasets.folder import default_loader  # PIL, converted to RGB
+from PIL import Image
 from torchvision.datasets.utils import check_integrity
 
 from configurator import fail
 
 IMAGENET_LAYOUT = "data_dir/train/<wnid>/*.JPEG and data_dir/val/<wnid>/*.JPEG (one folder per class, the same in both)"
 UNDECODABLE_MAX = 0.001    # the share of a rank's pass through a split that may fail to decode (at least one image)
+
+class UnreadableFile(Exception):
+    """A file a DataLoader worker cannot read. The worker hands it to the main process, which raises
+    UnreadableFile(its traceback): that becomes the SystemExit of the traceback's last line, one line as every data error."""
+    def __new__(cls, msg):
+        return SystemExit(msg.rstrip().rpartition('UnreadableFile: ')[2]) if 'Traceback' in msg else super().__new__(cls, msg)
 
 class ImageFiles(torch.utils.data.Dataset):
     """The images of samples [(path, label)], decoded and cropped to uint8 tensors (normalised later, on the device) as the
@@ -42,8 +50,14 @@ class ImageFiles(torch.utils.data.Dataset):
         failed = []
         for j in range(i, i + self.tries):
             path, label = self.samples[j % len(self.samples)]
+            try:  # read first, then decode: PIL raises OSError for a cut-short image too
+                with open(path, 'rb') as f:
+                    raw = f.read()
+            except OSError as e:  # gone, or an I/O error: a fault of the disk, not of the image; no stand-in
+                in_worker = torch.utils.data.get_worker_info() is not None
+                raise (UnreadableFile if in_worker else SystemExit)(f"data error: {path} cannot be read ({e})") from None
             try:
-                image = default_loader(path)  # PIL, converted to RGB
+                image = Image.open(io.BytesIO(raw)).convert('RGB')  # what default_loader does, from the bytes read
             except Exception:  # not an image, cut short, corrupt
                 failed.append(path)
                 continue

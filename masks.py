@@ -14,8 +14,7 @@ EPS = 1e-6
 warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta')  # the GRF fast path uses CSR
 
 # -----------------------------------------------------------------------------
-# graphs and the exact topological mask. A graph (undirected, no self loops) is graph = (nbr, deg): a neighbour table
-# nbr [N, max_deg], each row's neighbours first and then -1 padding, and the degrees deg [N]
+# graphs, graph = (nbr, deg): neighbour table [N, max_deg] and degrees [N] (the rules: check_graph); the exact mask
 
 def grid_graph(h, w, diagonals=False):
     """The h x w grid, node (r, c) linked to (r +- 1, c), (r, c +- 1) and, with diagonals, (r +- 1, c +- 1) (king moves),
@@ -23,8 +22,7 @@ def grid_graph(h, w, diagonals=False):
     r, c = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
     moves = [(-1, 0), (1, 0), (0, -1), (0, 1)] + [(-1, -1), (-1, 1), (1, -1), (1, 1)] * diagonals
     nbr = torch.stack([torch.where((r + dr >= 0) & (r + dr < h) & (c + dc >= 0) & (c + dc < w), (r + dr) * w + c + dc, -1)
-                       for dr, dc in moves], dim=1)
-    nbr = nbr.sort(dim=1, descending=True).values
+                       for dr, dc in moves], dim=1).sort(dim=1, descending=True).values
     return nbr, (nbr >= 0).sum(1)
 
 def relabelled(graph, perm):
@@ -33,9 +31,27 @@ def relabelled(graph, perm):
     (nbr, deg), inv = graph, torch.argsort(perm)
     return torch.where(nbr[perm] >= 0, inv[nbr[perm].clamp(min=0)], -1), deg[perm]
 
+def check_graph(graph):
+    """graph, or a ValueError naming the rule it breaks and a node: row i of nbr lists deg_i neighbours, then -1 padding;
+    each neighbour in 0 .. N-1, once, not i itself, and with i in its own row. O(N width^2 + E log E)."""
+    (nbr, deg), N = graph, graph[0].shape[0]
+    node = torch.arange(N)[:, None].expand_as(nbr)
+    real, key = nbr >= 0, node * N + nbr
+    rules = {'a neighbour is a node, 0 .. N-1 (or -1: padding)': ((nbr < -1) | (nbr >= N)).any(1),
+             'deg is the count of neighbours (entries >= 0)': real.sum(1) != deg,
+             'the -1 padding comes after the neighbours': (real.int().diff(dim=1) > 0).any(1),
+             'no self loop': (nbr == node).any(1),
+             'each neighbour listed once': (real & (key[:, :, None] == key[:, None, :]).sum(-1).gt(1)).any(1),
+             "every edge i-j listed in both rows, i's and j's": (real & ~torch.isin(nbr * N + node, key[real])).any(1)}
+    for rule, broken in rules.items():
+        if broken.any():
+            i = int(broken.nonzero()[0])
+            raise ValueError(f"graph breaks the rule '{rule}' at node {i}: neighbours {nbr[i].tolist()}, deg {int(deg[i])}")
+    return graph
+
 def normalized_adjacency(graph):
     """W = D^-1/2 A D^-1/2 of graph = (nbr, deg), dense N x N: W_ij = 1 / sqrt(deg_i deg_j) if i ~ j, else 0. O(N^2)."""
-    nbr, deg = graph
+    nbr, deg = check_graph(graph)
     A = torch.zeros(nbr.shape[0], nbr.shape[0] + 1).scatter_(1, nbr + 1, 1.0)[:, 1:]  # padding -1 lands in column 0, dropped
     s = deg.float().clamp(min=1).rsqrt()
     return s[:, None] * A * s[None, :]
@@ -43,21 +59,20 @@ def normalized_adjacency(graph):
 def matrix_powers(W, n):
     """[W^0, W^1, ..., W^n] stacked, [n+1, N, N], as W^(k+1) = W W^k with W sparse: O(n N nnz(W)) once (O(n N^2) at
     bounded degree, instead of O(n N^3) dense); memory (n+1) N^2."""
-    P = torch.empty(n + 1, *W.shape, dtype=W.dtype, device=W.device)
-    P[0] = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
+    P = torch.eye(W.shape[0], dtype=W.dtype, device=W.device).repeat(n + 1, 1, 1)  # P[0] = I; the others overwritten
     Ws = W.to_sparse_csr()
     for k in range(n):
         P[k + 1] = Ws @ P[k]
     return P
 
 def power_series(W_powers, coeffs):
-    """sum_k c_k W^k for coeffs [..., K+1] -> [..., N, N]; uses W_powers[:K+1]. O(K N^2).
-    With c = alpha it is the paper's M_alpha(G); with c = f it is the features Phi_G."""
+    """sum_k c_k W^k for coeffs [..., K+1] -> [..., N, N] (W_powers[:K+1]), O(K N^2): with c = alpha the paper's M_alpha(G),
+    with c = f the features Phi_G."""
     return torch.einsum('...k,kij->...ij', coeffs, W_powers[:coeffs.shape[-1]])
 
 def self_convolution(f):
-    """alpha = f * f, the discrete self-convolution over the last dim: alpha_m = sum_{k+l=m} f_k f_l, [..., 2K+1].
-    One outer product scattered onto the anti-diagonals k + l = m (no loop over k)."""
+    """alpha = f * f over the last dim, alpha_m = sum_{k+l=m} f_k f_l [..., 2K+1]: an outer product scattered onto the
+    anti-diagonals k + l = m (no loop over k)."""
     k = torch.arange(f.shape[-1], device=f.device)
     outer = (f[..., :, None] * f[..., None, :]).flatten(-2)
     alpha = torch.zeros(*f.shape[:-1], 2 * len(k) - 1, dtype=f.dtype, device=f.device)
@@ -72,8 +87,8 @@ def deconvolution(alpha):
     return torch.stack(f, -1)
 
 def topo_mask(W_powers, f):
-    """M = Phi_G Phi_G^T = sum_m alpha_m W^m with alpha = f * f (W symmetric, so its powers commute).
-    Needs W_powers up to 2K: O(K N^2) per call instead of the O(N^3) product."""
+    """M = Phi_G Phi_G^T = sum_m alpha_m W^m with alpha = f * f (W symmetric, so its powers commute); W_powers up to 2K.
+    O(K N^2) per call instead of the O(N^3) product."""
     return power_series(W_powers, self_convolution(f))
 
 # -----------------------------------------------------------------------------
@@ -87,8 +102,7 @@ def _halts(slot, N, n_walks, p_halt, antithetic, generator):
     if not antithetic:
         return torch.rand(slot.shape[0], generator=generator, dtype=torch.float64) < p_halt
     u = torch.rand(N, n_walks // 2, generator=generator, dtype=torch.float64)
-    u = torch.cat([u, (u + 0.5) % 1], 1)  # [N, n]: walker j of start node i draws u[i, j]
-    return u.flatten()[slot] < p_halt
+    return torch.cat([u, (u + 0.5) % 1], 1).flatten()[slot] < p_halt  # [N, n]: walker j of start node i draws u[i, j]
 
 def _repelling_picks(start, node, d, N, generator):
     """Neighbour slots for walkers sent out together: the k walkers of one start node standing on one node of
@@ -99,9 +113,7 @@ def _repelling_picks(start, node, d, N, generator):
     j = torch.arange(key.shape[0]) - (torch.cumsum(count, 0) - count)[group]  # rank in its group
     U = torch.rand(count.shape[0], generator=generator, dtype=torch.float64)
     frac = (j.double() / count[group] + U[group]) % 1
-    pick = torch.empty_like(node)
-    pick[order] = (frac * d[order]).long().clamp(max=d[order] - 1)
-    return pick
+    return torch.empty_like(node).index_put_((order,), (frac * d[order]).long().clamp(max=d[order] - 1))
 
 def sample_grf_walks(graph, n_walks, p_halt, max_len, generator=None, coupling='iid'):
     """n_walks random walks from every node of graph = (nbr, deg), vectorised over all N*n walks. A walk starts at its
@@ -116,8 +128,7 @@ def sample_grf_walks(graph, n_walks, p_halt, max_len, generator=None, coupling='
     antithetic = coupling.endswith('antithetic')
     if antithetic and n_walks % 2:
         raise ValueError(f"n_walks={n_walks} is invalid for coupling={coupling!r}; valid: an even number (walkers come in pairs)")
-    nbr, deg = graph
-    N = nbr.shape[0]
+    (nbr, deg), N = check_graph(graph), graph[0].shape[0]
     start = torch.arange(N).repeat_interleave(n_walks)
     slot = torch.arange(N * n_walks)  # walker j of start node i sits in slot i*n + j
     node, load = start.clone(), torch.ones(N * n_walks, dtype=torch.float64)
@@ -131,16 +142,13 @@ def sample_grf_walks(graph, n_walks, p_halt, max_len, generator=None, coupling='
         if node.numel() == 0:
             break
         d = deg[node]
-        if coupling.startswith('repelling'):
-            pick = _repelling_picks(start, node, d, N, generator=generator)
-        else:
-            pick = (torch.rand(node.shape[0], generator=generator, dtype=torch.float64) * d).long().clamp(max=d - 1)
+        pick = (_repelling_picks(start, node, d, N, generator=generator) if coupling.startswith('repelling') else
+                (torch.rand(node.shape[0], generator=generator, dtype=torch.float64) * d).long().clamp(max=d - 1))
         nxt = nbr[node, pick]
         load = load * (d.double() / deg[nxt].double()).sqrt() / (1 - p_halt)  # W[u,u'] deg(u) = sqrt(deg u / deg u')
         node = nxt
     step, start, node, load = (torch.cat(x) for x in zip(*recs))
-    key = (step * N + start) * N + node
-    key, inv = torch.unique(key, return_inverse=True)
+    key, inv = torch.unique((step * N + start) * N + node, return_inverse=True)
     load = torch.zeros(key.shape[0], dtype=torch.float64).index_add_(0, inv, load) / n_walks
     return key // (N * N), (key // N) % N, key % N, load.float()
 
@@ -169,8 +177,7 @@ def grf_walk_layout(graph, generators, n_walks, p_halt, max_len, coupling):
 def grf_features(layout, f):
     """Values of Phi_hat = sum_t f_t C_t in its CSR layout (grf_walk_layout): vals[s] = sum of f[fidx] * load over the
     records in slot s, [nnz]; differentiable in f, f [H*(K+1)]. O(records)."""
-    vals = torch.zeros(layout['col'].shape[0], dtype=f.dtype, device=f.device)
-    return vals.index_add(0, layout['slot'], f[layout['fidx']] * layout['load'])
+    return f.new_zeros(layout['col'].shape[0]).index_add(0, layout['slot'], f[layout['fidx']] * layout['load'])
 
 def csr_to_dense(layout, vals, N):
     """The diagonal N x N blocks [H, N, N] of a block-diagonal CSR matrix with H*N rows (csr_layout's rows and col,
@@ -246,12 +253,12 @@ def masked_linear_attention(q, k, v, mask, eps=EPS, recompute=True):
 def _with_ones(v):  # a ones channel appended: one contraction yields numerator (first dv) and denominator (last)
     return torch.cat([v, torch.ones_like(v[..., :1])], -1)
 
-def _divide(y, eps):
+def _divide(y, eps):  # the numerator channels over the last (denominator) channel
     return y[..., :-1] / (y[..., -1:] + eps)
 
 def _pack(x):
-    """Real channels [..., C, h, w] in pairs as complex channels [..., ceil(C/2), h, w]: with a real kernel,
-    conv(x1 + i x2) = conv(x1) + i conv(x2), so one complex FFT transforms two channels."""
+    """Real channels [..., C, h, w] in pairs as complex channels [..., ceil(C/2), h, w]: with a real kernel, conv(x1 + i x2)
+    = conv(x1) + i conv(x2), so one complex FFT transforms two channels."""
     x = F.pad(x, (0, 0, 0, 0, 0, x.shape[-3] % 2)).unflatten(-3, (-1, 2))
     return torch.complex(x[..., 0, :, :], x[..., 1, :, :])
 
@@ -259,10 +266,9 @@ def _unpack(z, C):
     return torch.stack([z.real, z.imag], -3).flatten(-4, -3)[..., :C, :, :]
 
 class _GridConv(torch.autograd.Function):
-    """Y = crop(kern (*) pad(X)), the circular convolution on the 2h x 2w grid of each channel of
-    x [B, H, C, h, w] with kern [H, 2h, 2w], by FFT. Backward: X's gradient correlates dY with kern; kern's
-    gradient correlates dY with X, summed over B and C (for packed pairs, Re corr(g1 + i g2, x1 + i x2) =
-    corr(g1, x1) + corr(g2, x2))."""
+    """Y = crop(kern (*) pad(X)), the circular convolution on the 2h x 2w grid of each channel of x [B, H, C, h, w] with
+    kern [H, 2h, 2w], by FFT. Backward: X's gradient correlates dY with kern; kern's gradient correlates dY with X,
+    summed over B and C (for packed pairs, Re corr(g1 + i g2, x1 + i x2) = corr(g1, x1) + corr(g2, x2))."""
     @staticmethod
     def forward(ctx, x, kern):
         (C, h, w), s = x.shape[-3:], kern.shape[-2:]
@@ -280,23 +286,20 @@ class _GridConv(torch.autograd.Function):
         return gx, gkern
 
 def toeplitz_linear_attention_fft(q, k, v, table, h, w, eps=EPS):
-    """Toeplitz-masked linear attention without the N x N matrix. The fields phi(k_j) v_j^T (d*dv channels)
-    and phi(k_j) (d channels) on the grid are convolved with the table by a zero-padded 2-D FFT on a
-    2h x 2w grid (two real channels per complex transform), Y_i = sum_j t[r_i - r_j, c_i - c_j] X_j, then contracted with phi(q_i).
-    q, k, v [B, H, N, d], table [H, 2h-1, 2w-1]. O(N log N d^2) time, O(N d^2) memory."""
+    """Toeplitz-masked linear attention without the N x N matrix. The fields phi(k_j) v_j^T (d*dv channels) and phi(k_j)
+    (d channels) on the grid are convolved with the table by a zero-padded 2-D FFT on a 2h x 2w grid (two real channels
+    per complex transform), Y_i = sum_j t[r_i - r_j, c_i - c_j] X_j, then contracted with phi(q_i). q, k, v [B, H, N, d],
+    table [H, 2h-1, 2w-1]. O(N log N d^2) time, O(N d^2) memory."""
     with torch.autocast(q.device.type, enabled=False):
         q, k, v, table = q.relu().float(), k.relu().float(), _with_ones(v).float(), table.float()
         B, H, N, d = q.shape
-        x = (k[..., :, None] * v[..., None, :]).flatten(-2)  # [B, H, N, d*(dv+1)]
-        x = x.transpose(-2, -1).reshape(B, H, -1, h, w)
+        x = (k[..., :, None] * v[..., None, :]).flatten(-2).transpose(-2, -1).reshape(B, H, -1, h, w)  # d*(dv+1) fields
         kern = F.pad(table, (0, 1, 0, 1)).roll((-(h - 1), -(w - 1)), dims=(-2, -1))  # offset (dr, dc) at (dr mod 2h, dc mod 2w)
-        y = _GridConv.apply(x, kern)
-        y = y.reshape(B, H, d, -1, N).permute(0, 1, 4, 2, 3)  # [B, H, N, d, dv+1]
+        y = _GridConv.apply(x, kern).reshape(B, H, d, -1, N).permute(0, 1, 4, 2, 3)  # [B, H, N, d, dv+1]
         return _divide(torch.einsum('bhnd,bhnde->bhne', q, y), eps)
 
 def _spmm(A, X):
-    """A @ X for a sparse CSR A, written straight into its result (A @ X fills and copies one first). The result
-    starts zeroed: a sparse backend need not ignore it at beta = 0."""
+    """A @ X for a sparse CSR A, written straight into a zeroed result (A @ X fills and copies one; beta=0 may read it)."""
     out = X.new_zeros(A.shape[0], X.shape[1])
     return torch.addmm(out, A, X, beta=0.0, out=out)
 
@@ -324,8 +327,7 @@ def _grf_mix_backward(gy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                       perm: torch.Tensor) -> list[torch.Tensor]:
     """Recomputes S and U instead of keeping them, so the memory held between forward and backward is O(N d)."""
     A, AT = _sparse(crow, col, vals), _sparse(crow_t, col_t, vals[perm])
-    gy = gy.contiguous()
-    shape = (*q.shape, v.shape[2])
+    gy, shape = gy.contiguous(), (*q.shape, v.shape[2])
     kv, qg = _outer(k, v), _outer(q, gy)
     S, gS = _spmm(AT, kv), _spmm(AT, qg)             # S_l and dL/dS_l = sum_i P_il q_i gy_i^T
     gq = torch.einsum('nbde,nbe->nbd', _spmm(A, S).view(shape), gy)

@@ -4,7 +4,7 @@ never overwrites a run (its ckpt.pt), ckpt.pt is replaced atomically and a damag
 metrics.jsonl is cut back to where a resumed run starts. Every failure is one line on stderr (configurator.fail, of
 kind out_dir or checkpoint).
 """
-import atexit
+import fcntl
 import json
 import os
 import socket
@@ -14,6 +14,8 @@ import torch
 
 from configurator import fail
 
+_held = {}  # out_dir: the descriptor of its locked lock file, for as long as this process holds it
+
 def claim(out_dir, resume):
     """Make out_dir and take its lock; unless resuming, refuse a folder that holds a run."""
     try:
@@ -22,41 +24,50 @@ def claim(out_dir, resume):
         fail(f"out_dir={out_dir!r} cannot be made: {e}", kind='out_dir')
     take_lock(out_dir)
     if not resume and os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
+        release(out_dir)
         fail(f"{out_dir} holds a run (its ckpt.pt): continue it with --init_from=resume, or train into another "
              f"--out_dir (or remove {out_dir} first)", kind='out_dir')
 
 def take_lock(out_dir):
-    """Create out_dir/lock exclusively, holding 'host pid', and remove it at exit. If it is there, fail naming its holder,
-    unless that pid is gone from this host (a run killed by SIGKILL): then take it over."""
+    """Hold an exclusive flock on out_dir/lock for the life of this process, the file holding 'host pid' for the message
+    of a run refused. The OS releases the lock however the process ends (SIGKILL included): a folder left by a dead
+    run is free at once, and of two runs started together exactly one gets it. The file stays: removing it would let a
+    third run lock a new file while a second still locks the old one."""
     path = os.path.join(out_dir, 'lock')
-    me = f"{socket.gethostname()} {os.getpid()}"
-    while True:
-        with suppress(FileExistsError):
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, me.encode())
-            os.close(fd)
-            atexit.register(lambda: os.path.exists(path) and os.remove(path))
-            return
-        with suppress(FileNotFoundError):  # gone meanwhile: try again
-            who = holder(out_dir)
-            if who and who != f"pid {os.getpid()} on {socket.gethostname()}":
-                fail(f"out_dir {out_dir} is in use by {who}; let that run end, or remove {path} if it has", kind='out_dir')
-            os.remove(path)  # its run is gone: take it over
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fail(f"out_dir {out_dir} is in use by {held_by(path)} (it holds {path}); let that run end, or train into another "
+             "--out_dir", kind='out_dir')
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{socket.gethostname()} {os.getpid()}".encode())
+    _held[out_dir] = fd  # open until the process ends, or release()
+
+def release(out_dir):
+    """Give out_dir back before this process ends (a DataLoader worker forked with the lock's file would hold it on)."""
+    with suppress(KeyError):
+        fcntl.flock(_held.pop(out_dir), fcntl.LOCK_UN)
 
 def holder(out_dir):
-    """'pid P on HOST' of the run that holds out_dir's lock, or None: no lock, or its pid is gone from this host."""
-    with suppress(FileNotFoundError):
-        host, _, pid = open(os.path.join(out_dir, 'lock')).read().strip().partition(' ')
-        if host != socket.gethostname() or not pid.isdigit() or pid_alive(int(pid)):
-            return f"pid {pid or '?'} on {host or '?'}"
-    return None
-
-def pid_alive(pid):
+    """'pid P on HOST' of the run that holds out_dir's lock, or None: no lock file, or no process holds its flock."""
+    path = os.path.join(out_dir, 'lock')
     try:
-        os.kill(pid, 0)  # signal 0 only asks whether the process is there
-    except OSError as e:
-        return isinstance(e, PermissionError)  # there, but another user's
-    return True
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken (and given back at once) only if no run holds it
+        return None
+    except BlockingIOError:
+        return held_by(path)
+    finally:
+        os.close(fd)
+
+def held_by(path):
+    """'pid P on HOST' from a held lock file; a run that has locked it but not yet written it is 'a run starting'."""
+    host, _, pid = open(path).read().strip().partition(' ')
+    return f"pid {pid} on {host}" if pid else "a run starting"
 
 def read_checkpoint(path, what, convert=lambda ckpt: ckpt):
     """convert(the checkpoint at path), or one line: no checkpoint there (what: the setting that named it), or damaged."""
@@ -69,8 +80,11 @@ def read_checkpoint(path, what, convert=lambda ckpt: ckpt):
         fail(f"{path} is damaged: torch cannot read it ({type(e).__name__}){tmp}", kind='checkpoint')
 
 def save_checkpoint(ckpt, path):
-    """torch.save to a temp file renamed over path: the old checkpoint stays intact until the new one is whole."""
+    """torch.save to a temp file, fsync'ed, renamed over path: the old checkpoint stays intact until the new one is whole
+    on disk (a crash of the machine after the rename cannot leave a ckpt.pt whose data never reached the disk)."""
     torch.save(ckpt, path + '.tmp')
+    with open(path + '.tmp', 'rb+') as f:
+        os.fsync(f.fileno())
     os.replace(path + '.tmp', path)
 
 def keep_metrics(path, kept):

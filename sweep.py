@@ -1,12 +1,17 @@
 """
 Runs a comparison: `train.py <config_file>` (configs/fmnist.py unless set) for every attention and seed, then
 prints the table of report.py. A run whose result.json exists is skipped, one that another process is running (its
-out_dir/lock) too, and one with only a checkpoint resumes, so an interrupted sweep continues where it stopped.
+out_dir/lock) too, and one with only a checkpoint resumes, so an interrupted sweep continues where it stopped. Its settings,
+the config file and the train.py arguments are checked before anything starts; it exits 1 if a run failed, naming them.
+It runs from any directory: train.py and report.py are found beside it, config_file in the working directory or beside it.
 
     python sweep.py                                   # every variant x 3 seeds x configs/fmnist.py's 30 epochs
     python sweep.py --epochs=10 --seeds=1 --jobs=2    # a shorter CPU protocol, two trainings at a time
     python report.py out/sweep                        # the table, the curves and the mask pictures
 """
+import ast
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -15,6 +20,8 @@ import time
 from configurator import configure, fail
 from model import VARIANTS
 from outdir import holder
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 attns = ','.join(VARIANTS) # comma-separated variants
 seeds = 3                  # seeds 0 .. seeds-1 of each variant
@@ -33,9 +40,19 @@ globals().update(config)
 unknown = [a for a in attns.split(',') if a not in VARIANTS]
 if unknown:
     fail(f"attns={attns!r}: unknown variant {unknown[0]!r}; valid: {', '.join(VARIANTS)}")
+for key, low in (('seeds', 1), ('jobs', 1), ('threads', 0), ('epochs', 0)):
+    if config[key] < low:
+        fail(f"{key}={config[key]} is invalid; valid: an integer >= {low}")
+if not os.path.isfile(config_file) and os.path.isfile(os.path.join(ROOT, config_file)):
+    config_file = os.path.join(ROOT, config_file)  # configs/... beside this script
+# train.py's settings as its source declares them, and what the config file and args make of them (fail: one line)
+source = open(os.path.join(ROOT, 'train.py')).read().split('\n# ---')[0]
+settings = {t.id: ast.literal_eval(n.value) for n in ast.parse(source).body if isinstance(n, ast.Assign) for t in n.targets}
+with contextlib.redirect_stdout(io.StringIO()):  # not its override lines
+    configure(settings, [config_file, *args.replace('{seed}', '0').split()])
 pending = [(a, s) for s in range(seeds) for a in attns.split(',')]
 threads = threads or max(1, (os.cpu_count() or 1) // jobs)
-running, t0 = [], time.time()
+running, failed, skipped, t0 = [], [], [], time.time()
 while pending or running:
     while pending and len(running) < jobs:
         attn, seed = pending.pop(0)  # what to do with a run is decided now: another sweep may have run it meanwhile
@@ -43,8 +60,9 @@ while pending or running:
         busy = holder(out_dir)
         if busy or os.path.exists(os.path.join(out_dir, 'result.json')):
             print(f"[{time.time() - t0:6.0f}s] {out_dir}: {'in use by ' + busy if busy else 'done'}, skipped", flush=True)
+            skipped.append(out_dir)
             continue
-        cmd = [sys.executable, 'train.py', config_file, f'--attn={attn}', f'--seed={seed}', f'--out_dir={out_dir}']
+        cmd = [sys.executable, os.path.join(ROOT, 'train.py'), config_file, f'--attn={attn}', f'--seed={seed}', f'--out_dir={out_dir}']
         cmd += [f'--epochs={epochs}'] if epochs else []
         cmd += ['--init_from=resume'] if os.path.exists(os.path.join(out_dir, 'ckpt.pt')) else []
         cmd += args.replace('{seed}', str(seed)).split()
@@ -59,5 +77,9 @@ while pending or running:
         r[2].close()
         status = 'done' if r[1].returncode == 0 else f'FAILED (exit {r[1].returncode}), see its train.log'
         print(f"[{time.time() - t0:6.0f}s] {r[0]}: {status}", flush=True)
+        failed += [r[0]] if r[1].returncode else []
 
-subprocess.run([sys.executable, 'report.py', out_root, '--no_plots'])
+subprocess.run([sys.executable, os.path.join(ROOT, 'report.py'), out_root, '--no_plots'])
+print(f"sweep: {seeds * len(attns.split(',')) - len(skipped) - len(failed)} runs done, {len(skipped)} skipped, "
+      f"{len(failed)} failed{': ' + ', '.join(failed) if failed else ''}", file=sys.stderr if failed else sys.stdout)
+sys.exit(1 if failed else 0)

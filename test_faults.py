@@ -1,7 +1,8 @@
 """
 What a user sees when something goes wrong (issue 23), each fault met as a user meets it: train and val folders that
 disagree (a), an empty class folder (b), two trainings into one out_dir (c), a run from scratch into a run's folder (d),
-undecodable images and an evaluation that crashes (e), bad settings (f), damaged files (g). Real data from $DATA_DIR is
+undecodable images and an evaluation that crashes (e), bad settings (f), damaged files (g); and what a cluster does to
+a run (issue 33): preemption, Ctrl-C, a worker killed (h), and a sweep whose runs fail (i). Real data from $DATA_DIR is
 copied into tmp_path and damaged there; the trainings are real processes on the CPU, tiny.
 """
 import json
@@ -15,6 +16,7 @@ import time
 import pytest
 
 import data
+import outdir
 from configurator import configure
 from test_data import need
 from test_train import ROOT, TINY, assert_same_model, checkpoint, records, result, train
@@ -50,6 +52,9 @@ def early_exits(finished, tmp_path_factory):
     runs['scratch'] = [*SYNTHETIC, f'--out_dir={tmp}/scratch']
     runs['fine-tuning'] = [*SYNTHETIC, f'--init_from={finished}/ckpt.pt', f'--out_dir={tmp}/fine-tuning']
     (tmp / 'another host' / 'lock').write_text('another-host 1')
+    shutil.copytree(finished, tmp / 'empty lock')
+    runs['empty lock'] = [*SYNTHETIC, '--init_from=resume', f"--out_dir={tmp / 'empty lock'}"]
+    (tmp / 'empty lock' / 'lock').write_text('')
     for name, damage in DAMAGE.items():
         (tmp / name / 'ckpt.pt').write_bytes(damage((finished / 'ckpt.pt').read_bytes()))
     (tmp / 'truncated' / 'ckpt.pt.tmp').write_bytes(b'half a save')
@@ -84,12 +89,16 @@ def files(folder):
 # a. train and val class folders that disagree ----------------------------------------------------------------------
 
 @pytest.mark.parametrize('change, named', [('extra', 'only in train: none, only in val: 1 (n09999999)'),
-                                           ('missing', 'only in train: 1 (n03888257), only in val: none')])
+                                           ('missing', 'only in train: 1 (n03888257), only in val: none'),
+                                           ('renamed', 'only in train: 1 (n03888257), only in val: 1 (n01000000)')])
 def test_train_and_val_must_hold_the_same_classes(mini, change, named):
-    """An extra val folder shifted every label after it (11-class head, wrong top-1); a missing one crashed at step 1."""
+    """An extra val folder shifted every label after it (11-class head, wrong top-1); a missing one crashed at step 1;
+    a renamed one (the same count) shifts no count, only the labels."""
     if change == 'extra':
         os.makedirs(mini / 'val' / 'n09999999')
         shutil.copy(files(mini / 'val' / 'n01440764')[0], mini / 'val' / 'n09999999')
+    elif change == 'renamed':
+        os.rename(mini / 'val' / 'n03888257', mini / 'val' / 'n01000000')  # first: every label moves
     else:
         shutil.rmtree(mini / 'val' / 'n03888257')
     with pytest.raises(SystemExit) as e:
@@ -119,7 +128,7 @@ def test_an_empty_class_folder_is_one_line_naming_it(mini):
 
 # c. two trainings into one out_dir ----------------------------------------------------------------------------------
 
-def test_a_second_run_into_a_busy_out_dir_refuses_and_a_killed_runs_lock_is_taken_over(tmp_path):
+def test_a_second_run_into_a_busy_out_dir_refuses_and_a_killed_runs_folder_is_free_at_once(tmp_path):
     out = tmp_path / 'run'
     loading = tmp_path / 'loading'
     hold = ("import runpy, sys, time, data\n"  # the first run stops where its data would load, holding out_dir
@@ -133,20 +142,49 @@ def test_a_second_run_into_a_busy_out_dir_refuses_and_a_killed_runs_lock_is_take
                 break
             time.sleep(0.1)
         assert loading.exists(), "the first run never reached its data"
+        assert outdir.holder(str(out)) == f"pid {first.pid} on {socket.gethostname()}"
         second = train(*SYNTHETIC, out=out, ok=False)
         assert second.returncode == 2 and one_line(second.stderr), second.stderr
         assert f"pid {first.pid} on {socket.gethostname()}" in second.stderr and str(out) in second.stderr
     finally:
-        first.kill()  # SIGKILL: no exit handler removes its lock
+        first.kill()  # SIGKILL: no exit handler runs, the OS drops its lock
         first.wait()
-    assert open(out / 'lock').read() == f"{socket.gethostname()} {first.pid}"
-    third = train(*SYNTHETIC, '--max_steps=2', out=out)  # that pid is gone from this host: the lock is taken over
-    assert 'done' in third.stdout and not (out / 'lock').exists() and checkpoint(out)['step'] == 2
+    assert open(out / 'lock').read() == f"{socket.gethostname()} {first.pid}" and outdir.holder(str(out)) is None
+    third = train(*SYNTHETIC, '--max_steps=2', out=out)  # no take-over to decide: the lock is free
+    assert 'done' in third.stdout and outdir.holder(str(out)) is None and checkpoint(out)['step'] == 2
 
-def test_a_lock_held_from_another_host_is_respected(early_exits):
+def test_a_lock_file_left_by_a_run_on_another_host_or_an_empty_one_is_no_obstacle(early_exits):
+    """A requeued job on another node resumes at once; what a dead run's lock file says no longer matters."""
     tmp, exits = early_exits
-    code, err = exits['another host']
-    assert code == 2 and one_line(err) and 'in use by pid 1 on another-host' in err and str(tmp / 'another host' / 'lock') in err
+    for name in ('another host', 'empty lock'):
+        code, err = exits[name]
+        assert code == 0 and 'error' not in err, f"{name}: {code} {err}"
+        assert json.load(open(tmp / name / 'result.json'))['steps'] == 2 * STEPS_PER_EPOCH
+
+def test_two_runs_started_into_one_folder_at_the_same_moment_one_trains_and_one_refuses(tmp_path):
+    """Both wait at the door (just before taking out_dir) until a go file appears, then go at once."""
+    out, go = tmp_path / 'run', tmp_path / 'go'
+    door = ("import os, runpy, sys, time, outdir\n"
+            "real = outdir.claim\n"
+            "def claim(*args, **kwargs):\n"
+            f"    open({str(tmp_path)!r} + '/ready-' + sys.argv[1], 'w').close()\n"
+            f"    while not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
+            "    real(*args, **kwargs)\n"
+            "outdir.claim = claim\n"
+            f"sys.argv = ['train.py', *{SYNTHETIC + ['--max_steps=2', f'--out_dir={out}']!r}]\n"
+            "runpy.run_path('train.py', run_name='__main__')\n")
+    runs = [subprocess.Popen([sys.executable, '-c', door, str(i)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for i in range(2)]
+    for _ in range(1200):
+        if all((tmp_path / f'ready-{i}').exists() for i in range(2)) or any(r.poll() is not None for r in runs):
+            break
+        time.sleep(0.05)
+    go.touch()
+    done = [r.communicate(timeout=600) + (r.returncode,) for r in runs]
+    assert sorted(code for _, _, code in done) == [0, 2], done
+    (_, err, _), = [d for d in done if d[2] == 2]
+    assert one_line(err) and 'is in use by pid' in err and str(out) in err, err
+    assert checkpoint(out)['step'] == 2 and outdir.holder(str(out)) is None
 
 # d. a run from scratch into a folder that holds a run ----------------------------------------------------------------
 
@@ -155,8 +193,8 @@ def test_a_run_from_scratch_or_a_fine_tuning_never_overwrites_a_run(early_exits,
     tmp, exits = early_exits
     code, err = exits[run]
     assert code == 2 and one_line(err) and '--init_from=resume' in err and '--out_dir' in err, err
-    assert sorted(os.listdir(tmp / run)) == sorted(os.listdir(finished))  # its lock went at exit
-    assert all((tmp / run / f).read_bytes() == (finished / f).read_bytes() for f in os.listdir(finished))
+    assert sorted(os.listdir(tmp / run)) == sorted(os.listdir(finished)) and outdir.holder(str(tmp / run)) is None
+    assert all((tmp / run / f).read_bytes() == (finished / f).read_bytes() for f in os.listdir(finished) if f != 'lock')
 
 # e. undecodable images; an evaluation that crashes ------------------------------------------------------------------
 
@@ -184,6 +222,21 @@ def test_more_undecodable_images_than_one_in_a_thousand_stop_the_run_in_one_line
         list(d.val)
     msg = str(e.value)
     assert '\n' not in msg and msg.startswith('2 images failed to decode') and paths[0] in msg and 'damaged' in msg
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+@pytest.mark.parametrize('fault', ['vanished', 'unreadable'])
+def test_a_file_that_cannot_be_read_ends_the_run_in_one_line_naming_it(mini, num_workers, fault):
+    """Not an undecodable image to replace: a file gone since the folders were listed, or one whose read fails (here a
+    folder where the file was: the read raises IsADirectoryError, an OSError as an I/O error is)."""
+    d = data.load('imagenet', str(mini), 32, 20, num_workers=num_workers)
+    path = files(mini / 'val' / 'n01440764')[3]
+    os.remove(path)
+    if fault == 'unreadable':
+        os.makedirs(path)
+    with pytest.raises(SystemExit) as e:
+        list(d.val)
+    msg = str(e.value)
+    assert msg.startswith(f"data error: {path} cannot be read (") and '\n' not in msg and 'damaged' not in msg, msg
 
 def test_an_evaluation_that_crashes_costs_no_training(finished, tmp_path):
     """The checkpoint of a finished epoch is on disk before its evaluation; the resumed run evaluates it first, and
@@ -260,3 +313,128 @@ def test_a_config_path_that_is_a_directory_says_so(capsys):
     with pytest.raises(SystemExit):
         configure({'lr': 1e-3}, ['configs'])
     assert capsys.readouterr().err.strip() == "config error: config file configs is a directory, not a file"
+
+# h. what a cluster does to a run: preemption (SIGTERM), Ctrl-C (SIGINT), a worker killed -------------------------------
+
+def wrapped(tmp_path, signum, at_step, rank=0):
+    """A script that runs train.py as given and has `rank` send itself signum while it takes optimizer step at_step,
+    as a scheduler's signal lands in the middle of a step; at its end it names the threads still running."""
+    script = tmp_path / f'signal_{signum}_at_{at_step}.py'
+    script.write_text("import os, runpy, sys, torch\n"
+                      f"sys.path.insert(0, {ROOT!r})\n"
+                      "real_step, calls = torch.optim.AdamW.step, []\n"
+                      "def step(self, *args, **kwargs):\n"
+                      "    calls.append(1)\n"
+                      f"    if len(calls) == {at_step} and os.environ.get('RANK', '0') == '{rank}':\n"
+                      f"        os.kill(os.getpid(), {signum})\n"
+                      "    return real_step(self, *args, **kwargs)\n"
+                      "torch.optim.AdamW.step = step\n"
+                      "sys.argv[0] = 'train.py'\n"
+                      "try:\n"
+                      "    runpy.run_path('train.py', run_name='__main__')\n"
+                      "finally:\n"
+                      "    threads = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
+                      "    print(f'threads at exit:', *sorted(threads), file=sys.stderr)\n")
+    return str(script)
+
+TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')
+
+def run(launcher, script, *args, out):
+    return subprocess.run([*launcher, script, *args, f'--out_dir={out}'], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+def logged(out):
+    return [(r['kind'], r['step'], r['loss'], r.get('top1')) for r in map(json.loads, open(out / 'metrics.jsonl'))]
+
+@pytest.mark.parametrize('signum, at_step', [(15, 3), (2, STEPS_PER_EPOCH)])  # SIGTERM mid-epoch, SIGINT at its end
+def test_a_signal_stops_the_run_after_its_step_and_the_resumed_run_ends_as_if_never_stopped(finished, tmp_path, signum, at_step):
+    out = tmp_path / 'run'
+    p = run((sys.executable,), wrapped(tmp_path, signum, at_step), *SYNTHETIC, out=out)
+    name, err = {15: 'SIGTERM', 2: 'SIGINT'}[signum], p.stderr.split('threads at exit:')[0]  # train.py's own lines
+    assert p.returncode == 128 + signum and one_line(err), p.stderr  # 143 or 130: ended by that signal
+    assert f"stopped by {name} at step {at_step}" in err and '--init_from=resume' in err
+    assert checkpoint(out)['step'] == at_step and outdir.holder(str(out)) is None
+    assert not records(out, 'eval')  # the evaluation at the epoch's end is left to the resumed run
+    again = err.strip().split('resume with: python ')[1].split()
+    train(*again[1:], out=out)  # the command it printed (and the same out_dir)
+    assert_same_model(checkpoint(finished)['model'], checkpoint(out)['model'])
+    assert logged(out) == logged(finished)  # every train loss and evaluation, the partial log interval's included
+    assert result(out)['final'] == result(finished)['final'] and result(out)['best'] == result(finished)['best']
+
+@pytest.fixture(scope='module')
+def ddp_stopped_and_resumed(tmp_path_factory):
+    """2 ranks, rank 1 alone signalled (SIGTERM during step 3), then resumed: (out_dir, the stopped run, the resumed)."""
+    tmp = tmp_path_factory.mktemp('ddp')
+    stopped = run(TORCHRUN, wrapped(tmp, 15, 3, rank=1), *SYNTHETIC, out=tmp / 'run')
+    stopped.saved = checkpoint(tmp / 'run')
+    resumed = run(TORCHRUN, wrapped(tmp, 15, 0), *SYNTHETIC, '--init_from=resume', out=tmp / 'run')  # no signal
+    return tmp / 'run', stopped, resumed
+
+def test_under_torchrun_every_rank_stops_at_the_step_one_rank_was_signalled_at(finished, ddp_stopped_and_resumed):
+    """Both stop after step 3 (rank 0 never had the signal); resumed, the run ends as an unstopped one."""
+    out, stopped, resumed = ddp_stopped_and_resumed
+    assert stopped.returncode != 0 and stopped.stderr.count('stopped by SIGTERM at step 3') == 1, stopped.stderr[-3000:]
+    assert stopped.saved['step'] == 3 and len(stopped.saved['rng']) == 2 and resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_model(checkpoint(finished)['model'], checkpoint(out)['model'], exact=False)
+    assert abs(result(out)['final']['top1'] - result(finished)['final']['top1']) <= 0.1  # 2 of 2048 images
+
+def test_no_gloo_thread_outlives_a_ddp_run_stopped_or_finished(ddp_stopped_and_resumed):
+    """A gloo thread alive at interpreter exit aborted a rank at random (terminate called without an active exception,
+    SIGABRT) after a run that had done all its work; every rank of both runs ends with its main thread alone."""
+    _, stopped, resumed = ddp_stopped_and_resumed
+    for p in (stopped, resumed):
+        ends = [l for l in p.stderr.splitlines() if l.startswith('threads at exit:')]
+        assert len(ends) == 2 and not any('gloo' in l for l in ends), ends
+
+def test_torchrun_with_a_worker_killed_ends_and_its_last_checkpoint_resumes_on_another_host(finished, tmp_path):
+    """Rank 0, which holds out_dir, dies by SIGKILL during step 6 (epoch 2): torchrun ends (no hang: this call's timeout
+    bounds it) with the checkpoint of epoch 1 intact; the job, requeued on another node, resumes from it at once."""
+    out = tmp_path / 'run'
+    p = run(TORCHRUN, wrapped(tmp_path, 9, STEPS_PER_EPOCH + 2, rank=0), *SYNTHETIC, out=out)
+    assert p.returncode != 0 and 'SIGKILL' in p.stderr, p.stderr[-3000:]
+    assert checkpoint(out)['step'] == STEPS_PER_EPOCH and outdir.holder(str(out)) is None
+    elsewhere = ("import runpy, socket, sys\n"
+                 "socket.gethostname = lambda: 'another-node'\n"
+                 f"sys.argv = ['train.py', *{SYNTHETIC + ['--init_from=resume', f'--out_dir={out}']!r}]\n"
+                 "runpy.run_path('train.py', run_name='__main__')\n")
+    p = subprocess.run([sys.executable, '-c', elsewhere], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_same_model(checkpoint(finished)['model'], checkpoint(out)['model'], exact=False)
+
+def test_a_checkpoint_is_on_disk_before_it_replaces_the_last(tmp_path, monkeypatch):
+    """The temp file is fsync'ed before the rename: a crash of the machine cannot leave an empty ckpt.pt."""
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, 'fsync', lambda fd: calls.append(('fsync', os.readlink(f'/proc/self/fd/{fd}'))) or real_fsync(fd))
+    monkeypatch.setattr(os, 'replace', lambda a, b: calls.append(('replace', str(a))) or real_replace(a, b))
+    path = str(tmp_path / 'ckpt.pt')
+    outdir.save_checkpoint({'step': 1}, path)
+    assert calls == [('fsync', path + '.tmp'), ('replace', path + '.tmp')]
+
+# i. a sweep -------------------------------------------------------------------------------------------------------------
+
+def sweep(*args, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'sweep.py'), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+def test_a_sweep_from_another_folder_skips_a_held_run_and_fails_naming_the_run_that_failed(tmp_path):
+    """softmax trains; linear's folder holds a damaged checkpoint, so its run fails; grf's is held by this process."""
+    for attn in ('linear', 'grf'):
+        os.makedirs(tmp_path / 'sweep' / f'{attn}-s0')
+    (tmp_path / 'sweep' / 'linear-s0' / 'ckpt.pt').write_bytes(b'damaged')
+    outdir.take_lock(str(tmp_path / 'sweep' / 'grf-s0'))
+    try:
+        p = sweep('--attns=softmax,linear,grf', '--seeds=1', '--epochs=1', '--out_root=sweep',
+                  f"--args={' '.join([*SYNTHETIC[:8], '--max_steps=1', '--device=cpu'])}", cwd=tmp_path)
+    finally:
+        outdir.release(str(tmp_path / 'sweep' / 'grf-s0'))
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert f"sweep/grf-s0: in use by pid {os.getpid()} on {socket.gethostname()}, skipped" in p.stdout
+    assert result(tmp_path / 'sweep' / 'softmax-s0')['steps'] == 1 and 'is damaged' in open(tmp_path / 'sweep' / 'linear-s0' / 'train.log').read()
+    assert p.stderr.strip().splitlines()[-1] == "sweep: 1 runs done, 1 skipped, 1 failed: sweep/linear-s0"
+
+@pytest.mark.parametrize('bad, named', [('--config_file=configs/nope.py', 'config file not found: configs/nope.py'),
+                                        ('--seeds=0', 'seeds=0'), ('--args=--lrr=1', "unknown key 'lrr'"),
+                                        ('--attns=softmax,nope', "'nope'")])
+def test_a_sweep_checks_its_settings_and_config_before_it_launches_anything(tmp_path, bad, named):
+    p = sweep(bad, '--out_root=sweep', cwd=tmp_path)
+    assert p.returncode == 2 and one_line(p.stderr) and named in p.stderr and not (tmp_path / 'sweep').exists(), p.stderr

@@ -94,6 +94,80 @@ def test_adjacency_of_any_neighbour_table_equals_brute_force():
     assert nbr.shape == (12, 3) and set(deg.tolist()) == {2, 3}
     torch.testing.assert_close(masks.normalized_adjacency((nbr, deg)).double(), W, rtol=0, atol=1e-7)
 
+def broken(rule):
+    """The ring with chords (padded to 4 columns) broken in one way, and the node its first broken row belongs to."""
+    (nbr, deg), _ = GRAPHS['ring with chords']
+    nbr, deg = torch.cat([nbr, torch.full((12, 1), -1)], 1), deg.clone()
+    if rule == 'padding':
+        nbr[4] = torch.cat([nbr[4, deg[4]:], nbr[4, :deg[4]]])  # the -1s first
+    elif rule == 'deg':
+        deg[5] += 1
+    elif rule == 'one direction':  # 0 drops 1 from its row, 1 still lists 0: row 1 breaks the rule
+        nbr[0] = torch.tensor([n for n in nbr[0].tolist() if n != 1] + [-1])
+        deg[0] -= 1
+        return (nbr, deg), 1
+    elif rule == 'self loop':
+        nbr[2, deg[2]] = 2
+        deg[2] += 1
+    elif rule == 'out of range':
+        nbr[7, 0] = 12
+    elif rule == 'listed twice':
+        nbr[3, deg[3]] = nbr[3, 0]
+        deg[3] += 1
+    return (nbr, deg), {'padding': 4, 'deg': 5, 'self loop': 2, 'out of range': 7, 'listed twice': 3}[rule]
+
+RULES = {'padding': 'padding comes after', 'deg': 'deg is the count', 'one direction': 'in both rows',
+         'self loop': 'no self loop', 'out of range': 'a neighbour is a node', 'listed twice': 'listed once'}
+
+@pytest.mark.parametrize("rule", RULES)
+def test_a_graph_that_breaks_a_rule_is_refused_naming_the_rule_and_a_node_before_any_walk(rule):
+    """Sampled as it was, such a graph biased the GRF mask without a word (padding first, or a wrong deg)."""
+    graph, node = broken(rule)
+    g = torch.Generator().manual_seed(0)
+    before = g.get_state()
+    for use in (masks.check_graph, masks.normalized_adjacency, lambda gr: masks.sample_grf_walks(gr, 4, 0.1, 3, g),
+                lambda gr: masks.grf_walk_layout(gr, [g], 4, 0.1, 3, 'repelling')):
+        with pytest.raises(ValueError) as e:
+            use(graph)
+        assert RULES[rule] in str(e.value) and f"at node {node}:" in str(e.value), str(e.value)
+    assert torch.equal(g.get_state(), before)  # refused before a single random draw
+
+# a star (node 0 linked to 1..5: degrees 5 and 1) and an isolated node 6 (degree 0, a row of padding)
+STAR_EDGES = [(0, j) for j in range(1, 6)]
+def star_graph():
+    nbr, deg = graph_of(6, STAR_EDGES)
+    return torch.cat([nbr, torch.full((1, nbr.shape[1]), -1)]), torch.cat([deg, torch.tensor([0])])
+
+@pytest.mark.parametrize("coupling", ['iid', 'repelling'])
+def test_an_isolated_node_and_a_star_through_topo_and_grf_dense_and_fast_are_finite_and_unbiased(coupling):
+    """W of the star has 1/sqrt(5) on its edges and a zero row and column for the isolated node, whose walks halt
+    where they start: its Phi row is f_0 e_6 exactly, and every GRF estimate is finite and unbiased."""
+    graph, W, K, T = star_graph(), brute_force_W(7, STAR_EDGES), 4, 600
+    torch.testing.assert_close(masks.normalized_adjacency(graph).double(), W, rtol=0, atol=1e-7)
+    f = 0.7 ** torch.arange(K + 1.0, dtype=torch.float64)
+    Wp = masks.matrix_powers(W, 2 * K)
+    Phi, M = masks.power_series(Wp, f), masks.topo_mask(Wp, f)
+    assert Phi[6].tolist() == [0.0] * 6 + [1.0] and torch.isfinite(M).all()
+    g = torch.Generator().manual_seed(4)
+    S = torch.stack([sample_phi(graph, f, 4, 0.2, g, coupling) for _ in range(T)])
+    assert torch.isfinite(S).all() and torch.equal(S[:, 6], Phi[6].expand(T, 7))
+    z = (S.mean(0) - Phi).abs() / (S.std(0) / math.sqrt(T) + 1e-12)
+    assert z.max() < 5, f"Phi_hat biased: max z {z.max():.2f}"
+    H = 2  # the fast path equals the dense one, outputs and gradients finite
+    layout = masks.grf_walk_layout(graph, [torch.Generator().manual_seed(j) for j in range(H)], 4, 0.2, K, coupling)
+    fh = (0.6 ** torch.arange(K + 1.0)).repeat(H, 1).requires_grad_()
+    q, k, v = [x.requires_grad_() for x in qkv(2, H, 7, 4, seed=3)]
+    fast = grads(lambda q, k, v, f: masks.grf_linear_attention(q, k, v, layout, masks.grf_features(layout, f.flatten())),
+                 [q, k, v, fh])
+    def dense_fn(q, k, v, f):
+        P = masks.csr_to_dense(layout, masks.grf_features(layout, f.flatten()), 7)
+        return masks.masked_linear_attention(q, k, v, P @ P.transpose(-2, -1))
+    dense = grads(dense_fn, [q, k, v, fh])
+    for a, b in zip(fast, dense):
+        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-4
+    out = masks.masked_linear_attention(q, k, v, M.float())  # topo: finite
+    assert torch.isfinite(out).all()
+
 # --- 2. linear and softmax attention -----------------------------------------------------------
 
 def test_plain_linear_equals_all_ones_mask():

@@ -14,6 +14,7 @@ Every hyperparameter is a global below; config files and --key=value arguments o
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -125,7 +126,19 @@ if ddp and device == 'cuda':
 device_type = device.split(':')[0]
 if ddp:
     dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
+    cpu_group = dist.new_group(backend='gloo')  # for the stop flag, kept off the device
 print0 = print if master else (lambda *args, **kwargs: None)
+
+def finish(status):
+    """Every way out that all ranks take together: out_dir given back, the process group torn down in order, exit."""
+    global model, cpu_group
+    outdir.release(out_dir)
+    if ddp:  # after a barrier (no collective in flight), and unreferenced (DDP holds it): destroy joins gloo's threads,
+        dist.barrier()  # which would otherwise outlive the interpreter and abort the process at exit (SIGABRT)
+        model = cpu_group = None
+        dist.destroy_process_group()
+    sys.exit(status)
+
 if batch_size % (world * grad_accum):
     fail(f"batch_size={batch_size} is not divisible by world size {world} x grad_accum {grad_accum}")
 micro_batch = batch_size // (world * grad_accum)
@@ -158,6 +171,14 @@ globals().update({k: config[k] for k in model_keys})
 # out_dir: one run writes it at a time, and a new run never overwrites an old one (rank 0 writes; eval_only writes nothing)
 if master and not eval_only:
     outdir.claim(out_dir, resume=init_from == 'resume')
+
+stop_signal = 0  # SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C): stop after the optimizer step, saved
+def on_stop_signal(signum, frame):  # a second one ends the run at once
+    global stop_signal
+    stop_signal = signum
+    signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+for sig in (signal.SIGTERM, signal.SIGINT):  # set before the data: forked loader workers inherit it, not die of it
+    signal.signal(sig, on_stop_signal)
 
 # data
 loaders = data.load(dataset, data_dir, image_size, micro_batch, grad_accum=grad_accum, rank=rank, world=world,
@@ -193,6 +214,7 @@ step = 0                   # optimizer steps taken
 best = {'top1': 0.0, 'top5': 0.0}
 eval_due = False           # whether the model at `step` is still to be evaluated
 wall_before = 0.0          # seconds this run spent before it was resumed
+loss_since_log = (0.0, 0)  # this rank's summed loss and the steps since the last log step (a run stopped between them)
 if init_from == 'resume':
     optimizer.load_state_dict(ckpt['optimizer'])
     for group, now in zip(optimizer.param_groups, model.param_groups(weight_decay, mask_lr_mult)):
@@ -203,6 +225,7 @@ if init_from == 'resume':
     rng = ckpt['rng'][rank] if len(ckpt['rng']) == world else None
     if rng:
         torch.set_rng_state(rng['torch'])
+        loss_since_log = (rng.get('loss_sum', 0.0), ckpt.get('loss_count', 0))
         if rng['cuda'] is not None and device_type == 'cuda':
             torch.cuda.set_rng_state(rng['cuda'])
     else:
@@ -272,9 +295,7 @@ if eval_only:
     r = evaluate()
     print0(f"eval {init_from}: loss {r['loss']:.4f} top1 {r['top1']:.2f}% top5 {r['top5']:.2f}% ({r['count']} images)")
     print0(json.dumps({'kind': 'eval', **r}))
-    if ddp:
-        dist.destroy_process_group()
-    sys.exit(0)
+    finish(0)
 
 def log(record):
     if master:
@@ -286,7 +307,8 @@ def log(record):
 def save_checkpoint(eval_pending):
     """Write ckpt.pt atomically: a temp file renamed over the old one, which stays intact until then. eval_pending: an
     evaluation follows, which a run resumed from it does first."""
-    rng = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
+    rng = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
+           'loss_sum': loss_sum.item()}  # and its loss summed since the last log step
     rngs = [rng]
     if ddp:  # every rank's dropout and mixup stream, so that resuming on the same world size is exact
         rngs = [None] * world
@@ -294,8 +316,22 @@ def save_checkpoint(eval_pending):
     if master:
         ckpt = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                 'step': step, 'epoch': step // steps_per_epoch, 'rng': rngs, 'config': config, 'best': best,
-                'eval_pending': eval_pending, 'wall_time': wall_before + time.time() - t_start}
+                'eval_pending': eval_pending, 'wall_time': wall_before + time.time() - t_start, 'loss_count': loss_count}
         outdir.save_checkpoint(ckpt, ckpt_path)
+
+def stop_if_signalled(saved):
+    """If any rank has had a stop signal (all-reduced on the CPU, gloo: every rank stops after the same step, with no
+    wait for the device), save this step (unless saved), say how to resume and exit as that signal's kill does."""
+    signum = torch.tensor(stop_signal)
+    if ddp:
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX, group=cpu_group)
+    if signum:
+        if not saved:
+            save_checkpoint(eval_pending=False)
+        again = ' '.join([sys.argv[0], *(a for a in sys.argv[1:] if not a.startswith('--init_from=')), '--init_from=resume'])
+        print0(f"stopped by {signal.Signals(int(signum)).name} at step {step}, saved in {ckpt_path}; resume with: "
+               f"{'torchrun <the same options> ' if ddp else 'python '}{again}", file=sys.stderr)
+        finish(128 + int(signum))  # 143 or 130, as Slurm and Kubernetes read a job ended by that signal
 
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
@@ -310,8 +346,8 @@ t_start = time.time()
 train_time = 0.0           # seconds spent in training steps (evaluation and checkpoints excluded)
 images_seen = 0
 result = None
-loss_sum = torch.zeros((), device=device)  # summed on the device: no sync between log steps
-loss_count = 0
+loss_sum = torch.tensor(loss_since_log[0], device=device)  # summed on the device: no sync between log steps
+loss_count = loss_since_log[1]
 saved_step = step
 eval_due = eval_due or step >= stop_step  # nothing left to train: report the checkpoint as it is
 while True:
@@ -364,9 +400,7 @@ while True:
             if not math.isfinite(mean_loss):  # the same on every rank: all stop
                 print0(f"non-finite loss ({mean_loss}) by step {step}: stopping. The last good checkpoint is untouched: "
                        f"{ckpt_path if os.path.exists(ckpt_path) else '(none written yet)'}", file=sys.stderr)
-                if ddp:
-                    dist.destroy_process_group()
-                sys.exit(1)
+                finish(1)
             dt = time.time() - t0
             train_time += dt
             images_seen += (step - last_step) * batch_size
@@ -384,9 +418,11 @@ while True:
             t0, last_step = time.time(), step
         if epoch_end:
             break
+        stop_if_signalled(saved=saved_step == step)
     save_checkpoint(eval_pending=True)  # before the evaluation: an exception there costs no training
     saved_step = step
     eval_due = True
+    stop_if_signalled(saved=True)  # the evaluation is left to the resumed run
 if master:
     summary = {'config': config, 'final': result, 'best': best, 'num_params': raw_model.num_params(), 'steps': step,
                'epochs_trained': step / steps_per_epoch,
@@ -395,6 +431,4 @@ if master:
         json.dump(summary, f, indent=2)
     print0(f"done: top1 {result['top1']:.2f}% (best {best['top1']:.2f}%), {summary['images_per_s']:,.0f} img/s, "
            f"{fmt_time(summary['wall_time_s'])}; {out_dir}/result.json")
-if ddp:  # no rank tears down its process group while another still has collectives in flight
-    dist.barrier()
-    dist.destroy_process_group()
+finish(0)
