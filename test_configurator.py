@@ -103,9 +103,11 @@ def test_a_failure_is_one_line_that_says_its_kind(capsys):
     assert capsys.readouterr().err == "out_dir error: out_dir out/x is in use by pid 1 on h\n"
 
 def test_a_busy_run_folder_a_damaged_checkpoint_and_missing_data_each_say_their_kind(tmp_path, capsys):
+    import fcntl
     import data
     import outdir
-    (tmp_path / 'lock').write_text('another-host 1')
+    held = open(tmp_path / 'lock', 'w')  # another run holds the folder: its flock (outdir.take_lock)
+    fcntl.flock(held, fcntl.LOCK_EX)
     (tmp_path / 'ckpt.pt').write_bytes(b'garbage')
     for call, kind in [(lambda: outdir.claim(str(tmp_path), resume=True), 'out_dir'),
                        (lambda: outdir.read_checkpoint(str(tmp_path / 'ckpt.pt'), 'init_from'), 'checkpoint'),
