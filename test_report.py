@@ -4,6 +4,7 @@ model.VARIANTS that report.py knows nothing of, and a sweep that skips finished 
 interrupted one and runs the rest (tiny trainings on the generated task).
 """
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -196,8 +197,10 @@ def test_sweep_skips_finished_runs_resumes_an_interrupted_one_and_runs_the_rest(
     assert p.returncode == 0, p.stderr[-3000:]
     os.remove(os.path.join(root, 'linear-s1', 'result.json'))
     os.makedirs(os.path.join(root, 'linear-s3'))  # linear-s3 is another process's (this one's) run: must be left alone
-    with open(os.path.join(root, 'linear-s3', 'lock'), 'w') as f:
-        f.write(f"{socket.gethostname()} {os.getpid()}")
+    held = open(os.path.join(root, 'linear-s3', 'lock'), 'w')  # held as a run holds it (outdir.take_lock: an flock)
+    held.write(f"{socket.gethostname()} {os.getpid()}")
+    held.flush()
+    fcntl.flock(held, fcntl.LOCK_EX)
     out = sweep('--attns=linear', '--seeds=4', '--epochs=2', '--jobs=2', '--threads=1', f'--out_root={root}',
                 f'--args={SYNTHETIC} --mask_seed={{seed}}')
     assert f'{root}/linear-s0: done, skipped' in out
