@@ -5,12 +5,11 @@ Measures what each attention costs as the grid grows, and how fast whole trainin
     python bench.py --mode=attention --sides=32,64,128 --variants=grf-fast,toeplitz-fast
     python bench.py --mode=train configs/imagenette.py --image_sizes=56,112,224 --train_impls=eager --threads=1
 
-attention: forward + backward of one layer per path in `variants` ('<attn>-dense' and '<attn>-fast' where the
-variant has an efficient path) on side x side grids: time and peak memory tables, log-log slopes, and the N from
-which a fast path beats its dense twin, or a path beats `baseline`. Writes out_dir/attention-<device>.json (and .png).
+attention: forward + backward of one layer per path in `variants` (attention_paths) on side x side grids: time and
+peak memory tables, log-log slopes, and the N from which a fast path beats its dense twin, or a path beats `baseline`.
 train: train.py's step (random images) per path of each of `attns` at each of `image_sizes`, eager and compiled, in
-turns so that a noisy machine slows them alike: fastest step, images/s, peak memory, ratios to softmax and linear,
-the path `auto` takes and the fast_cost the steps imply (model.py). Writes out_dir/train-*.json (and .png).
+turns: fastest step, images/s, peak memory, ratios to softmax and linear, the path `auto` takes and the fast_cost the
+steps imply (model.py). Each writes out_dir/<mode>-*.json (and .png).
 Settings: the globals below and train.py's (its config files apply), overridden by config files and --key=value.
 """
 import ast
@@ -115,14 +114,14 @@ def timed(fn, cuda):
 def quiet_stderr():
     """Silence file descriptor 2 (the profiler's C++ side logs each session start and stop there)."""
     sys.stderr.flush()
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
+    saved = os.dup(2)
+    with open(os.devnull, 'w') as null:
+        os.dup2(null.fileno(), 2)
     try:
         yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
-        os.close(null)
 
 def peak_bytes(fn, resident, cuda, cpu_peak_memory=True):
     """Peak memory of fn(): the allocator's peak on CUDA. On CPU (cpu_peak_memory) the bytes resident before fn() (parameters,
@@ -173,13 +172,14 @@ def predict(results, n):
     grow = lambda a, b: b * (n / n1) ** max(1.0, math.log(b / a) / math.log(n1 / n0))
     return grow(t0, t1), grow(m0, m1)
 
-def slope(points, min_n):
-    """Least-squares log-log slopes (time, memory) of the points from min_n tokens on, or (None, None)."""
-    pts = [(math.log(n), math.log(t), math.log(m)) for n, t, m in points if n >= min_n]
+def slope(results, min_n):
+    """Least-squares log-log slopes {time, memory} of the measured points of results from min_n tokens on, or None each."""
+    pts = [(math.log(n), math.log(r['time_s']), math.log(r['peak_bytes'])) for n, r in results.items()
+           if n >= min_n and not r['skipped']]
     if len(pts) < 2:
-        return None, None
+        return {'time': None, 'memory': None}
     logn, logt, logm = zip(*pts)
-    return statistics.linear_regression(logn, logt).slope, statistics.linear_regression(logn, logm).slope
+    return {'time': statistics.linear_regression(logn, logt).slope, 'memory': statistics.linear_regression(logn, logm).slope}
 
 def table(title, res, ns, key, scale, width):
     """Print res[path][N][key] * scale, a column per path and a row per N."""
@@ -223,8 +223,7 @@ def attention_bench(s):
                                       for v, r in res.items()), flush=True)
     for title, key, scale in (('forward + backward time, ms (median)', 'time_s', 1e3), ('peak memory, MB', 'peak_bytes', 1e-6)):
         table(title, res, ns, key, scale, 15)
-    slopes = {v: dict(zip(('time', 'memory'), slope([(n, r['time_s'], r['peak_bytes']) for n, r in res[v].items()
-                                                     if not r['skipped']], s.slope_min_n))) for v in names}
+    slopes = {v: slope(res[v], s.slope_min_n) for v in names}
     print(f"\nlog-log slopes for N >= {s.slope_min_n} (measured points only)")
     for v, fit in slopes.items():
         print(f"  {v:15} time {fit['time'] or float('nan'):5.2f}   memory {fit['memory'] or float('nan'):5.2f}")
@@ -233,13 +232,11 @@ def attention_bench(s):
     pairs = [(a, b) for a, b in twins + [(v, s.baseline) for v in names if v != s.baseline] if a in res and b in res]
     cross = {f"{a} < {b}": crossover(res, a, b, ns) for a, b in pairs}
     print(f"\ncrossovers (the N from which the first is faster at every larger measured N); ratios at N = {s.ratio_n}")
-    ratios = {}
+    at = {v: rs[s.ratio_n] for v, rs in res.items() if s.ratio_n in rs and not rs[s.ratio_n]['skipped']}
+    ratios = {f"{b} / {a}": {'time': at[b]['time_s'] / at[a]['time_s'], 'memory': at[b]['peak_bytes'] / at[a]['peak_bytes']}
+              for a, b in pairs if a in at and b in at}
     for a, b in pairs:
-        from_n = cross[f"{a} < {b}"]
-        ra, rb = res[a].get(s.ratio_n), res[b].get(s.ratio_n)
-        if ra and rb and not ra['skipped'] and not rb['skipped']:
-            ratios[f"{b} / {a}"] = {'time': rb['time_s'] / ra['time_s'], 'memory': rb['peak_bytes'] / ra['peak_bytes']}
-        r = ratios.get(f"{b} / {a}")
+        r, from_n = ratios.get(f"{b} / {a}"), cross[f"{a} < {b}"]
         print(f"  {a + ' < ' + b:30} " + (f"from N = {from_n:<6}" if from_n else "not in range") +
               (f"   {b} / {a}: time {r['time']:.1f}x, memory {r['memory']:.1f}x" if r else ''))
     # one layer's dense twin wins up to the last measured N before the crossover (auto decides by whole steps' costs)
@@ -247,23 +244,24 @@ def attention_bench(s):
     dense_max_n = {attn: max((m for m in ns if m < n), default=0) for attn, n in twin_cross.items() if n}
     for attn, n in dense_max_n.items():
         print(f"  {attn}: the dense path wins up to N = {n} here, in one layer (attn_impl='auto': see --mode=train)")
-    settings = {k: vars(s)[k] for k in ('dtype', 'attn_batch', 'attn_heads', 'head_dim', 'grf_walks', 'grf_p_halt',
-                                       'mask_max_len', 'repeats', 'min_seconds', 'time_budget', 'memory_budget', 'attn_compile')}
-    settings |= {'device': s.device, 'threads': torch.get_num_threads(), 'keep_memory': s.kept, 'cpu_peak_memory': s.cpu_peak_memory}
-    out = {'settings': settings, 'results': res, 'slopes': slopes, 'crossovers': cross, 'ratios_at_n': {s.ratio_n: ratios},
+    keys = ('dtype', 'attn_batch', 'attn_heads', 'head_dim', 'grf_walks', 'grf_p_halt', 'mask_max_len', 'repeats',
+            'min_seconds', 'time_budget', 'memory_budget', 'attn_compile', 'cpu_peak_memory')
+    out = {'results': res, 'slopes': slopes, 'crossovers': cross, 'ratios_at_n': {s.ratio_n: ratios},
            'dense_max_n': dense_max_n}
-    path = write_json('attention', out, s)  # json writes the int keys N as strings
-    plot(res, path[:-5] + '.png')
-    return out
+    return write_results('attention', out, keys, s)
 
-def write_json(name, obj, s):
-    """Write obj to s.out_dir/<name>-<device type>.json; its path."""
+def write_results(name, obj, keys, s, what='forward + backward (s)'):
+    """Write {'settings': those of s named in keys, device, threads, keep_memory} | obj to s.out_dir/<name>-<device
+    type>.json (json writes the int keys N as strings) and plot obj['results'] beside it (.png); the object written."""
+    settings = {k: vars(s)[k] for k in keys} | dict(device=s.device, threads=torch.get_num_threads(), keep_memory=s.kept)
+    obj = {'settings': settings} | obj
     os.makedirs(s.out_dir, exist_ok=True)
     path = os.path.join(s.out_dir, f"{name}-{s.device.split(':')[0]}.json")
     with open(path, 'w') as f:
         json.dump(obj, f, indent=1)
     print(f"wrote {path}")
-    return path
+    plot(obj['results'], path[:-5] + '.png', what)
+    return obj
 
 def plot(res, path, what='forward + backward (s)'):
     try:
@@ -360,10 +358,8 @@ def train_bench(s):
             for n, d, f, _ in both if not (d['skipped'] and f['skipped'])]
         print(f"  {a}: auto takes, at N = {', '.join(picks)}; fast_cost fitted here {fits[a] or float('nan'):.3g} "
               f"(model.py: {VARIANTS[a].fast_cost})")
-    settings = {k: vars(s)[k] for k in (*ViTConfig.__dataclass_fields__, 'batch_size', 'dtype', 'image_sizes')}
-    settings |= {'device': s.device, 'keep_memory': s.kept, 'threads': torch.get_num_threads()}
-    path = write_json(f"train-{s.dataset}", {'settings': settings, 'results': res, 'ratios': ratios, 'crossovers': cross, 'fast_cost': fits}, s)
-    plot(res, path[:-5] + '.png', 'training step (s)')
+    write_results(f"train-{s.dataset}", {'results': res, 'ratios': ratios, 'crossovers': cross, 'fast_cost': fits},
+                  (*ViTConfig.__dataclass_fields__, 'batch_size', 'dtype', 'image_sizes'), s, 'training step (s)')
 
 if __name__ == '__main__':
     s = setup(sys.argv[1:])

@@ -1,5 +1,4 @@
-"""
-The math of the attention masks, as small pure functions on tensors.
+"""The math of the attention masks, as small pure functions on tensors.
 
 Tokens are the N nodes of a graph: the h x w grid of patches, node i = row*w + col (row-major), N = h*w, in the paper
 with 4-neighbour links. q, k, v are [..., N, d]; phi(x) = relu(x) is the linear-attention feature map.
@@ -132,11 +131,8 @@ def sample_grf_walks(graph, n_walks, p_halt, max_len, generator=None, coupling='
     start = torch.arange(N).repeat_interleave(n_walks)
     slot = torch.arange(N * n_walks)  # walker j of start node i sits in slot i*n + j
     node, load = start.clone(), torch.ones(N * n_walks, dtype=torch.float64)
-    recs = []
-    for t in range(max_len + 1):
-        recs.append((torch.full_like(node, t), start, node, load))
-        if t == max_len or deg.max() == 0:
-            break
+    recs = [(torch.zeros_like(node), start, node, load)]
+    for t in range(1, max_len + 1 if (deg > 0).any() else 1):  # on an edgeless graph no walker leaves its node
         go = ~_halts(slot, N, n_walks, p_halt, antithetic=antithetic, generator=generator) & (deg[node] > 0)
         start, node, load, slot = start[go], node[go], load[go], slot[go]
         if node.numel() == 0:
@@ -144,9 +140,9 @@ def sample_grf_walks(graph, n_walks, p_halt, max_len, generator=None, coupling='
         d = deg[node]
         pick = (_repelling_picks(start, node, d, N, generator=generator) if coupling.startswith('repelling') else
                 (torch.rand(node.shape[0], generator=generator, dtype=torch.float64) * d).long().clamp(max=d - 1))
-        nxt = nbr[node, pick]
-        load = load * (d.double() / deg[nxt].double()).sqrt() / (1 - p_halt)  # W[u,u'] deg(u) = sqrt(deg u / deg u')
-        node = nxt
+        node = nbr[node, pick]
+        load = load * (d.double() / deg[node].double()).sqrt() / (1 - p_halt)  # W[u,u'] deg(u) = sqrt(deg u / deg u')
+        recs.append((torch.full_like(node, t), start, node, load))
     step, start, node, load = (torch.cat(x) for x in zip(*recs))
     key, inv = torch.unique((step * N + start) * N + node, return_inverse=True)
     load = torch.zeros(key.shape[0], dtype=torch.float64).index_add_(0, inv, load) / n_walks
@@ -167,10 +163,8 @@ def grf_walk_layout(graph, generators, n_walks, p_halt, max_len, coupling):
     out by csr_layout as one block-diagonal graph (head j's node i is node j*N + i), plus per record fidx (j*(K+1) +
     its step: it indexes f [H*(K+1)], all heads' coefficients flattened) and load, for grf_features. O(H N n K)."""
     N = graph[0].shape[0]
-    records = []
-    for j, g in enumerate(generators):
-        step, start, node, load = sample_grf_walks(graph, n_walks, p_halt, max_len=max_len, generator=g, coupling=coupling)
-        records.append((j * (max_len + 1) + step, j * N + start, j * N + node, load))
+    walks = [sample_grf_walks(graph, n_walks, p_halt, max_len=max_len, generator=g, coupling=coupling) for g in generators]
+    records = [(j * (max_len + 1) + t, j * N + s, j * N + u, load) for j, (t, s, u, load) in enumerate(walks)]
     fidx, start, node, load = (torch.cat(x) for x in zip(*records))
     return csr_layout(start, node, len(generators) * N) | {'fidx': fidx.int(), 'load': load}
 
@@ -244,9 +238,8 @@ class _MaskedLinear(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask, None, None
 
 def masked_linear_attention(q, k, v, mask, eps=EPS, recompute=True):
-    """Dense reference: out_i = sum_j M_ij (phi(q_i).phi(k_j)) v_j / (sum_j M_ij phi(q_i).phi(k_j) + eps).
-    mask [..., N, N] broadcasts over the batch. O(N^2 d) time, O(N^2) transient memory; kept for backward: O(N d)
-    with recompute, else the N x N scores (less time)."""
+    """Dense reference: out_i = sum_j M_ij (phi(q_i).phi(k_j)) v_j / (sum_j M_ij phi(q_i).phi(k_j) + eps), mask [..., N, N]
+    broadcast over the batch. O(N^2 d) time, O(N^2) transient memory; kept for backward O(N d) (recompute) or N^2."""
     with torch.autocast(q.device.type, enabled=False):
         return _MaskedLinear.apply(q, k, v, mask, eps, recompute)  # apply takes no keywords
 
@@ -303,8 +296,7 @@ def _spmm(A, X):
     out = X.new_zeros(A.shape[0], X.shape[1])
     return torch.addmm(out, A, X, beta=0.0, out=out)
 
-def _outer(x, y):
-    """[HN, B, a], [HN, B, b] -> [HN, B*a*b]: row l holds x_l y_l^T of every batch element."""
+def _outer(x, y):  # [HN, B, a], [HN, B, b] -> [HN, B*a*b]: row l holds x_l y_l^T of every batch element
     return (x[..., :, None] * y[..., None, :]).reshape(x.shape[0], -1)
 
 def _sparse(crow, col, vals):

@@ -214,7 +214,8 @@ step = 0                   # optimizer steps taken
 best = {'top1': 0.0, 'top5': 0.0}
 eval_due = False           # whether the model at `step` is still to be evaluated
 wall_before = 0.0          # seconds this run spent before it was resumed
-loss_since_log = (0.0, 0)  # this rank's summed loss and the steps since the last log step (a run stopped between them)
+loss_sum = torch.zeros((), device=device)  # this rank's loss summed since the last log step, on the device: no sync
+loss_count = 0             # the steps since the last log step (a run may stop between log steps)
 if init_from == 'resume':
     optimizer.load_state_dict(ckpt['optimizer'])
     for group, now in zip(optimizer.param_groups, model.param_groups(weight_decay, mask_lr_mult)):
@@ -225,7 +226,7 @@ if init_from == 'resume':
     rng = ckpt['rng'][rank] if len(ckpt['rng']) == world else None
     if rng:
         torch.set_rng_state(rng['torch'])
-        loss_since_log = (rng.get('loss_sum', 0.0), ckpt.get('loss_count', 0))
+        loss_sum, loss_count = torch.tensor(rng.get('loss_sum', 0.0), device=device), ckpt.get('loss_count', 0)
         if rng['cuda'] is not None and device_type == 'cuda':
             torch.cuda.set_rng_state(rng['cuda'])
     else:
@@ -263,13 +264,10 @@ def loss_fn(x, y):
     logits = model(x).float()
     if loss == 'sigmoid':  # one-vs-all: summed over classes, averaged over images
         target = F.one_hot(y, logits.shape[1]).float()
-        if perm is not None:
-            target = lam * target + (1 - lam) * target[perm]
+        target = target if perm is None else lam * target + (1 - lam) * target[perm]
         return F.binary_cross_entropy_with_logits(logits, target, reduction='sum') / len(x)
-    ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-    if perm is not None:
-        ce = lam * ce + (1 - lam) * F.cross_entropy(logits, y[perm], label_smoothing=label_smoothing)
-    return ce
+    ce = lambda labels: F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    return ce(y) if perm is None else lam * ce(y) + (1 - lam) * ce(y[perm])
 
 @torch.no_grad()
 def evaluate():
@@ -344,11 +342,8 @@ if master:  # metrics.jsonl keeps the records before the start step: a resumed r
         wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)), config=config)
 t_start = time.time()
 train_time = 0.0           # seconds spent in training steps (evaluation and checkpoints excluded)
-images_seen = 0
 result = None
-loss_sum = torch.tensor(loss_since_log[0], device=device)  # summed on the device: no sync between log steps
-loss_count = loss_since_log[1]
-saved_step = step
+saved_step = first_step = step
 eval_due = eval_due or step >= stop_step  # nothing left to train: report the checkpoint as it is
 while True:
     if eval_due:  # the model at the end of an epoch (or at stop_step), saved just before
@@ -403,7 +398,6 @@ while True:
                 finish(1)
             dt = time.time() - t0
             train_time += dt
-            images_seen += (step - last_step) * batch_size
             ips = (step - last_step) * batch_size / dt
             eta = (stop_step - step) * dt / (step - last_step)
             print0(f"epoch {epoch + 1}/{epochs} step {step}/{stop_step} loss {mean_loss:.4f} lr {lr_now:.2e} "
@@ -426,7 +420,8 @@ while True:
 if master:
     summary = {'config': config, 'final': result, 'best': best, 'num_params': raw_model.num_params(), 'steps': step,
                'epochs_trained': step / steps_per_epoch,
-               'images_per_s': images_seen / max(train_time, 1e-9), 'wall_time_s': wall_before + time.time() - t_start}
+               'images_per_s': (step - first_step) * batch_size / max(train_time, 1e-9),  # every step trained is logged
+               'wall_time_s': wall_before + time.time() - t_start}
     with open(os.path.join(out_dir, 'result.json'), 'w') as f:
         json.dump(summary, f, indent=2)
     print0(f"done: top1 {result['top1']:.2f}% (best {best['top1']:.2f}%), {summary['images_per_s']:,.0f} img/s, "
