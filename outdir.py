@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import socket
+import time
 from contextlib import suppress
 
 import torch
@@ -65,9 +66,14 @@ def holder(out_dir):
         os.close(fd)
 
 def held_by(path):
-    """'pid P on HOST' from a held lock file; a run that has locked it but not yet written it is 'a run starting'."""
-    host, _, pid = open(path).read().strip().partition(' ')
-    return f"pid {pid} on {host}" if pid else "a run starting"
+    """'pid P on HOST' from a held lock file. Its holder writes it just after locking it: an empty file is read again for
+    up to a second before the run is called 'a run starting'."""
+    for _ in range(50):
+        host, _, pid = open(path).read().strip().partition(' ')
+        if pid:
+            return f"pid {pid} on {host}"
+        time.sleep(0.02)
+    return "a run starting"
 
 def read_checkpoint(path, what, convert=lambda ckpt: ckpt):
     """convert(the checkpoint at path), or one line: no checkpoint there (what: the setting that named it), or damaged."""

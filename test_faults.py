@@ -161,6 +161,25 @@ def test_a_lock_file_left_by_a_run_on_another_host_or_an_empty_one_is_no_obstacl
         assert code == 0 and 'error' not in err, f"{name}: {code} {err}"
         assert json.load(open(tmp / name / 'result.json'))['steps'] == 2 * STEPS_PER_EPOCH
 
+def test_a_run_caught_between_locking_its_folder_and_writing_its_name_is_still_named(tmp_path):
+    """The holder locks out_dir/lock, then writes 'host pid' into it; a refused run that reads it in between waits for
+    the name rather than print 'a run starting' (the two-starters test below met this window in CI)."""
+    lock = tmp_path / 'lock'
+    holder = ("import fcntl, os, socket, sys, time\n"
+              f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+              "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+              "print('locked', flush=True)\n"
+              "time.sleep(0.3)\n"
+              "os.write(fd, f'{socket.gethostname()} {os.getpid()}'.encode())\n"
+              "time.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, '-c', holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == 'locked\n'
+        assert outdir.holder(str(tmp_path)) == f"pid {p.pid} on {socket.gethostname()}"
+    finally:
+        p.kill()
+        p.wait()
+
 def test_two_runs_started_into_one_folder_at_the_same_moment_one_trains_and_one_refuses(tmp_path):
     """Both wait at the door (just before taking out_dir) until a go file appears, then go at once."""
     out, go = tmp_path / 'run', tmp_path / 'go'
@@ -334,7 +353,8 @@ def wrapped(tmp_path, signum, at_step, rank=0):
                       "    runpy.run_path('train.py', run_name='__main__')\n"
                       "finally:\n"
                       "    threads = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
-                      "    print(f'threads at exit:', *sorted(threads), file=sys.stderr)\n")
+                      "    sys.stdout.flush(), sys.stderr.flush()\n"
+                      "    os.write(2, ('threads at exit: ' + ' '.join(sorted(threads)) + '\\n').encode())  # one write: ranks' lines never mix\n")
     return str(script)
 
 TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')
