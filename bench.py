@@ -12,7 +12,6 @@ turns: fastest step, images/s, peak memory, ratios to softmax and linear, the pa
 steps imply (model.py). Each writes out_dir/<mode>-*.json (and .png).
 Settings: the globals below and train.py's (its config files apply), overridden by config files and --key=value.
 """
-import ast
 import itertools
 import json
 import math
@@ -26,7 +25,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from configurator import configure, fail
+from configurator import configure, declared, fail
 from model import VARIANTS, ViT, ViTConfig
 
 def attention_paths(attn):
@@ -77,16 +76,10 @@ def keep_freed_memory():
     libc = ctypes.CDLL(ctypes.util.find_library('c'))
     return bool(libc.mallopt(-4, 0) and libc.mallopt(-1, 2 ** 31 - 1))  # M_MMAP_MAX, M_TRIM_THRESHOLD
 
-def train_defaults():
-    """train.py's settings (its assignments above its '# ---' line), so that its config files apply here."""
-    source = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')).read().split('\n# ---')[0]
-    return {n.targets[0].id: ast.literal_eval(n.value) for n in ast.parse(source).body
-            if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)}
-
 def setup(args):
     """The settings as a namespace for the measuring functions: train.py's (its config files apply), this file's, then
     args (config files, --key=value), and the device picked (device, cuda, kept, autocast). check_gpu.py passes its own."""
-    config = train_defaults() | SETTINGS
+    config = declared(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')) | SETTINGS  # its configs apply
     configure(config, args)
     if config['mode'] not in ('attention', 'train'):
         fail(f"mode={config['mode']!r} is invalid; valid: attention, train")

@@ -6,9 +6,13 @@ import ast, difflib, os, re, sys, types
 def fail(msg, kind='config'):
     """The one way to fail: "<kind> error: <msg>" on stderr (kind: config, out_dir, data, checkpoint), exit status 2."""
     print(f"{kind} error: {msg}", file=sys.stderr)
-    e = SystemExit(msg)  # str(e) is the message, for a caller that catches it
-    e.code = 2
+    e, e.code = SystemExit(msg), 2  # str(e) is the message, for a caller that catches it
     raise e
+
+def declared(path):
+    """The settings the script at path declares (its literal assignments above its '# ---' line): train.py's, for the others."""
+    source = open(path).read().split('\n# ---')[0]
+    return {t.id: ast.literal_eval(n.value) for n in ast.parse(source).body if isinstance(n, ast.Assign) for t in n.targets}
 
 def checked(key, value, config, where):
     """The value for key, converted where that loses nothing (int -> float); fails on a wrong type."""

@@ -18,7 +18,6 @@ pictures) are in trained_masks.py.
 With several folders the pictures go to the folder that holds them all (or --out). Options follow configurator.py's
 rules: --key=value, each checked before anything is read; --no_plots and --runs are given bare.
 """
-import ast
 import glob
 import json
 import math
@@ -28,7 +27,7 @@ import statistics
 import sys
 
 import trained_masks
-from configurator import configure, fail
+from configurator import configure, declared, fail
 from model import VARIANTS, saved_config
 
 no_plots = False           # the table alone: no curves.png and masks.png
@@ -80,11 +79,6 @@ def knob(r, k):
 NOT_RECIPE = {'attn', 'seed', 'mask_seed', 'epochs', 'out_dir', 'data_dir', 'init_from', 'eval_only', 'log_interval',
               'ckpt_interval', 'wandb_log', 'wandb_project', 'wandb_run_name', 'published', 'num_workers', 'device',
               'compile', 'attn_impl'}
-
-def train_defaults():
-    """train.py's settings and their defaults, read from its source (the globals above its '# ---' line)."""
-    source = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')).read().split('\n# ---')[0]
-    return {k: ast.literal_eval(v) for k, v in re.findall(r"^(\w+) = ([^#\n]*?)\s*(?:#.*)?$", source, re.M)}
 
 def recipe(r, k, defaults):
     """The run's setting k that is not a knob; a setting the run predates ran at its default."""
@@ -152,7 +146,7 @@ def table(runs, vs=''):
     """The Markdown table: a row per variant and per value of the settings that differ among the runs. vs: a variant;
     each row adds its paired difference to that variant's runs of the same settings (paired)."""
     all_knobs = dict.fromkeys(k for cls in VARIANTS.values() for k in knobs(cls))
-    defaults = train_defaults()
+    defaults = declared(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'))
     value = lambda r, k: knob(r, k) if k in all_knobs else recipe(r, k, defaults)
     others = dict.fromkeys(k for r in runs for k in r['config'] if k not in all_knobs and k not in NOT_RECIPE)
     columns = [k for k in [*all_knobs, *others] if len({str(value(r, k)) for r in runs} - {'None'}) > 1]

@@ -9,7 +9,6 @@ It runs from any directory: train.py and report.py are found beside it, config_f
     python sweep.py --epochs=10 --seeds=1 --jobs=2    # a shorter CPU protocol, two trainings at a time
     python report.py out/sweep                        # the table, the curves and the mask pictures
 """
-import ast
 import contextlib
 import io
 import os
@@ -17,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from configurator import configure, fail
+from configurator import configure, declared, fail
 from model import VARIANTS
 from outdir import holder
 
@@ -46,8 +45,7 @@ for key, low in (('seeds', 1), ('jobs', 1), ('threads', 0), ('epochs', 0)):
 if not os.path.isfile(config_file) and os.path.isfile(os.path.join(ROOT, config_file)):
     config_file = os.path.join(ROOT, config_file)  # configs/... beside this script
 # train.py's settings as its source declares them, and what the config file and args make of them (fail: one line)
-source = open(os.path.join(ROOT, 'train.py')).read().split('\n# ---')[0]
-settings = {t.id: ast.literal_eval(n.value) for n in ast.parse(source).body if isinstance(n, ast.Assign) for t in n.targets}
+settings = declared(os.path.join(ROOT, 'train.py'))
 with contextlib.redirect_stdout(io.StringIO()):  # not its override lines
     configure(settings, [config_file, *args.replace('{seed}', '0').split()])
 pending = [(a, s) for s in range(seeds) for a in attns.split(',')]

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from configurator import configure, fail
+from configurator import configure, declared, fail
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = {'lr': 1e-3, 'min_lr': 1e-5, 'epochs': 30, 'compile': True, 'attn': 'softmax', 'out_dir': 'out',
@@ -183,3 +183,11 @@ def test_a_config_built_on_another_loads_through_train_py_from_another_directory
     assert p.stderr.startswith('data error: ImageNet at nowhere') and p.stderr.count('\n') == 1 and '1000 each' not in p.stderr
     made = os.listdir(tmp_path / 'out') if (tmp_path / 'out').exists() else []
     assert set(made) <= {'imagenette-softmax'}, made  # not out/imagenet-softmax, where a real ImageNet run goes
+
+def test_the_settings_a_script_declares_are_its_literals_above_its_dashed_line(tmp_path):
+    """sweep.py, report.py and bench.py read train.py's settings this way, without running it."""
+    script = tmp_path / 'script.py'
+    script.write_text("import os\nlr = 1e-3  # a comment\nattn = 'grf'\nsizes = (1, 2)\nnote = '# --- in a string'\n"
+                      "# --- below: the script's work\nsteps = 3\n")
+    assert declared(str(script)) == {'lr': 1e-3, 'attn': 'grf', 'sizes': (1, 2), 'note': '# --- in a string'}
+    assert declared(os.path.join(ROOT, 'train.py'))['attn'] == 'softmax'

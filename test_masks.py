@@ -319,8 +319,8 @@ def mask_error(h, w, f, n_walks, p_halt, coupling, ensembles, seed=0):
     return sum(errs) / len(errs)
 
 def test_repelling_walks_shrink_the_mask_error():
-    """14x14 grid, 20 walks, p_halt 0.1, K 10, f = 0.5^k: repelling walks at most 0.6x the i.i.d. error (README:
-    the walk-error table). Fails if the walkers of a group each draw their own offset (no stratification)."""
+    """14x14 grid, 20 walks, p_halt 0.1, K 10, f = 0.5^k: repelling walks at most 0.6x the i.i.d. error (results/README.md,
+    grf-walks-10ep: the estimate's error). Fails if the walkers of a group each draw their own offset (no stratification)."""
     f = 0.5 ** torch.arange(11.0, dtype=torch.float64)
     err = {c: mask_error(14, 14, f, 20, 0.1, c, ensembles=20) for c in masks.COUPLINGS}
     assert err['repelling'] <= 0.6 * err['iid'] and err['repelling_antithetic'] <= 0.6 * err['iid'], err

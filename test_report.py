@@ -3,6 +3,7 @@ sweep.py and report.py: the table's arithmetic, grouping and published column, a
 model.VARIANTS that report.py knows nothing of, and a sweep that skips finished runs and busy ones, resumes an
 interrupted one and runs the rest (tiny trainings on the generated task).
 """
+import ast
 import dataclasses
 import fcntl
 import json
@@ -187,7 +188,7 @@ def sweep(*args):
 
 def test_sweep_skips_finished_runs_resumes_an_interrupted_one_and_runs_the_rest(tmp_path):
     root = str(tmp_path)
-    synthetic = {k: report.ast.literal_eval(v) if v[0].isdigit() else v for k, v in
+    synthetic = {k: ast.literal_eval(v) if v[0].isdigit() else v for k, v in
                  (a[2:].split('=') for a in SYNTHETIC.split())}
     fake_run(root, 'linear-s0', 'linear', 12.34, **{**synthetic, 'epochs': 2})  # finished: must be left alone
     # linear-s1 stopped after its first epoch: a checkpoint, no result.json
