@@ -239,6 +239,10 @@ def test_eval_only_reproduces_the_recorded_top1(first_epoch):
     p = train(*SYNTHETIC, '--init_from=resume', '--eval_only=True', out=first_epoch)
     again = json.loads(p.stdout.strip().splitlines()[-1])
     assert again['top1'] == result(first_epoch)['final']['top1'] and again['loss'] == pytest.approx(result(first_epoch)['final']['loss'])
+    fast = train(*SYNTHETIC, '--init_from=resume', '--eval_only=True', '--attn_impl=fast', out=first_epoch)
+    assert 'win over' not in fast.stdout, fast.stdout  # the path is this run's choice: the same model, the same math
+    fast = json.loads(fast.stdout.strip().splitlines()[-1])
+    assert fast['top1'] == pytest.approx(again['top1'], abs=0.5) and fast['loss'] == pytest.approx(again['loss'], rel=1e-4)
 
 def test_a_checkpoint_saved_before_a_model_setting_existed_still_resumes(first_epoch, tmp_path):
     """A model setting added later takes its default when an older checkpoint lacks it (table_init_decay); the walks

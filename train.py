@@ -59,7 +59,7 @@ mlp_dim = 128
 dropout = 0.1
 head_bias_init = 0.0       # the classifier's bias at the start (the reference's ImageNet recipe: -10 with loss='sigmoid')
 attn = 'softmax'           # a key of model.VARIANTS: the paper's softmax, linear, toeplitz, topo, grf, and any added
-attn_impl = 'auto'         # auto | dense | fast: how toeplitz and grf are evaluated
+attn_impl = 'auto'         # auto | dense | fast: how toeplitz and grf are evaluated (this run's, also from a checkpoint)
 grf_walks = 20             # grf: random walks per node (n)
 grf_p_halt = 0.1           # grf: probability that a walk halts at each step
 grf_coupling = 'repelling' # grf: iid | antithetic | repelling | repelling_antithetic (the reference: repelling)
@@ -159,7 +159,8 @@ ckpt = None if init_from == 'scratch' else outdir.read_checkpoint(
     ckpt_path if init_from == 'resume' else init_from, f"init_from={init_from!r}",
     lambda c: c | {'config': c['config'] | asdict(saved_config(c['config']))})  # as it ran
 if ckpt and (init_from == 'resume' or eval_only):  # the model is the checkpoint's as it is: its settings win over this run's
-    own = {'image_size'} if eval_only and any(a.startswith('--image_size=') for a in sys.argv[1:]) else set()  # this run's
+    given = {a[2:].partition('=')[0] for a in sys.argv[1:]}  # this run's: the path it takes, and an evaluation's size
+    own = given & ({'attn_impl', 'image_size'} if eval_only else {'attn_impl'})
     differ = {k: ckpt['config'][k] for k in model_keys if config[k] != ckpt['config'][k] and k not in own
               and not (k in ('in_channels', 'num_classes') and config[k] == 0)}
     if differ:
