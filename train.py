@@ -59,7 +59,7 @@ mlp_dim = 128
 dropout = 0.1
 head_bias_init = 0.0       # the classifier's bias at the start (the reference's ImageNet recipe: -10 with loss='sigmoid')
 attn = 'softmax'           # a key of model.VARIANTS: the paper's softmax, linear, toeplitz, topo, grf, and any added
-attn_impl = 'auto'         # auto | dense | fast: how toeplitz and grf are evaluated (this run's, also from a checkpoint)
+attn_impl = 'auto'         # auto | dense | fast: how toeplitz and grf are evaluated (a run's own, even resumed)
 grf_walks = 20             # grf: random walks per node (n)
 grf_p_halt = 0.1           # grf: probability that a walk halts at each step
 grf_coupling = 'repelling' # grf: iid | antithetic | repelling | repelling_antithetic (the reference: repelling)
