@@ -20,8 +20,6 @@ from configurator import configure, declared, fail
 from model import VARIANTS
 from outdir import holder
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
 attns = ','.join(VARIANTS) # comma-separated variants
 seeds = 3                  # seeds 0 .. seeds-1 of each variant
 epochs = 0                 # per run (0: the config file's)
@@ -35,6 +33,7 @@ args = ''                  # more train.py arguments, space-separated; {seed} st
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, str))}
 configure(config, sys.argv[1:])
 globals().update(config)
+ROOT = os.path.dirname(os.path.abspath(__file__))  # not a setting: defined after them
 
 unknown = [a for a in attns.split(',') if a not in VARIANTS]
 if unknown:

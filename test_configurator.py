@@ -1,5 +1,6 @@
 """The configurator: every override path, and every mistake as one line on stderr with exit status 2."""
 import os
+import re
 import subprocess
 import sys
 
@@ -147,7 +148,7 @@ def test_every_config_file_is_valid():
     for name in sorted(os.listdir(os.path.join(ROOT, 'configs'))):
         configure(dict(keys), [os.path.join(ROOT, 'configs', name)])
 
-@pytest.mark.parametrize('script', ['train.py', 'sweep.py', 'bench.py', 'report.py'])
+@pytest.mark.parametrize('script', ['train.py', 'sweep.py', 'bench.py', 'report.py', 'check_gpu.py'])
 def test_help_lists_every_setting_with_its_default_and_comment(script):
     p = subprocess.run([sys.executable, script, '--help'], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and not p.stderr
@@ -158,6 +159,7 @@ def test_help_lists_every_setting_with_its_default_and_comment(script):
     if script == 'report.py':
         assert all(f"--{k}" in p.stdout for k in ('no_plots', 'runs', 'out', 'vs', 'walk_error', 'ensembles', 'mask_swap'))
     assert 'python' in p.stdout  # the usage lines of the docstring
+    assert not re.findall(r"^  --[A-Z]\w*", p.stdout, re.M)  # a module constant (ROOT) is not a setting
 
 @pytest.mark.parametrize('base, derived, differs', [
     ('fmnist', 'fmnist_strong', {'depth', 'crop_pad', 'flip', 'label_smoothing'}),
