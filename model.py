@@ -334,19 +334,21 @@ class ViT(nn.Module):
         shared weights; the head if the class count is the same; the mask parameters if the variant and its `form_settings`
         are (coefficient vectors of another length cut or extended, so K may change); the sampled walks if
         all its `walk_settings` are; position embeddings and Toeplitz tables of another grid resampled to this one
-        (resample()). The rest keeps its initialisation. -> {'loaded', 'truncated', 'resampled', 'fresh': [names]}"""
+        (resample()); other walks are this model's own, drawn from its mask_seed. The rest keeps its initialisation.
+        -> {'loaded', 'truncated', 'resampled', 'fresh', 'drawn': [names]}"""
         c = self.config
         variant, grid, saved_grid = VARIANTS[c.attn], c.image_size // c.patch_size, src.image_size // src.patch_size
         same_mask = src.attn == c.attn and all(getattr(src, k) == getattr(c, k) for k in variant.form_settings)
         same_walks = same_mask and all(getattr(src, k) == getattr(c, k) for k in variant.walk_settings)
         mask, walks = set(self.mask_parameters()), set(self.walk_buffers())
-        new, done = {}, {'loaded': [], 'truncated': [], 'resampled': [], 'fresh': []}
+        new, done = {}, {'loaded': [], 'truncated': [], 'resampled': [], 'fresh': [], 'drawn': []}
         for k, own in self.state_dict().items():
             saved, module = state.get(k), self.get_submodule(k.rpartition('.')[0])
             resample = grid != saved_grid and saved is not None and hasattr(module, 'resample')
             resampled = module.resample(k.rpartition('.')[2], saved) if resample else None
-            if (saved is None or k.startswith('head.') and src.num_classes != c.num_classes
-                    or k in mask and not same_mask or k in walks and not same_walks):
+            if k in walks and (saved is None or not same_walks):
+                done['drawn'].append(k)
+            elif saved is None or k.startswith('head.') and src.num_classes != c.num_classes or k in mask and not same_mask:
                 done['fresh'].append(k)
             elif k in walks or saved.shape == own.shape:
                 new[k] = saved

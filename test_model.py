@@ -286,7 +286,7 @@ def test_fine_tuning_to_another_k_keeps_the_first_coefficients_and_redraws_the_w
         assert torch.equal(new[k][:, :n], src[k][:, :n]) and torch.equal(new[k][:, n:], init[k][:, n:])
     assert coef and set(coef) == set(done["truncated"]) and torch.equal(new["head.weight"], src["head.weight"])
     assert (attn == "grf") == bool(walks)
-    assert all(k in done["fresh"] and torch.equal(new[k], init[k]) for k in walks)
+    assert all(k in done["drawn"] and torch.equal(new[k], init[k]) for k in walks) and not set(walks) & set(done["fresh"])
 
 def test_fine_tuning_with_the_same_walk_settings_keeps_the_walks_and_another_variant_starts_its_mask_afresh():
     src, init, new, done = fine_tuned(dict(attn="grf", mask_seed=5), dict(attn="grf", mask_seed=5, num_classes=9))
@@ -497,7 +497,7 @@ def test_another_resolution_keeps_the_per_hop_coefficients_and_builds_powers_and
         W = masks.normalized_adjacency(masks.grid_graph(6, 6))
         torch.testing.assert_close(layer.W_powers[2], (W @ W).float())
     else:
-        assert all(k in done["fresh"] for k in src if "grf_" in k)
+        assert all(k in done["drawn"] and k not in done["fresh"] for k in src if "grf_" in k)
         assert layer.grf_crow.shape[0] == 2 * 36 + 1 and torch.equal(layer.grf_col, fresh.grf_col)
     assert torch.isfinite(model(torch.randn(2, 3, 24, 24))).all()
 

@@ -207,6 +207,7 @@ def test_fine_tuning_to_a_different_class_count(first_epoch, mask_max_len, tmp_p
     n = mask_max_len + 1
     assert f and all(torch.equal(new[k][:, :n], src['model'][k][:, :n]) for k in f)
     assert walks and all(torch.equal(new[k], src['model'][k]) == (mask_max_len == 4) for k in walks)
+    assert ('walks drawn for this model from mask_seed=0: ' in p.stdout) == (mask_max_len != 4)  # not 'started afresh'
 
 def test_resuming_takes_this_runs_mask_learning_rate_multiplier(first_epoch, tmp_path):
     run = copy_of(first_epoch, tmp_path)

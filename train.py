@@ -207,7 +207,8 @@ elif ckpt:  # fine-tuning, or evaluating at another image size
     print0(f"{'evaluating' if eval_only else 'fine-tuning'} from {init_from} (attn={source.attn}" + (f"; this run: {attn}"
            if source.attn != attn else '') + f"): loaded {len(done['loaded'])} tensors; resampled from {source.image_size} "
            f"to {image_size} px: {done['resampled'] or 'none'}; kept the first coefficients of {done['truncated'] or 'none'}; "
-           f"started afresh: {done['fresh'] or 'none'}")
+           f"started afresh: {done['fresh'] or 'none'}" + (f"; walks drawn for this model from mask_seed={mask_seed}: "
+           f"{len(done['drawn'])} buffers" if done['drawn'] else ''))
 model.to(device)
 raw_model = model  # saved without DDP's module. and compile's _orig_mod. prefixes
 optimizer = torch.optim.AdamW(model.param_groups(weight_decay, mask_lr_mult), lr=lr, betas=(beta1, beta2), fused=device_type == 'cuda')
