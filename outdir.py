@@ -4,6 +4,7 @@ never overwrites a run (its ckpt.pt), ckpt.pt is replaced atomically and a damag
 metrics.jsonl is cut back to where a resumed run starts. Every failure is one line on stderr (configurator.fail, of
 kind out_dir or checkpoint).
 """
+import atexit
 import fcntl
 import json
 import os
@@ -18,12 +19,18 @@ from configurator import fail
 _held = {}  # out_dir: the descriptor of its locked lock file, for as long as this process holds it
 
 def claim(out_dir, resume):
-    """Make out_dir and take its lock; unless resuming, refuse a folder that holds a run."""
+    """Make out_dir and take its lock; unless resuming, refuse a folder that holds a run. A folder this made that holds
+    nothing but its lock when the process exits (the data was missing, say) is removed, with the folders made for it."""
+    made, path = [], os.path.abspath(out_dir)
+    while not os.path.isdir(path):  # out_dir and each parent that makedirs will make, deepest first
+        made, path = made + [path], os.path.dirname(path)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         fail(f"out_dir={out_dir!r} cannot be made: {e}", kind='out_dir')
     take_lock(out_dir)
+    if made:
+        atexit.register(remove_if_unused, out_dir, made)
     if not resume and os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
         release(out_dir)
         fail(f"{out_dir} holds a run (its ckpt.pt): continue it with --init_from=resume, or train into another "
@@ -49,6 +56,15 @@ def release(out_dir):
     """Give out_dir back before this process ends (a DataLoader worker forked with the lock's file would hold it on)."""
     with suppress(KeyError):
         fcntl.flock(_held.pop(out_dir), fcntl.LOCK_UN)
+
+def remove_if_unused(out_dir, made):
+    """If this process still holds out_dir and it holds only its lock: the lock file (while held), then the folders in
+    made (out_dir, then its parents made with it) that are empty."""
+    with suppress(OSError):
+        if out_dir in _held and os.listdir(out_dir) == ['lock']:
+            os.unlink(os.path.join(out_dir, 'lock'))
+            for path in made:
+                os.rmdir(path)  # OSError: not empty (another run's folder inside), and the ones above stay
 
 def holder(out_dir):
     """'pid P on HOST' of the run that holds out_dir's lock, or None: no lock file, or no process holds its flock."""

@@ -112,6 +112,21 @@ def test_a_missing_fashion_mnist_is_one_line_and_leaves_no_folder(tmp_path, monk
     assert e.value.code == 2 and err.count('\n') == 1 and err.startswith('data error: FashionMNIST is not in ')
     assert 'no network' in err and 'FashionMNIST/raw' in err and not (tmp_path / 'nowhere').exists()
 
+@pytest.mark.parametrize('dataset', ['imagenet', 'fmnist'])
+def test_a_run_that_finds_no_data_leaves_no_folder_behind(dataset, tmp_path):
+    """train.py locks out_dir before it reads the data; on failing there it removes the folders it made (out_dir and
+    its new parents), and keeps one that was there. fmnist: offline through a proxy that refuses at once."""
+    import subprocess, sys
+    train = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
+    env = {**os.environ, 'https_proxy': 'http://127.0.0.1:9', 'http_proxy': 'http://127.0.0.1:9'}
+    (tmp_path / 'kept').mkdir()
+    for out in ('new/parents/run', 'kept/run'):
+        p = subprocess.run([sys.executable, train, f'--dataset={dataset}', f'--data_dir={tmp_path}/none', f'--out_dir={out}'],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2 and p.stderr.startswith('data error: ') and p.stderr.count('\n') == 1
+    assert os.listdir(tmp_path) == ['kept']  # nor data_dir (data.py's own cleanup, for fmnist)
+    assert os.listdir(tmp_path / 'kept') == []
+
 def test_imports_run_one_way():
     """The scripts -> model.py, data.py (with imagefiles.py, outdir.py) -> masks.py, configurator.py: no module imports
     one of a level above its own, and none comes back to itself through the modules it imports."""
