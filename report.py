@@ -19,6 +19,7 @@ With several folders the pictures go to the folder that holds them all (or --out
 rules: --key=value, each checked before anything is read; --no_plots and --runs are given bare.
 """
 import glob
+import importlib
 import json
 import math
 import os
@@ -236,7 +237,7 @@ def picture_paths(roots, out=None):
 
 def has_matplotlib():
     try:
-        import matplotlib
+        importlib.import_module('matplotlib')
     except ImportError:
         return False
     return True
