@@ -293,8 +293,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(c.dim), nn.LayerNorm(c.dim)
         self.attn = VARIANTS[c.attn](c, layer)
-        self.mlp = nn.Sequential(nn.Linear(c.dim, c.mlp_dim), nn.GELU(), CPUDropout(c.dropout),
-                                 nn.Linear(c.mlp_dim, c.dim))
+        self.mlp = nn.Sequential(nn.Linear(c.dim, c.mlp_dim), nn.GELU(), CPUDropout(c.dropout), nn.Linear(c.mlp_dim, c.dim))
         self.drop = CPUDropout(c.dropout)
 
     def forward(self, x):
@@ -330,12 +329,11 @@ class ViT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def load_for_fine_tuning(self, state, src):
-        """Take the tensors of a saved model (state, its ViTConfig src) that still mean the same thing here: the
-        shared weights; the head if the class count is the same; the mask parameters if the variant and its `form_settings`
-        are (coefficient vectors of another length cut or extended, so K may change); the sampled walks if
-        all its `walk_settings` are; position embeddings and Toeplitz tables of another grid resampled to this one
-        (resample()); other walks are this model's own, drawn from its mask_seed. The rest keeps its initialisation.
-        -> {'loaded', 'truncated', 'resampled', 'fresh', 'drawn': [names]}"""
+        """Take the tensors of a saved model (state, its ViTConfig src) that still mean the same thing here: the shared
+        weights; the head if the class count is the same; the mask parameters if the variant and its `form_settings` are
+        (coefficient vectors of another length cut or extended, so K may change); the sampled walks if all its `walk_settings`
+        are, else drawn from its mask_seed; position embeddings and Toeplitz tables of another grid resampled (resample()). The
+        rest keeps its initialisation. Returns {'loaded', 'truncated', 'resampled', 'fresh', 'drawn': [names]}"""
         c = self.config
         variant, grid, saved_grid = VARIANTS[c.attn], c.image_size // c.patch_size, src.image_size // src.patch_size
         same_mask = src.attn == c.attn and all(getattr(src, k) == getattr(c, k) for k in variant.form_settings)
