@@ -11,6 +11,7 @@ pictures) are in trained_masks.py.
     python report.py out/sweep --no_plots --vs=linear   # and each row against linear, paired by seed
     python report.py out/sweep --out=assets/mine   # the pictures as assets/mine/curves.png and masks.png
     python report.py out/a out/b --no_plots    # several folders: a row per variant and per setting that differs
+    python report.py out/a out/b --no_plots --vs=grf:grf_walks=100   # each row against grf's runs with 100 walks
     python report.py out/sweep --no_plots --mask_swap=DATA_DIR   # + the topo/grf models with their masks swapped
     python report.py out/sweep --no_plots --walk_error=5,20,100  # + the GRF mask's error per walk coupling and count
     python report.py out/sweep --no_plots --walk_error=20,100,1000 --ensembles=3   # other walk counts, fewer draws
@@ -34,14 +35,16 @@ from model import VARIANTS, saved_config
 no_plots = False           # the table alone: no curves.png and masks.png
 runs = False               # also a table of each run's final and best top-1
 out = ''                   # the folder for curves.png and masks.png ('' = the folder that holds every folder named)
-vs = ''                    # a variant: each row adds its mean paired difference in top-1 to this one, over the seeds
-                           # both ran (same seed: same data order and initial weights), its 95% interval and pairs won
+vs = ''                    # a variant, or its runs of some settings ('grf:graph=grid4'): each row adds its mean paired
+                           # difference in top-1 to those runs, over the seeds both ran (same seed: same data order
+                           # and initial weights), its 95% interval and pairs won
 walk_error = ''            # walk counts, e.g. '5,20,100': the GRF mask's error per walk coupling and count ('' = none)
 ensembles = 20             # walk_error: fresh walk ensembles drawn per walk count and coupling
 mask_swap = ''             # a data_dir: the first topo and grf models evaluated with their masks swapped ('' = none)
 FLAGS = ('no_plots', 'runs')  # given bare
 # -----------------------------------------------------------------------------
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, str))}
+TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')  # its settings are the runs'
 
 def load_runs(root):
     runs = []
@@ -143,11 +146,18 @@ def paired(rs, base):
     half = t_quantile(0.975, n - 1) * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else None
     return statistics.mean(diffs), half, sum(d > 0 for d in diffs), n
 
+def base_spec(vs):
+    """'grf:graph=grid4,grf_walks=100' -> ('grf', {'graph': 'grid4', 'grf_walks': '100'}): the base variant and the
+    settings its runs must show in the table (as its cells print them)."""
+    attn, _, where = vs.partition(':')
+    return attn, dict(item.partition('=')[::2] for item in where.split(',')) if where else {}
+
 def table(runs, vs=''):
-    """The Markdown table: a row per variant and per value of the settings that differ among the runs. vs: a variant;
-    each row adds its paired difference to that variant's runs of the same settings (paired)."""
+    """The Markdown table: a row per variant and per value of the settings that differ among the runs. vs: a variant,
+    optionally 'variant:key=value,...'; each row adds its paired difference to that variant's runs of those settings
+    and of the row's other settings (paired)."""
     all_knobs = dict.fromkeys(k for cls in VARIANTS.values() for k in knobs(cls))
-    defaults = declared(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'))
+    defaults = declared(TRAIN_PY)
     value = lambda r, k: knob(r, k) if k in all_knobs else recipe(r, k, defaults)
     others = dict.fromkeys(k for r in runs for k in r['config'] if k not in all_knobs and k not in NOT_RECIPE)
     columns = [k for k in [*all_knobs, *others] if len({str(value(r, k)) for r in runs} - {'None'}) > 1]
@@ -158,6 +168,9 @@ def table(runs, vs=''):
     key = lambda r: (*(value(r, k) for k in columns), epochs_trained(r))
     # the base runs of a row: the same values of every column that acts on both, the same epochs
     same = lambda a, b: all(x is None or y is None or x == y for x, y in zip(a, b))
+    base_attn, fixed = base_spec(vs)
+    is_base = lambda r: r['config']['attn'] == base_attn and all(cell(value(r, k)) == v for k, v in fixed.items())
+    free = [i for i, k in enumerate(columns) if k not in fixed]  # the columns a base run must share with its row
     for attn in VARIANTS:
         groups = {}
         for r in runs:
@@ -172,9 +185,10 @@ def table(runs, vs=''):
             row = (f"| {attn} | {settings}{statistics.mean(acc):.2f}{spread} | {len(acc)} "
                    f"| {epochs:g} | {ips:,.0f} | {', '.join(paper)} |")
             if vs:
-                base = [b for b in runs if b['config']['attn'] == vs and same(key(b)[:-1], values) and epochs_trained(b) == epochs]
-                pair = None if attn == vs else paired(rs, base)
-                row += (" base | – |" if attn == vs else " – | – |" if pair is None else
+                base = [b for b in runs if is_base(b) and epochs_trained(b) == epochs
+                        and same([key(b)[i] for i in free], [values[i] for i in free])]
+                pair = None if is_base(rs[0]) else paired(rs, base)
+                row += (" base | – |" if is_base(rs[0]) else " – | – |" if pair is None else
                         f" {pair[0]:+.2f}" + (f" [{pair[0] - pair[1]:+.2f}, {pair[0] + pair[1]:+.2f}]" if pair[1] is not None else "")
                         + f" | {pair[2]}/{pair[3]} |")
             rows.append(row)
@@ -247,8 +261,10 @@ if __name__ == '__main__':
     configure(config, [a for a in sys.argv[1:] if a.startswith('-')], flags=FLAGS)
     globals().update(config)
     roots = [a for a in sys.argv[1:] if not a.startswith('-')] or ['out/sweep']
-    if vs and vs not in VARIANTS:
-        fail(f"vs={vs!r} is not a variant; valid: {', '.join(VARIANTS)}")
+    if vs and base_spec(vs)[0] not in VARIANTS:
+        fail(f"vs={vs!r} is not a variant; valid: {', '.join(VARIANTS)}, each optionally with settings, e.g. 'grf:graph=grid4'")
+    if vs and not all(k in declared(TRAIN_PY) and v for k, v in base_spec(vs)[1].items()):
+        fail(f"vs={vs!r} is invalid; valid: a variant, or 'variant:key=value,...' with settings of train.py, e.g. 'grf:graph=grid4'")
     if walk_error and not re.fullmatch(r'[1-9]\d*(,[1-9]\d*)*', walk_error):
         fail(f"walk_error={walk_error!r} is invalid; valid: walk counts >= 1, comma-separated, e.g. '5,20,100'")
     if ensembles < 1:

@@ -273,6 +273,25 @@ def test_paired_differences_to_a_base_variant_by_hand(tmp_path):
                           ['grf', '6', '60.00', '1', '10', '100', '', '–', '–']]
     assert 'Student t over those paired differences' in text  # the output says which interval it is
 
+def test_paired_differences_to_a_setting_of_a_variant_by_hand(tmp_path):
+    """--vs=grf:graph=grid4, the base being grf's runs on grid4. grf on grid4, seeds 0-2: 52, 54, 56; on grid4_shuffled:
+    51, 55, 53. Differences -1, +1, -3: mean -1, sample std 2, standard error 1.154701, t(0.975, 2 df) = 4.302653,
+    half-width 4.968: [-5.97, +3.97], won 1 of 3. linear (no graph), seeds 0-2 at 50: differences -2, -4, -6, mean -4,
+    std 2: [-8.97, +0.97], 0 of 3. A shuffled run of another depth has no base of its depth."""
+    root = str(tmp_path)
+    for seed, (grid, shuffled) in enumerate([(52.0, 51.0), (54.0, 55.0), (56.0, 53.0)]):
+        fake_run(root, f'grf-s{seed}', 'grf', grid, seed=seed, graph='grid4')
+        fake_run(root, f'shuffled-s{seed}', 'grf', shuffled, seed=seed, graph='grid4_shuffled')
+        fake_run(root, f'linear-s{seed}', 'linear', 50.0, seed=seed)
+    fake_run(root, 'shuffled-deep-s0', 'grf', 60.0, seed=0, graph='grid4_shuffled', depth=6)
+    text = report.table(report.load_runs(root), vs='grf:graph=grid4')
+    assert text.splitlines()[0].endswith('| Δ top-1 vs grf:graph=grid4 [95% CI] | pairs won |')
+    assert [[r[0], r[1], r[2], r[-2], r[-1]] for r in rows(text)] == [
+        ['linear', '–', '2', '-4.00 [-8.97, +0.97]', '0/3'],
+        ['grf', 'grid4', '2', 'base', '–'],
+        ['grf', 'grid4_shuffled', '2', '-1.00 [-5.97, +3.97]', '1/3'],
+        ['grf', 'grid4_shuffled', '6', '–', '–']]
+
 def test_t_quantiles_are_the_tables():
     """The 97.5% quantiles of Student's t as printed in any statistics table."""
     for df, t in [(1, 12.706), (2, 4.303), (3, 3.182), (5, 2.571), (10, 2.228), (30, 2.042)]:
@@ -296,7 +315,8 @@ def test_report_command_line_takes_walk_counts_and_ensembles(tmp_path):
     ('--mask_swap', "config error: expected --key=value, got '--mask_swap'"),  # no value for an option that takes one
     ('--walk_error=0', "config error: walk_error='0' is invalid; valid: walk counts >= 1"),
     ('--ensembles=0', "config error: ensembles=0 is invalid; valid: an integer >= 1"),
-    ('--vs=linaer', "config error: vs='linaer' is not a variant; valid: softmax, linear,")])
+    ('--vs=linaer', "config error: vs='linaer' is not a variant; valid: softmax, linear,"),
+    ('--vs=grf:graf=grid4', "config error: vs='grf:graf=grid4' is invalid; valid: a variant, or 'variant:key=value,...'")])
 def test_a_bad_option_fails_in_one_line_before_anything_is_read(tmp_path, bad, said):
     os.makedirs(tmp_path / 'broken')
     (tmp_path / 'broken' / 'result.json').write_text('{')  # read, it would end in a traceback
