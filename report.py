@@ -166,7 +166,7 @@ def table(runs, vs=''):
             f"| images/s (train) | published top-1 | {extra}", "|---|" + "---|" * (len(columns) + 5 + 2 * bool(vs))]
     rows[0] = rows[0].rstrip()
     key = lambda r: (*(value(r, k) for k in columns), epochs_trained(r))
-    # the base runs of a row: the same values of every column that acts on both, the same epochs
+    # the base runs of a row: vs's variant and settings, the row's values in the other columns that act on both, its epochs
     same = lambda a, b: all(x is None or y is None or x == y for x, y in zip(a, b))
     base_attn, fixed = base_spec(vs)
     is_base = lambda r: r['config']['attn'] == base_attn and all(cell(value(r, k)) == v for k, v in fixed.items())
@@ -187,8 +187,9 @@ def table(runs, vs=''):
             if vs:
                 base = [b for b in runs if is_base(b) and epochs_trained(b) == epochs
                         and same([key(b)[i] for i in free], [values[i] for i in free])]
-                pair = None if is_base(rs[0]) else paired(rs, base)
-                row += (" base | – |" if is_base(rs[0]) else " – | – |" if pair is None else
+                own = is_base(rs[0])  # this row's runs are the base
+                pair = None if own else paired(rs, base)
+                row += (" base | – |" if own else " – | – |" if pair is None else
                         f" {pair[0]:+.2f}" + (f" [{pair[0] - pair[1]:+.2f}, {pair[0] + pair[1]:+.2f}]" if pair[1] is not None else "")
                         + f" | {pair[2]}/{pair[3]} |")
             rows.append(row)
