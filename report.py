@@ -12,6 +12,7 @@ pictures) are in trained_masks.py.
     python report.py out/sweep --out=assets/mine   # the pictures as assets/mine/curves.png and masks.png
     python report.py out/a out/b --no_plots    # several folders: a row per variant and per setting that differs
     python report.py out/a out/b --no_plots --vs=grf:grf_walks=100   # each row against grf's runs with 100 walks
+    python report.py out/sweep --no_plots --vs=linear --group=toeplitz,topo,grf   # + the masks' mean against linear
     python report.py out/sweep --no_plots --mask_swap=DATA_DIR   # + the topo/grf models with their masks swapped
     python report.py out/sweep --no_plots --walk_error=5,20,100  # + the GRF mask's error per walk coupling and count
     python report.py out/sweep --no_plots --walk_error=20,100,1000 --ensembles=3   # other walk counts, fewer draws
@@ -19,6 +20,7 @@ pictures) are in trained_masks.py.
 With several folders the pictures go to the folder that holds them all (or --out). Options follow configurator.py's
 rules: --key=value, each checked before anything is read; --no_plots and --runs are given bare.
 """
+import ast
 import glob
 import importlib
 import json
@@ -40,6 +42,7 @@ vs = ''                    # a variant, or its runs of some settings ('grf:graph
                            # and initial weights), its 95% interval and pairs won
 walk_error = ''            # walk counts, e.g. '5,20,100': the GRF mask's error per walk coupling and count ('' = none)
 ensembles = 20             # walk_error: fresh walk ensembles drawn per walk count and coupling
+group = ''                 # variants, e.g. 'toeplitz,topo,grf' (with vs): per seed their mean top-1 against vs's runs
 mask_swap = ''             # a data_dir: the first topo and grf models evaluated with their masks swapped ('' = none)
 FLAGS = ('no_plots', 'runs')  # given bare
 # -----------------------------------------------------------------------------
@@ -132,45 +135,116 @@ def t_quantile(p, df):
         lo, hi = ((lo + hi) / 2, hi) if cdf((lo + hi) / 2) < p else (lo, (lo + hi) / 2)
     return (lo + hi) / 2
 
-def paired(rs, base):
-    """rs against the base runs of the same seed: (mean difference in top-1, half-width of its 95% interval, Student t
-    over the differences (None for one pair), pairs won, pairs), or None without a pair or with two base runs of a seed."""
-    seeds = [b['config']['seed'] for b in base]
-    if len(seeds) != len(set(seeds)):
+MAX_FLIPS = 16             # sign-flip p-values enumerate all 2^n sign patterns up to this many pairs
+
+def sign_flip_p(diffs):
+    """The exact two-sided p-value of the paired sign-flip test: the share of the 2^n patterns of signs s_i whose
+    |sum s_i d_i| is at least the observed |sum d_i| (under no effect each difference is as likely negative). The
+    patterns come in pairs of opposite sign, so half of them are counted. None above MAX_FLIPS pairs."""
+    n = len(diffs)
+    if n > MAX_FLIPS:
         return None
-    top1 = {b['config']['seed']: b['final']['top1'] for b in base}
-    diffs = [r['final']['top1'] - top1[r['config']['seed']] for r in rs if r['config']['seed'] in top1]
-    if not diffs:
-        return None
+    observed = abs(sum(diffs)) - 1e-9 * (1 + sum(map(abs, diffs)))  # a pattern that ties counts, whatever the rounding
+    rest = diffs[1:]
+    hits = sum(abs(diffs[0] + sum(d if m >> i & 1 else -d for i, d in enumerate(rest))) >= observed
+               for m in range(2 ** (n - 1)))
+    return hits / 2 ** (n - 1)
+
+def holm(ps):
+    """Holm's step-down adjustment of the p-values ps (None: no test) for the family of those that are not None:
+    the j-th smallest (from 0) times (m - j), at least its predecessor's, at most 1."""
+    order = sorted((p, i) for i, p in enumerate(ps) if p is not None)
+    adjusted, running = list(ps), 0.0
+    for j, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - j) * p))
+        adjusted[i] = running
+    return adjusted
+
+def per_seed(rs, who):
+    """{seed: top-1} of runs rs, or the reason they do not pair by seed (a seed run more than once)."""
+    top1 = {}
+    for r in rs:
+        seed = r['config']['seed']
+        if seed in top1:
+            return f"seed {seed}: {sum(x['config']['seed'] == seed for x in rs)} {who}"
+        top1[seed] = r['final']['top1']
+    return top1
+
+def summary(diffs):
+    """Paired differences summarised: (mean, half-width of its 95% Student-t interval (None for one pair), pairs won,
+    pairs, exact sign-flip p)."""
     n = len(diffs)
     half = t_quantile(0.975, n - 1) * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else None
-    return statistics.mean(diffs), half, sum(d > 0 for d in diffs), n
+    return statistics.mean(diffs), half, sum(d > 0 for d in diffs), n, sign_flip_p(diffs)
 
-def base_spec(vs):
-    """'grf:graph=grid4,grf_walks=100' -> ('grf', {'graph': 'grid4', 'grf_walks': '100'}): the base variant and the
-    settings its runs must show in the table (as its cells print them)."""
+def paired(rs, base):
+    """rs against the base runs of the same seed: summary() of the differences in top-1, or the reason there are none
+    (a seed run twice in the row or in the base, or no seed in common): runs pair only one to one."""
+    mine, theirs = per_seed(rs, 'runs in the row'), per_seed(base, 'base runs')
+    for reason in (mine, theirs):
+        if isinstance(reason, str):
+            return reason
+    diffs = [top1 - theirs[seed] for seed, top1 in mine.items() if seed in theirs]
+    return summary(diffs) if diffs else 'no seed in common' if base else 'no base run of its settings'
+
+def group_contrast(members, base):
+    """Per seed that every member and the base ran once: the members' mean top-1 minus the base's; summary() of
+    those differences, or the reason there are none. members: a list of runs per variant."""
+    tables = [per_seed(rs, 'runs of a member') for rs in members] + [per_seed(base, 'base runs')]
+    reason = next((t for t in tables if isinstance(t, str)), None)
+    if reason:
+        return reason
+    seeds = sorted(set.intersection(*(set(t) for t in tables)))
+    diffs = [statistics.mean(t[s] for t in tables[:-1]) - tables[-1][s] for s in seeds]
+    return summary(diffs) if diffs else 'no seed in common'
+
+def typed(key, raw, defaults):
+    """A setting's value given as text ('10'), as the setting's type (10.0 for a float setting), or None if it is not one."""
+    default = defaults[key]
+    try:
+        value = raw if isinstance(default, str) else ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return None
+    value = float(value) if type(default) is float and type(value) is int else value
+    return value if type(value) is type(default) else None
+
+def base_spec(vs, defaults=None):
+    """'grf:graph=grid4,grf_walks=100' -> ('grf', {'graph': 'grid4', 'grf_walks': 100}): the base variant and the
+    settings its runs must have, each as its train.py type (None where the text is no value of that type)."""
+    defaults = defaults or declared(TRAIN_PY)
     attn, _, where = vs.partition(':')
-    return attn, dict(item.partition('=')[::2] for item in where.split(',')) if where else {}
+    items = [item.partition('=')[::2] for item in where.split(',')] if where else []
+    return attn, {k: typed(k, v, defaults) if k in defaults and v else None for k, v in items}
 
-def table(runs, vs=''):
+def delta_cells(pair, *p_holm):
+    """The Δ, pairs won and sign-flip p cells of a row, then its Holm-adjusted p if given."""
+    if isinstance(pair, str):
+        return f" – ({pair}) |" + " – |" * (2 + len(p_holm))
+    mean, half, won, n, p = pair
+    interval = f" [{mean - half:+.2f}, {mean + half:+.2f}]" if half is not None else ""
+    return f" {mean:+.2f}{interval} | {won}/{n} |" + ''.join(' – |' if x is None else f" {x:.3g} |" for x in (p, *p_holm))
+
+def table(runs, vs='', group=''):
     """The Markdown table: a row per variant and per value of the settings that differ among the runs. vs: a variant,
     optionally 'variant:key=value,...'; each row adds its paired difference to that variant's runs of those settings
-    and of the row's other settings (paired)."""
+    and of the row's other settings, with its sign-flip p and the Holm-adjusted p over the rows compared. group:
+    variants, comma-separated, whose mean per seed is compared with the same base (one row of each in the table)."""
     all_knobs = dict.fromkeys(k for cls in VARIANTS.values() for k in knobs(cls))
     defaults = declared(TRAIN_PY)
     value = lambda r, k: knob(r, k) if k in all_knobs else recipe(r, k, defaults)
     others = dict.fromkeys(k for r in runs for k in r['config'] if k not in all_knobs and k not in NOT_RECIPE)
     columns = [k for k in [*all_knobs, *others] if len({str(value(r, k)) for r in runs} - {'None'}) > 1]
-    extra = f"Δ top-1 vs {vs} [95% CI] | pairs won | " if vs else ""
+    extra = f"Δ top-1 vs {vs} [95% CI] | pairs won | p (sign-flip) | p (Holm) | " if vs else ""
     rows = ["| attention | " + ''.join(f"{k} | " for k in columns) + "top-1 (%) mean ± std | seeds | epochs "
-            f"| images/s (train) | published top-1 | {extra}", "|---|" + "---|" * (len(columns) + 5 + 2 * bool(vs))]
+            f"| images/s (train) | published top-1 | {extra}", "|---|" + "---|" * (len(columns) + 5 + 4 * bool(vs))]
     rows[0] = rows[0].rstrip()
     key = lambda r: (*(value(r, k) for k in columns), epochs_trained(r))
     # the base runs of a row: vs's variant and settings, the row's values in the other columns that act on both, its epochs
     same = lambda a, b: all(x is None or y is None or x == y for x, y in zip(a, b))
-    base_attn, fixed = base_spec(vs)
-    is_base = lambda r: r['config']['attn'] == base_attn and all(cell(value(r, k)) == v for k, v in fixed.items())
+    base_attn, fixed = base_spec(vs, defaults)
+    is_base = lambda r: r['config']['attn'] == base_attn and all(value(r, k) == v for k, v in fixed.items())
     free = [i for i, k in enumerate(columns) if k not in fixed]  # the columns a base run must share with its row
+    found = []  # (attn, the row's text, its runs, its pairing: 'base', summary() or the reason for none)
     for attn in VARIANTS:
         groups = {}
         for r in runs:
@@ -184,18 +258,29 @@ def table(runs, vs=''):
             paper = [v for v in dict.fromkeys(published(r['config']).get(attn) for r in rs) if v is not None]
             row = (f"| {attn} | {settings}{statistics.mean(acc):.2f}{spread} | {len(acc)} "
                    f"| {epochs:g} | {ips:,.0f} | {', '.join(paper)} |")
-            if vs:
-                base = [b for b in runs if is_base(b) and epochs_trained(b) == epochs
-                        and same([key(b)[i] for i in free], [values[i] for i in free])]
-                own = is_base(rs[0])  # this row's runs are the base
-                pair = None if own else paired(rs, base)
-                row += (" base | – |" if own else " – | – |" if pair is None else
-                        f" {pair[0]:+.2f}" + (f" [{pair[0] - pair[1]:+.2f}, {pair[0] + pair[1]:+.2f}]" if pair[1] is not None else "")
-                        + f" | {pair[2]}/{pair[3]} |")
-            rows.append(row)
+            base = [b for b in runs if is_base(b) and epochs_trained(b) == epochs
+                    and same([key(b)[i] for i in free], [values[i] for i in free])]
+            pair = 'base' if is_base(rs[0]) else paired(rs, base) if vs else None
+            found.append((attn, row, rs, base, pair))
+    p_holm = holm([p[4] if isinstance(p, tuple) else None for *_, p in found])
+    for (attn, row, rs, base, pair), adjusted in zip(found, p_holm):
+        rows.append(row + ('' if not vs else " base | – | – | – |" if pair == 'base' else delta_cells(pair, adjusted)))
     note = (f"\nΔ top-1 vs {vs}: the mean over the seeds that both ran of (top-1 - {vs}'s top-1), runs of the same seed "
-            f"paired; [95% CI]: Student t over those paired differences (n - 1 degrees of freedom); pairs won: the "
-            f"differences above 0; –: no {vs} run of a seed in common, or more than one.") if vs else ""
+            f"paired one to one; [95% CI]: Student t over those paired differences (n - 1 degrees of freedom); pairs won: "
+            f"the differences above 0; p (sign-flip): exact two-sided, over all 2^n sign patterns of the differences; "
+            f"p (Holm): adjusted over the {sum(p is not None for p in p_holm)} rows compared; –: no pair, and why.") if vs else ""
+    if group:
+        members = [[f for f in found if f[0] == a] for a in group.split(',')]
+        several = next((m for m in members if len(m) != 1), None)
+        if several is not None:
+            a = group.split(',')[members.index(several)]
+            fail(f"group={group!r}: {a} has {len(several)} rows in this table; valid: variants with one row each "
+                 f"(report one setting's folders)", kind='data')
+        contrast = group_contrast([m[0][2] for m in members], members[0][0][3])
+        note += (f"\n\n| group | Δ top-1 vs {vs} [95% CI] | pairs won | p (sign-flip) |\n|---|---|---|---|\n"
+                 f"| mean of {', '.join(group.split(','))} |" + delta_cells(contrast) + "\n"
+                 f"group: per seed that all of them and {vs} ran, their mean top-1 minus {vs}'s; one test, outside the "
+                 f"Holm family above.")
     return '\n'.join(rows) + note
 
 def run_table(runs):
@@ -264,8 +349,13 @@ if __name__ == '__main__':
     roots = [a for a in sys.argv[1:] if not a.startswith('-')] or ['out/sweep']
     if vs and base_spec(vs)[0] not in VARIANTS:
         fail(f"vs={vs!r} is not a variant; valid: {', '.join(VARIANTS)}, each optionally with settings, e.g. 'grf:graph=grid4'")
-    if vs and not all(k in declared(TRAIN_PY) and v for k, v in base_spec(vs)[1].items()):
-        fail(f"vs={vs!r} is invalid; valid: a variant, or 'variant:key=value,...' with settings of train.py, e.g. 'grf:graph=grid4'")
+    if vs and None in base_spec(vs)[1].values():
+        fail(f"vs={vs!r} is invalid; valid: a variant, or 'variant:key=value,...' with settings of train.py and values "
+             f"of their types, e.g. 'grf:graph=grid4'")
+    bad = [a for a in group.split(',') if a not in VARIANTS or a == base_spec(vs)[0]] if group else []
+    if group and (not vs or bad):
+        fail(f"group={group!r} is invalid; valid: with --vs, variants other than vs's, comma-separated, e.g. "
+             f"--vs=linear --group=toeplitz,topo,grf" + (f" ({bad[0]!r} is not one)" if bad else " (no --vs given)"))
     if walk_error and not re.fullmatch(r'[1-9]\d*(,[1-9]\d*)*', walk_error):
         fail(f"walk_error={walk_error!r} is invalid; valid: walk counts >= 1, comma-separated, e.g. '5,20,100'")
     if ensembles < 1:
@@ -273,7 +363,7 @@ if __name__ == '__main__':
     results = [r for root in roots for r in load_runs(root)]
     if not results:
         fail(f"no result.json under {', '.join(roots)}", kind='data')
-    print(table(results, vs))
+    print(table(results, vs, group))
     if runs:
         print('\n' + run_table(results))
     if not no_plots and not has_matplotlib():

@@ -256,8 +256,10 @@ def test_walk_error_table_shows_repelling_walks_closer_to_the_exact_mask():
 def test_paired_differences_to_a_base_variant_by_hand(tmp_path):
     """linear seeds 0-3: 50, 52, 54, 56; grf seeds 0-4: 52, 56, 54, 58, 70 (seed 4 has no linear to pair with).
     Differences 2, 4, 0, 2: mean 2, sample std sqrt(8/3) = 1.63299, standard error 0.816497, t(0.975, 3 df) = 3.182446,
-    half-width 2.598: [-0.60, +4.60]; won 3 of 4 (a tie is not won). softmax, seed 0 alone: -1, no interval. A grf
-    run of another depth has no linear run of its depth to pair with."""
+    half-width 2.598: [-0.60, +4.60]; won 3 of 4 (a tie is not won). Sign flips of (2, 4, 0, 2): |sum| >= 8 in 4 of
+    the 16 patterns (+-0 times +2+4+2 and -2-4-2): p = 0.25. softmax, seed 0 alone: -1, no interval, p = 1 (both
+    patterns). Holm over the two: 0.25 x 2 = 0.5, then max(0.5, 1 x 1) = 1. A grf run of another depth has no linear
+    run of its depth to pair with."""
     root = str(tmp_path)
     for seed, top1 in enumerate([50.0, 52.0, 54.0, 56.0]):
         fake_run(root, f'linear-s{seed}', 'linear', top1, seed=seed)
@@ -266,18 +268,22 @@ def test_paired_differences_to_a_base_variant_by_hand(tmp_path):
     fake_run(root, 'softmax-s0', 'softmax', 49.0, seed=0)
     fake_run(root, 'grf-deep-s0', 'grf', 60.0, seed=0, depth=6)
     text = report.table(report.load_runs(root), vs='linear')
-    assert text.splitlines()[0].endswith('| published top-1 | Δ top-1 vs linear [95% CI] | pairs won |')
-    assert rows(text) == [['softmax', '2', '49.00', '1', '10', '100', '', '-1.00', '0/1'],
-                          ['linear', '2', '53.00 ± 2.58', '4', '10', '100', '', 'base', '–'],
-                          ['grf', '2', '58.00 ± 7.07', '5', '10', '100', '', '+2.00 [-0.60, +4.60]', '3/4'],
-                          ['grf', '6', '60.00', '1', '10', '100', '', '–', '–']]
-    assert 'Student t over those paired differences' in text  # the output says which interval it is
+    assert text.splitlines()[0].endswith(
+        '| published top-1 | Δ top-1 vs linear [95% CI] | pairs won | p (sign-flip) | p (Holm) |')
+    assert rows(text) == [['softmax', '2', '49.00', '1', '10', '100', '', '-1.00', '0/1', '1', '1'],
+                          ['linear', '2', '53.00 ± 2.58', '4', '10', '100', '', 'base', '–', '–', '–'],
+                          ['grf', '2', '58.00 ± 7.07', '5', '10', '100', '', '+2.00 [-0.60, +4.60]', '3/4', '0.25', '0.5'],
+                          ['grf', '6', '60.00', '1', '10', '100', '', '– (no base run of its settings)', '–', '–', '–']]
+    assert 'Student t over those paired differences' in text and 'adjusted over the 2 rows compared' in text
 
 def test_paired_differences_to_a_setting_of_a_variant_by_hand(tmp_path):
     """--vs=grf:graph=grid4, the base being grf's runs on grid4. grf on grid4, seeds 0-2: 52, 54, 56; on grid4_shuffled:
     51, 55, 53. Differences -1, +1, -3: mean -1, sample std 2, standard error 1.154701, t(0.975, 2 df) = 4.302653,
-    half-width 4.968: [-5.97, +3.97], won 1 of 3. linear (no graph), seeds 0-2 at 50: differences -2, -4, -6, mean -4,
-    std 2: [-8.97, +0.97], 0 of 3. A shuffled run of another depth has no base of its depth."""
+    half-width 4.968: [-5.97, +3.97], won 1 of 3; sign flips: the sums of +-1 +-1 +-3 are 5, -1, 3, -3, 3, -3, 1, -5,
+    |sum| >= 3 in 6 of 8, p = 0.75.
+    linear (no graph), seeds 0-2 at 50: differences -2, -4, -6, mean -4, std 2: [-8.97, +0.97], 0 of 3, p = 0.25 (only
+    the all-same-sign patterns reach 12). Holm: 0.25 x 2 = 0.5, max(0.5, 0.75) = 0.75. A shuffled run of another
+    depth has no base of its depth."""
     root = str(tmp_path)
     for seed, (grid, shuffled) in enumerate([(52.0, 51.0), (54.0, 55.0), (56.0, 53.0)]):
         fake_run(root, f'grf-s{seed}', 'grf', grid, seed=seed, graph='grid4')
@@ -285,12 +291,72 @@ def test_paired_differences_to_a_setting_of_a_variant_by_hand(tmp_path):
         fake_run(root, f'linear-s{seed}', 'linear', 50.0, seed=seed)
     fake_run(root, 'shuffled-deep-s0', 'grf', 60.0, seed=0, graph='grid4_shuffled', depth=6)
     text = report.table(report.load_runs(root), vs='grf:graph=grid4')
-    assert text.splitlines()[0].endswith('| Δ top-1 vs grf:graph=grid4 [95% CI] | pairs won |')
-    assert [[r[0], r[1], r[2], r[-2], r[-1]] for r in rows(text)] == [
-        ['linear', '–', '2', '-4.00 [-8.97, +0.97]', '0/3'],
-        ['grf', 'grid4', '2', 'base', '–'],
-        ['grf', 'grid4_shuffled', '2', '-1.00 [-5.97, +3.97]', '1/3'],
-        ['grf', 'grid4_shuffled', '6', '–', '–']]
+    assert text.splitlines()[0].endswith('| Δ top-1 vs grf:graph=grid4 [95% CI] | pairs won | p (sign-flip) | p (Holm) |')
+    assert [[r[0], r[1], r[2], *r[-4:]] for r in rows(text)] == [
+        ['linear', '–', '2', '-4.00 [-8.97, +0.97]', '0/3', '0.25', '0.5'],
+        ['grf', 'grid4', '2', 'base', '–', '–', '–'],
+        ['grf', 'grid4_shuffled', '2', '-1.00 [-5.97, +3.97]', '1/3', '0.75', '0.75'],
+        ['grf', 'grid4_shuffled', '6', '– (no base run of its settings)', '–', '–', '–']]
+
+def test_runs_pair_one_to_one_by_seed_and_a_row_with_a_seed_twice_says_so(tmp_path):
+    """grf seeds 0, 0 (another mask_seed), 1 against linear 0, 1: two runs of seed 0 would both pair with linear's one
+    run of seed 0 and count three pairs from two seeds, so the row has no difference and says why; a base with a
+    seed twice likewise."""
+    root = str(tmp_path)
+    for seed in (0, 1):
+        fake_run(root, f'linear-s{seed}', 'linear', 50.0, seed=seed)
+        fake_run(root, f'toeplitz-s{seed}', 'toeplitz', 53.0, seed=seed)
+    for name, seed in (('grf-s0', 0), ('grf-s0-m7', 0), ('grf-s1', 1)):
+        fake_run(root, name, 'grf', 52.0, seed=seed, mask_seed=7 if name.endswith('m7') else seed)
+    got = {r[0]: r[-4:] for r in rows(report.table(report.load_runs(root), vs='linear'))}
+    assert got['grf'] == ['– (seed 0: 2 runs in the row)', '–', '–', '–']
+    assert got['toeplitz'][:2] == ['+3.00 [+3.00, +3.00]', '2/2']
+    fake_run(root, 'linear-s1-again', 'linear', 51.0, seed=1)
+    got = {r[0]: r[-4:] for r in rows(report.table(report.load_runs(root), vs='linear'))}
+    assert got['toeplitz'] == ['– (seed 1: 2 base runs)', '–', '–', '–']
+
+def test_vs_settings_compare_as_their_type(tmp_path):
+    """mask_lr_mult is a float setting: '10', '10.0' and '1e1' all name the runs at 10.0; grf_walks=100 an int."""
+    root = str(tmp_path)
+    for seed, (ten, thirty) in enumerate([(52.0, 53.0), (54.0, 57.0)]):
+        fake_run(root, f'm10-s{seed}', 'grf', ten, seed=seed, mask_lr_mult=10.0, grf_walks=100)
+        fake_run(root, f'm30-s{seed}', 'grf', thirty, seed=seed, mask_lr_mult=30.0, grf_walks=100)
+    for text in ('10', '10.0', '1e1'):
+        got = rows(report.table(report.load_runs(root), vs=f'grf:mask_lr_mult={text},grf_walks=100'))
+        assert [r[-4:-2] for r in got] == [['base', '–'], ['+2.00 [-10.71, +14.71]', '2/2']], text
+
+def test_sign_flip_p_values_and_holm_by_hand():
+    """Every pattern counted: n positive differences give 2 / 2^n (only all + and all - reach the sum); (1, 2, 3):
+    sums of +-1 +-2 +-3 are 6, 0, 2, -4, 4, -2, 0, -6, so |sum| >= 6 in 2 of 8 (0.25) and the observed 0 of (1, 2, -3)
+    is reached by all 8 (1.0); (1, -1) gives 0, reached by all. Holm of (0.01, 0.04, 0.03, None): sorted 0.01 x 3,
+    0.03 x 2, 0.04 x 1 = 0.03, 0.06, max(0.06, 0.04)."""
+    assert report.sign_flip_p([1.5] * 6) == 2 / 64 and report.sign_flip_p([0.1] * 16) == 2 / 2 ** 16
+    assert report.sign_flip_p([1, 2, 3]) == 0.25 and report.sign_flip_p([1, 2, -3]) == 1.0
+    assert report.sign_flip_p([1, -1]) == 1.0 and report.sign_flip_p([0.3] * 17) is None
+    assert report.sign_flip_p([0.1, 0.2, -0.3]) == 1.0  # a sum of 0 in floating point still ties its own pattern
+    adjusted = report.holm([0.01, 0.04, 0.03, None])
+    assert adjusted[3] is None and adjusted[:3] == pytest.approx([0.03, 0.06, 0.06])
+    assert report.holm([0.5, 0.6]) == [1.0, 1.0]
+
+def test_group_contrast_by_hand(tmp_path):
+    """linear seeds 0-3: 50 each; grf 51, 50, 53, 52; toeplitz seeds 0-2 only: 53, 52, 51. The seeds all three ran:
+    0, 1, 2; group means 52, 51, 52, differences 2, 1, 2: mean 1.6667, std
+    0.57735, se 0.333333, t(0.975, 2) = 4.302653, half-width 1.4342: [+0.23, +3.10]; 3/3; sign flips: |sum| >= 5 in
+    2 of 8 (the sums of +-2 +-1 +-2 are 5, 1, 3, -1, 1, -3, -1, -5), p = 0.25. A second grf row makes the group
+    ambiguous: refused in one line."""
+    root = str(tmp_path)
+    for seed in range(4):
+        fake_run(root, f'linear-s{seed}', 'linear', 50.0, seed=seed)
+        fake_run(root, f'grf-s{seed}', 'grf', [51.0, 50.0, 53.0, 52.0][seed], seed=seed)
+    for seed in range(3):
+        fake_run(root, f'toeplitz-s{seed}', 'toeplitz', [53.0, 52.0, 51.0][seed], seed=seed)
+    text = report.table(report.load_runs(root), vs='linear', group='toeplitz,grf')
+    block = text[text.index('| group'):]
+    assert rows(block) == [['mean of toeplitz, grf', '+1.67 [+0.23, +3.10]', '3/3', '0.25']]
+    assert 'outside the Holm family' in block
+    fake_run(root, 'grf-deep-s0', 'grf', 60.0, seed=0, depth=6)  # grf now has two rows: which one is ambiguous
+    with pytest.raises(SystemExit, match="group='toeplitz,grf': grf has 2 rows in this table"):
+        report.table(report.load_runs(root), vs='linear', group='toeplitz,grf')
 
 def test_t_quantiles_are_the_tables():
     """The 97.5% quantiles of Student's t as printed in any statistics table."""
@@ -316,11 +382,14 @@ def test_report_command_line_takes_walk_counts_and_ensembles(tmp_path):
     ('--walk_error=0', "config error: walk_error='0' is invalid; valid: walk counts >= 1"),
     ('--ensembles=0', "config error: ensembles=0 is invalid; valid: an integer >= 1"),
     ('--vs=linaer', "config error: vs='linaer' is not a variant; valid: softmax, linear,"),
-    ('--vs=grf:graf=grid4', "config error: vs='grf:graf=grid4' is invalid; valid: a variant, or 'variant:key=value,...'")])
+    ('--vs=grf:graf=grid4', "config error: vs='grf:graf=grid4' is invalid; valid: a variant, or 'variant:key=value,...'"),
+    ('--vs=grf:grf_walks=many', "config error: vs='grf:grf_walks=many' is invalid; valid: a variant, or 'variant:key="),
+    ('--group=topo,grf', "config error: group='topo,grf' is invalid; valid: with --vs, variants other than vs's"),
+    ('--vs=linear --group=topo,lnear', "config error: group='topo,lnear' is invalid; valid: with --vs, variants")])
 def test_a_bad_option_fails_in_one_line_before_anything_is_read(tmp_path, bad, said):
     os.makedirs(tmp_path / 'broken')
     (tmp_path / 'broken' / 'result.json').write_text('{')  # read, it would end in a traceback
-    p = report_py(str(tmp_path), bad)
+    p = report_py(str(tmp_path), *bad.split())
     assert p.returncode == 2 and p.stderr.startswith(said) and p.stderr.count('\n') == 1 and '|' not in p.stdout, p.stderr
 
 def test_a_repeated_option_takes_the_last_value_and_says_so(tmp_path):
@@ -329,7 +398,7 @@ def test_a_repeated_option_takes_the_last_value_and_says_so(tmp_path):
     p = report_py(str(tmp_path), '--no_plots', '--vs=softmax', '--vs=linear')
     assert p.returncode == 0, p.stderr
     assert "override: vs = 'softmax'\noverride: vs = 'linear'\n" in p.stdout and 'Δ top-1 vs linear' in p.stdout
-    assert rows(p.stdout[p.stdout.index('| attention'):])[0][-2:] == ['+1.00', '1/1']
+    assert rows(p.stdout[p.stdout.index('| attention'):])[0][-4:] == ['+1.00', '1/1', '1', '1']
 
 def test_without_matplotlib_the_table_prints_and_the_pictures_are_skipped_in_one_line(tmp_path):
     (tmp_path / 'stub' / 'matplotlib').mkdir(parents=True)  # matplotlib as where it is not installed
