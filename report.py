@@ -14,6 +14,7 @@ pictures) are in trained_masks.py.
     python report.py out/a out/b --no_plots --vs=grf:grf_walks=100   # each row against grf's runs with 100 walks
     python report.py out/sweep --no_plots --vs=linear --group=toeplitz,topo,grf   # + the masks' mean against linear
     python report.py out/sweep --no_plots --mask_swap=DATA_DIR   # + the topo/grf models with their masks swapped
+    python report.py out/sweep --no_plots --reach      # + each mask's reach and GRF error per layer
     python report.py out/sweep --no_plots --walk_error=5,20,100  # + the GRF mask's error per walk coupling and count
     python report.py out/sweep --no_plots --walk_error=20,100,1000 --ensembles=3   # other walk counts, fewer draws
 
@@ -36,6 +37,8 @@ from model import VARIANTS, saved_config
 
 no_plots = False           # the table alone: no curves.png and masks.png
 runs = False               # also a table of each run's final and best top-1
+reach = False              # also each topo and grf mask's reach and GRF error per layer (per folder, its first run:
+                           # trained if it kept its ckpt.pt, else at initialisation)
 out = ''                   # the folder for curves.png and masks.png ('' = the folder that holds every folder named)
 vs = ''                    # a variant, or its runs of some settings ('grf:graph=grid4'): each row adds its mean paired
                            # difference in top-1 to those runs, over the seeds both ran (same seed: same data order
@@ -44,7 +47,7 @@ walk_error = ''            # walk counts, e.g. '5,20,100': the GRF mask's error 
 ensembles = 20             # walk_error: fresh walk ensembles drawn per walk count and coupling
 group = ''                 # variants, e.g. 'toeplitz,topo,grf' (with vs): per seed their mean top-1 against vs's runs
 mask_swap = ''             # a data_dir: the first topo and grf models evaluated with their masks swapped ('' = none)
-FLAGS = ('no_plots', 'runs')  # given bare
+FLAGS = ('no_plots', 'runs', 'reach')  # given bare
 # -----------------------------------------------------------------------------
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, str))}
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')  # its settings are the runs'
@@ -374,6 +377,8 @@ if __name__ == '__main__':
         curves(results, curves_path)
         mask_pictures(results, masks_path)
         print(f"wrote {curves_path}, {masks_path}")
+    if reach:
+        print('\n' + trained_masks.reach_table(trained_masks.reach_models(results)))
     if walk_error:
         print(trained_masks.walk_errors(results, tuple(map(int, walk_error.split(','))), ensembles))
     if mask_swap:

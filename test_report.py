@@ -11,6 +11,7 @@ import math
 import os
 import re
 import socket
+import statistics
 import subprocess
 import sys
 
@@ -409,3 +410,79 @@ def test_without_matplotlib_the_table_prints_and_the_pictures_are_skipped_in_one
     assert rows(p.stdout)[0][:2] == ['linear', '80.00']
     assert p.stdout.endswith("no pictures: matplotlib is not installed (pip install matplotlib)\n")
     assert not (tmp_path / 'runs' / 'curves.png').exists()
+
+def brute_force_features_mask(h, w, f):
+    """M = Phi Phi^T, Phi = sum_k f_k W^k, W = D^-1/2 A D^-1/2 of the 4-neighbour h x w grid, built by loops, per head."""
+    N = h * w
+    A = torch.zeros(N, N, dtype=torch.float64)
+    for r in range(h):
+        for c in range(w):
+            for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+                if 0 <= rr < h and 0 <= cc < w:
+                    A[r * w + c, rr * w + cc] = 1
+    d = A.sum(1).rsqrt()
+    W = d[:, None] * A * d[None, :]
+    out = []
+    for fh in f:
+        Phi = sum(fk * torch.linalg.matrix_power(W, k) for k, fk in enumerate(fh.tolist()))
+        out.append(Phi @ Phi.T)
+    return torch.stack(out)
+
+def test_hops_on_the_grid_are_manhattan_distances_and_follow_a_relabelling():
+    h, w = 5, 7
+    for node in (0, 17, 34):
+        r0, c0 = divmod(node, w)
+        want = [abs(r - r0) + abs(c - c0) for r in range(h) for c in range(w)]
+        assert trained_masks.hops_from(model.GRAPHS['grid4'](h, w), node).tolist() == want
+    perm = torch.randperm(h * w, generator=torch.Generator().manual_seed(3))
+    shuffled = trained_masks.masks.relabelled(model.GRAPHS['grid4'](h, w), perm)
+    r0, c0 = divmod(int(perm[17]), w)  # node 17 of the relabelled graph is the grid's node perm[17]
+    want = [abs(int(p) // w - r0) + abs(int(p) % w - c0) for p in perm]
+    assert trained_masks.hops_from(shuffled, 17).tolist() == want
+
+@pytest.mark.parametrize('attn', ['topo', 'grf'])
+def test_reach_is_the_share_of_the_centre_row_within_r_hops_of_the_exact_mask_and_the_error_its_estimates(attn):
+    """A 7 x 7 grid, K = 3, f per head 0.9^k and 0.4^k: the centre row of the loop-built Phi Phi^T summed over the
+    patches within r Manhattan steps, over its sum, averaged over the heads; grf: its own walks' mask against it."""
+    cfg = model.ViTConfig(image_size=28, patch_size=4, in_channels=1, num_classes=3, dim=16, depth=1, heads=2, mlp_dim=16,
+                          attn=attn, topo_form='features', mask_max_len=3, grf_walks=7, grf_coupling='iid', mask_seed=5)
+    vit = model.ViT(cfg)
+    a = vit.blocks[0].attn
+    f = torch.stack([0.9 ** torch.arange(4.0), 0.4 ** torch.arange(4.0)]).double()
+    a.f_logits.data = f.log().float()
+    M = brute_force_features_mask(7, 7, f.float().double())
+    centre = 24
+    dist = torch.tensor([abs(r - 3) + abs(c - 3) for r in range(7) for c in range(7)])
+    want = [statistics.mean((M[j, centre][dist <= r].sum() / M[j, centre].sum()).item() for j in range(2)) for r in (1, 2, 4)]
+    shares, err = trained_masks.layer_reach(a, cfg)
+    assert shares == pytest.approx(want, rel=1e-5)
+    assert want[0] < want[1] < want[2] < 1.0  # the radii tell apart: r = 4 leaves the 5 and 6 hops out
+    if attn == 'grf':
+        assert err == pytest.approx(((a.mask().double() - M).norm() / M.norm()).item(), rel=1e-4)
+    else:  # a fresh estimate from the settings' walks, drawn from mask_seed, unbiased: its error is that of 7 walks
+        assert 0.01 < err < 1.0
+    table = trained_masks.reach_table([('tiny', vit)])
+    assert rows(table) == [['tiny', '0', *(f'{x:.3f}' for x in want), f'{err:.3f}']]
+
+def test_trained_masks_prints_reach_of_a_setting_at_initialisation_and_answers_help():
+    p = subprocess.run([sys.executable, 'trained_masks.py', '--help'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and 'python trained_masks.py configs/imagenette.py --attn=grf' in p.stdout, p.stderr
+    p = subprocess.run([sys.executable, 'trained_masks.py', 'configs/fmnist.py', '--attn=grf', '--mask_max_len=10',
+                        '--mask_init_decay=0.5', '--image_size=56', '--patch_size=4', '--grf_walks=100',
+                        '--depth=1'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    (row,) = rows(p.stdout[p.stdout.index('| model'):])
+    # the 14 x 14 grid at f = 0.5^k: two thirds of the centre row within one hop; 100 repelling walks, error ~0.02
+    assert row[:2] == ['grf at initialisation', '0'] and 0.6 < float(row[2]) < 0.7 and float(row[5]) < 0.05
+    p = subprocess.run([sys.executable, 'trained_masks.py', 'configs/fmnist.py', '--attn=linear'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr == "config error: attn='linear' has no graph mask; valid: topo, grf\n"
+
+def test_report_reach_gives_each_folders_first_trained_grf_model_its_rows(tmp_path):
+    fake_model_run(str(tmp_path / 'a'), 'grf-s0', 50.0, None, attn='grf', mask_seed=3)
+    fake_model_run(str(tmp_path / 'a'), 'grf-s1', 51.0, None, attn='grf', mask_seed=4)
+    p = report_py(str(tmp_path / 'a'), '--no_plots', '--reach')
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = rows(p.stdout[p.stdout.index('| model'):])
+    want = rows(trained_masks.reach_table([(f"{tmp_path}/a/grf-s0 (trained)", trained_masks.load_model(str(tmp_path / 'a' / 'grf-s0')))]))
+    assert got == want and len(got) == 2  # SMALL: two layers, of the first run only

@@ -1,17 +1,27 @@
 """
 The experiments on trained runs that rebuild their models from their checkpoints (ckpt.pt), for report.py: the
 learned masks to draw (mask_rows), the GRF estimate's error against the exact mask per walk coupling and count
-(walk_errors, --walk_error), and the models evaluated with their masks swapped (mask_swap, --mask_swap).
+(walk_errors, --walk_error), the models evaluated with their masks swapped (mask_swap, --mask_swap), and each mask's
+reach and estimate error per layer (reach_table, --reach). Run alone, it prints the reach table of runs or of a setting:
+
+    python trained_masks.py results/imagenette-features/topo-s0      # a run's trained masks (its ckpt.pt)
+    python trained_masks.py configs/imagenette.py --attn=grf --mask_max_len=10 --mask_init_decay=0.5   # at initialisation
+
+A run without a ckpt.pt is built at initialisation from its result.json's settings.
 """
+import json
 import os
 import statistics
-from dataclasses import replace
+import sys
+from collections import deque
+from dataclasses import asdict, replace
 
 import torch
 
 import data
 import masks
-from model import VARIANTS, TopoAttention, ViT, saved_config
+from configurator import configure, declared, fail
+from model import GRAPHS, VARIANTS, GRFAttention, TopoAttention, ViT, ViTConfig, saved_config
 
 def load_checkpoint(run_dir):
     """The run's ckpt.pt and its model config (settings it predates take their defaults)."""
@@ -147,3 +157,97 @@ def walk_errors(runs, walks=(5, 20, 100), ensembles=20):
                 cells.append(f" {statistics.mean(errs):.3f} |")
             rows.append(f"| {title} | {n} |" + ''.join(cells))
     return '\n'.join(rows)
+
+def hops_from(graph, node):
+    """The number of edges on a shortest path from node to each node of graph = (nbr, deg) (breadth-first), [N];
+    -1 where none leads."""
+    nbr, _ = graph
+    dist = [-1] * nbr.shape[0]
+    dist[node], queue = 0, deque([node])
+    while queue:
+        i = queue.popleft()
+        for j in nbr[i].tolist():
+            if j >= 0 and dist[j] < 0:
+                dist[j] = dist[i] + 1
+                queue.append(j)
+    return torch.tensor(dist)
+
+@torch.no_grad()
+def layer_reach(a, c, radii=(1, 2, 4)):
+    """One topo or grf layer a of a model of config c: ([the share of the centre patch's row of the exact mask within
+    r hops on the layer's graph, mean over heads, for r in radii], ||M_hat - M|| / ||M|| of the GRF estimate of that
+    mask, or None). grf: M its exact mask for the same f, M_hat its own walks' estimate. topo of the features form:
+    M_hat from fresh walks of c's settings (grf_walks, grf_p_halt, grf_coupling, drawn from mask_seed); alpha: None."""
+    grf, graph = isinstance(a, GRFAttention), GRAPHS[c.graph](a.h, a.w)
+    f = a.f_logits.exp().double() if grf or not a.alpha_form else None
+    exact = features_mask(graph, f) if f is not None else a.mask().double()
+    centre = (a.h // 2) * a.w + a.w // 2
+    hops, row = hops_from(graph, centre), exact[:, centre]  # [H, N]
+    shares = [((row * ((hops >= 0) & (hops <= r))).sum(-1) / row.sum(-1)).mean().item() for r in radii]
+    if grf:
+        estimate = a.mask().double()
+    elif f is not None:
+        estimate = grf_mask(graph, f, n_walks=c.grf_walks, p_halt=c.grf_p_halt, coupling=c.grf_coupling,
+                            generator=torch.Generator().manual_seed(c.mask_seed))
+    else:
+        return shares, None
+    return shares, ((estimate - exact).norm() / exact.norm()).item()
+
+def reach_table(models, radii=(1, 2, 4)):
+    """The reach table of models = [(title, ViT)]: per topo or grf layer the share of the centre patch's mask row
+    within r hops and the GRF estimate's relative error (layer_reach)."""
+    rows = ["| model | layer |" + ''.join(f" within {r} hop{'s' * (r > 1)} |" for r in radii) + " GRF rel. error |",
+            "|---|---|" + "---|" * (len(radii) + 1)]
+    for title, model in models:
+        for layer, block in enumerate(model.blocks):
+            if isinstance(block.attn, (TopoAttention, GRFAttention)):
+                shares, err = layer_reach(block.attn, model.config, radii)
+                rows.append(f"| {title} | {layer} |" + ''.join(f" {s:.3f} |" for s in shares)
+                            + (" – |" if err is None else f" {err:.3f} |"))
+    return '\n'.join(rows)
+
+def at_initialisation(config):
+    """The model of a run's settings (a train.py config dict) as it starts: seeded by its seed, walks by its mask_seed."""
+    torch.manual_seed(config.get('seed', 0))
+    return ViT(saved_config(config))
+
+def reach_models(runs):
+    """[(title, model)] for reach_table: per folder and topo or grf variant, its first run, trained if it kept its
+    ckpt.pt, else at initialisation."""
+    firsts = {}
+    for r in sorted(runs, key=lambda r: r['dir']):
+        if r['config']['attn'] in ('topo', 'grf'):
+            firsts.setdefault((os.path.dirname(r['dir']), r['config']['attn']), r)
+    models = []
+    for r in firsts.values():
+        trained = os.path.isfile(os.path.join(r['dir'], 'ckpt.pt'))
+        models.append((f"{r['dir']} ({'trained' if trained else 'at initialisation'})",
+                       load_model(r['dir']) if trained else at_initialisation(r['config'])))
+    return models
+
+if __name__ == '__main__':
+    args = sys.argv[1:]
+    if not args or {'-h', '--help'} & set(args):
+        print(__doc__.strip())
+        sys.exit(0)
+    dirs = [a for a in args if os.path.isdir(a)]
+    if dirs and len(dirs) < len(args):
+        fail(f"give run folders, or a config file with --key=value settings, not both: {args}")
+    models = []
+    for d in dirs:
+        if os.path.isfile(os.path.join(d, 'ckpt.pt')):
+            models.append((f"{d} (trained)", load_model(d)))
+        elif os.path.isfile(os.path.join(d, 'result.json')):
+            with open(os.path.join(d, 'result.json')) as f:
+                models.append((f"{d} (at initialisation)", at_initialisation(json.load(f)['config'])))
+        else:
+            fail(f"{d} holds no ckpt.pt or result.json", kind='data')
+    if not dirs:
+        settings = declared(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'))
+        configure(settings, args)
+        if settings['attn'] not in ('topo', 'grf'):
+            fail(f"attn={settings['attn']!r} has no graph mask; valid: topo, grf")
+        settings.update(in_channels=settings['in_channels'] or 3, num_classes=settings['num_classes'] or 10)
+        cfg = {k: settings[k] for k in asdict(ViTConfig())}
+        models.append((f"{settings['attn']} at initialisation", at_initialisation({**cfg, 'seed': settings['seed']})))
+    print(reach_table(models))
