@@ -245,7 +245,8 @@ def table(runs, vs='', group=''):
     # the base runs of a row: vs's variant and settings, the row's values in the other columns that act on both, its epochs
     same = lambda a, b: all(x is None or y is None or x == y for x, y in zip(a, b))
     base_attn, fixed = base_spec(vs, defaults)
-    is_base = lambda r: r['config']['attn'] == base_attn and all(value(r, k) == v for k, v in fixed.items())
+    # as the cells print them (6 significant digits, so that 0.99005 names exp(-0.01)), after the setting's type: 10 == 10.0
+    is_base = lambda r: r['config']['attn'] == base_attn and all(cell(value(r, k)) == cell(v) for k, v in fixed.items())
     free = [i for i, k in enumerate(columns) if k not in fixed]  # the columns a base run must share with its row
     found = []  # (attn, the row's text, its runs, its pairing: 'base', summary() or the reason for none)
     for attn in VARIANTS:

@@ -317,7 +317,8 @@ def test_runs_pair_one_to_one_by_seed_and_a_row_with_a_seed_twice_says_so(tmp_pa
     assert got['toeplitz'] == ['– (seed 1: 2 base runs)', '–', '–', '–']
 
 def test_vs_settings_compare_as_their_type(tmp_path):
-    """mask_lr_mult is a float setting: '10', '10.0' and '1e1' all name the runs at 10.0; grf_walks=100 an int."""
+    """mask_lr_mult is a float setting: '10', '10.0' and '1e1' all name the runs at 10.0; grf_walks=100 an int; a
+    float as its cell prints it (0.99005) names the run's exp(-0.01)."""
     root = str(tmp_path)
     for seed, (ten, thirty) in enumerate([(52.0, 53.0), (54.0, 57.0)]):
         fake_run(root, f'm10-s{seed}', 'grf', ten, seed=seed, mask_lr_mult=10.0, grf_walks=100)
@@ -325,6 +326,10 @@ def test_vs_settings_compare_as_their_type(tmp_path):
     for text in ('10', '10.0', '1e1'):
         got = rows(report.table(report.load_runs(root), vs=f'grf:mask_lr_mult={text},grf_walks=100'))
         assert [r[-4:-2] for r in got] == [['base', '–'], ['+2.00 [-10.71, +14.71]', '2/2']], text
+    fake_run(root, 'decay-s0', 'topo', 50.0, seed=0, mask_init_decay=math.exp(-0.01))
+    fake_run(root, 'half-s0', 'topo', 53.0, seed=0)
+    got = rows(report.table(report.load_runs(root), vs='topo:mask_init_decay=0.99005'))
+    assert [r[-4:-2] for r in got if r[0] == 'topo'] == [['+3.00', '1/1'], ['base', '–']]
 
 def test_sign_flip_p_values_and_holm_by_hand():
     """Every pattern counted: n positive differences give 2 / 2^n (only all + and all - reach the sum); (1, 2, 3):
