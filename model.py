@@ -360,8 +360,8 @@ class ViT(nn.Module):
 
     @classmethod
     def from_timm(cls, source, file='', **overrides):
-        """This ViT holding the weights of a timm VisionTransformer, as (model, what load_for_fine_tuning says it did): source
-        is one, or a name whose weights timm fetches (file: a local copy in a format timm reads: .npz, .pth, .safetensors).
+        """(This ViT holding the weights of a timm VisionTransformer, load_for_fine_tuning's lists | {'source': its ViTConfig}):
+        source is one, or a name whose weights timm fetches (file: a local copy in a format timm reads: .npz, .pth, .safetensors).
         overrides: ViTConfig settings but those the weights fix (timm_vit.FIXED). A timm feature not carried: a ValueError."""
         vit = timm_vit.create(source, file) if isinstance(source, str) else source
         src = ViTConfig(**timm_vit.settings(vit))
@@ -372,7 +372,7 @@ class ViT(nn.Module):
         extra = sorted(set(state) - set(model.state_dict()))
         if extra:
             raise ValueError(f"the timm model's {', '.join(extra)} have no place in this ViT")
-        return model, model.load_for_fine_tuning(state, src)
+        return model, model.load_for_fine_tuning(state, src) | {'source': src}
 
     def load_for_fine_tuning(self, state, src):
         """Take the tensors of a saved model (state, its ViTConfig src) that still mean the same thing here: the shared

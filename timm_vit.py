@@ -3,6 +3,8 @@ A timm VisionTransformer read for model.ViT.from_timm: its settings (as ViTConfi
 feature that the ViT does not carry, and its weights under the ViT's names. timm is an optional dependency
 (pip install timm): it is imported here, inside the functions, so that training from scratch never needs it.
 """
+import os
+
 import torch.nn as nn
 
 # the ViTConfig settings that a timm ViT's weights fix; a caller of from_timm chooses the others (attn, image_size, ...)
@@ -16,6 +18,8 @@ def create(name, file=''):
     """The timm model `name` with its pretrained weights, which timm fetches into its cache, or reads from file (a local
     copy in any format timm reads: .npz from google-research, .pth, .safetensors). ImportError without timm."""
     import timm
+    if file and not os.path.isfile(file):  # timm's own error says nothing
+        raise FileNotFoundError(f"no file {file}")
     return timm.create_model(name, pretrained=True, **({'pretrained_cfg_overlay': {'file': file}} if file else {}))
 
 def settings(vit):
