@@ -1,0 +1,217 @@
+"""ViT.from_timm against timm itself (its models with random weights, offline), the class token in every masked variant
+against a brute-force loop, train.py's --init_from=timm:NAME and a trained run's checkpoint used elsewhere."""
+import functools
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import VARIANTS, ViT, ViTConfig, saved_config
+from test_data import need
+
+timm = pytest.importorskip('timm')
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+def random_timm(name_or_kw, **kw):
+    """A timm model (a name, or VisionTransformer's arguments) in eval mode, every weight moved off its initialisation:
+    LayerScale's 1e-6 gains, the class token's 1e-6 and the norms' ones would hide a fault."""
+    torch.manual_seed(0)
+    vit = timm.create_model(name_or_kw, pretrained=False, **kw) if isinstance(name_or_kw, str) else VisionTransformer(**name_or_kw)
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return vit.eval()
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)  # VisionTransformer's arguments
+
+@pytest.mark.parametrize('name, kw', [
+    ('vit_tiny_patch16_224', {}),                  # class token, pooled by it, eps 1e-6
+    ('deit_tiny_patch16_224', {}),
+    ('vit_tiny_patch16_384', {}),
+    ('vit_medium_patch16_gap_240', {}),            # no class token, mean pooling, no qkv bias, LayerScale
+    ('deit3_small_patch16_224', {}),               # no position for the class token (no_embed_class), LayerScale
+    ('vit_tiny_patch16_224', dict(class_token=False, global_pool='avg', fc_norm=True)),  # the norm after the pooling
+    ('vit_tiny_patch16_224', dict(global_pool='avg')),                                   # class token, patches' mean
+])
+def test_softmax_vit_gives_timms_logits(name, kw):
+    vit = random_timm(name, **kw)
+    model, done = ViT.from_timm(vit)
+    model.eval()
+    size = vit.patch_embed.img_size[0]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = vit(x), model(x)
+    assert want.shape == got.shape and want.std() > 0.1
+    assert (got - want).abs().max() < 1e-5, (got - want).abs().max()
+    assert len(done['loaded']) == len(vit.state_dict()) and done['fresh'] == done['resampled'] == []
+    assert model.config.norm_eps == 1e-6 and all(m.eps == 1e-6 for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
+
+@pytest.mark.parametrize('kw, size', [({}, 160), ({}, 320), (dict(no_embed_class=True), 160),
+                                      (dict(class_token=False, global_pool='avg'), 288)])
+def test_another_image_size_resamples_the_position_embeddings_as_timm_does(kw, size):
+    """The same tensor as timm's resample_abs_pos_embed, and the logits of timm's own model set to that size."""
+    vit = random_timm('vit_tiny_patch16_224', **kw)
+    model, done = ViT.from_timm(vit, image_size=size)
+    prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    want = timm.layers.resample_abs_pos_embed(vit.pos_embed.detach(), (size // 16, size // 16), num_prefix_tokens=prefix)
+    assert done['resampled'] == ['pos_embed'] and torch.equal(model.pos_embed.detach(), want)
+    vit.set_input_size(img_size=size)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model.eval()(x) - vit(x)).abs().max() < 1e-5
+
+@pytest.mark.parametrize('kw, feature', [
+    (dict(reg_tokens=4), "register tokens"),
+    (dict(global_pool='map'), "global_pool='map'"),
+    (dict(global_pool='max'), "global_pool='max'"),
+    (dict(global_pool='avg', pool_include_prefix=True), "pool_include_prefix"),
+    (dict(qk_norm=True), "qk-norm"),
+    (dict(scale_attn_norm=True), "scale_attn_norm"),
+    (dict(scale_mlp_norm=True), "scale_mlp_norm"),
+    (dict(pre_norm=True), "pre_norm"),
+    (dict(final_norm=False), "final_norm=False"),
+    (dict(pos_embed='none'), "no position embedding"),
+    (dict(embed_norm_layer='layernorm'), "a norm in the patch embedding"),
+    (dict(act_layer='gelu_tanh'), "GELUTanh layers"),
+    (dict(act_layer=functools.partial(torch.nn.GELU, approximate='tanh')), "the activation GELU(approximate='tanh')"),
+    (dict(act_layer='quick_gelu'), "QuickGELU layers"),
+    (dict(norm_layer='rmsnorm'), "RmsNorm layers"),
+    (dict(mlp_layer=timm.layers.SwiGLUPacked, mlp_ratio=2), "GluMlp layers"),
+    (dict(block_fn=timm.models.vision_transformer.ResPostBlock), "ResPostBlock layers"),
+    (dict(img_size=(32, 48)), "non-square"),
+])
+def test_each_feature_this_vit_does_not_carry_is_refused_by_name(kw, feature):
+    vit = random_timm({**TINY, **kw})
+    with pytest.raises(ValueError, match='^the timm model has .*which this ViT does not carry$') as e:
+        ViT.from_timm(vit)
+    assert feature in str(e.value) and '\n' not in str(e.value)
+
+def test_a_distilled_deit_and_settings_the_weights_fix_are_refused():
+    vit = timm.create_model('deit_tiny_distilled_patch16_224', pretrained=False)
+    with pytest.raises(ValueError, match='VisionTransformerDistilled layers'):
+        ViT.from_timm(vit)
+    with pytest.raises(ValueError, match="^dim=64, class_token=False differ from the timm model's"):
+        ViT.from_timm(random_timm(TINY), dim=64, class_token=False, depth=2)
+
+@pytest.mark.parametrize('attn', [a for a in VARIANTS if a != 'softmax'])
+def test_masked_variants_take_every_shared_weight_and_start_their_masks_as_configured(attn):
+    vit = random_timm({**TINY, 'global_pool': 'avg', 'init_values': 0.1})
+    settings = dict(attn=attn, grf_walks=4, mask_max_len=3, mask_init_decay=0.7, table_init_decay=0.8)
+    model, done = ViT.from_timm(vit, **settings)
+    fresh = ViT(ViTConfig(**{**vars(model.config)}))  # the same settings, initialised from scratch
+    mask, walks = set(model.mask_parameters()), set(model.walk_buffers())
+    assert set(done['loaded']) == set(model.state_dict()) - mask - walks and len(done['loaded']) == len(vit.state_dict())
+    assert set(done['fresh']) == mask and set(done['drawn']) == walks
+    assert all(torch.equal(model.state_dict()[k], fresh.state_dict()[k]) for k in mask | walks)
+    assert torch.equal(model.blocks[1].mlp[3].weight, vit.blocks[1].mlp.fc2.weight)
+    assert torch.equal(model.blocks[1].ls2, vit.blocks[1].ls2.gamma)
+
+def brute_force_mix(q, k, v, mask, eps=1e-6):
+    """out_i = sum_j M_ij (phi(q_i).phi(k_j)) v_j / (sum_j M_ij phi(q_i).phi(k_j) + eps), a loop over every pair, with
+    mask [H, T, T] over all T tokens, in float64."""
+    q, k, v, mask = q.double().relu(), k.double().relu(), v.double(), mask.double()
+    out = torch.zeros_like(v)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            for i in range(q.shape[2]):
+                num, den = torch.zeros_like(v[b, h, 0]), 0.0
+                for j in range(q.shape[2]):
+                    a = mask[h, i, j] * (q[b, h, i] @ k[b, h, j])
+                    num, den = num + a * v[b, h, j], den + a
+                out[b, h, i] = num / (den + eps)
+    return out
+
+@pytest.mark.parametrize('attn, impl', [('linear', 'dense'), ('toeplitz', 'dense'), ('toeplitz', 'fast'), ('topo', 'dense'),
+                                        ('topo', 'dense'), ('grf', 'dense'), ('grf', 'fast')])
+def test_a_class_token_attends_to_and_from_every_patch_unmasked(attn, impl):
+    """The mask over the class token (index 0) and the 4 x 4 grid's patches is 1 in the class token's row and column and
+    the variant's mask between patches: the token mixing equals that loop, on the dense and the fast path."""
+    c = ViTConfig(image_size=16, patch_size=4, dim=16, heads=2, attn=attn, attn_impl=impl, class_token=True,
+                  grf_walks=4, mask_max_len=3, table_init_decay=0.7, mask_init_decay=0.6)
+    layer = VARIANTS[attn](c, layer=0)
+    q, k, v = torch.randn(3, 2, 2, 17, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    patches = layer.mask() if hasattr(layer, 'dense_mask') else torch.ones(2, 16, 16)
+    mask = torch.ones(2, 17, 17)
+    mask[:, 1:, 1:] = patches
+    assert (patches != 1).any() or attn == 'linear'
+    torch.testing.assert_close(layer.mix(q, k, v).double(), brute_force_mix(q, k, v, mask), rtol=0, atol=1e-6)
+
+@pytest.mark.parametrize('attn', ['toeplitz', 'grf'])
+def test_a_class_token_model_gives_the_same_logits_and_gradients_on_the_dense_and_the_fast_path(attn):
+    vit = random_timm({**TINY, 'img_size': 48})
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for impl in ('dense', 'fast'):
+        model, _ = ViT.from_timm(vit, attn=attn, attn_impl=impl, grf_walks=4, mask_max_len=3, table_init_decay=0.7)
+        logits = model.eval()(x)
+        logits.square().sum().backward()
+        out[impl] = logits, model.blocks[0].attn.qkv.weight.grad, next(iter(model.mask_parameters().values())).grad
+    for a, b in zip(*out.values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+def test_checkpoints_saved_before_the_timm_settings_existed_load_with_their_defaults():
+    paths = sorted(glob.glob(os.path.join(ROOT, 'results/**/ckpt.pt'), recursive=True))[:3]
+    if not paths:
+        pytest.skip('no checkpoint in results/')
+    for path in paths:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        assert 'class_token' not in ckpt['config']
+        model = ViT(saved_config(ckpt['config']))
+        model.load_state_dict(ckpt['model'])  # strict: no tensor missing, none left over
+        assert not model.config.class_token and model.config.pool == 'mean' and model.config.norm_eps == 1e-5
+
+def train(*args, ok=True, env=None):
+    p = subprocess.run([sys.executable, 'train.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, **(env or {})})
+    if ok:
+        assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+def test_init_file_as_pth_or_safetensors_gives_the_model_of_the_timm_model_itself(tmp_path):
+    from safetensors.torch import save_file
+    vit = random_timm('vit_tiny_patch16_224')
+    state = {k: v.contiguous() for k, v in vit.state_dict().items()}
+    torch.save(state, tmp_path / 'w.pth')
+    save_file(state, tmp_path / 'w.safetensors')
+    want = ViT.from_timm(vit)[0].state_dict()
+    for path in (tmp_path / 'w.pth', tmp_path / 'w.safetensors'):
+        got = ViT.from_timm('vit_tiny_patch16_224', file=str(path))[0].state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), path
+
+def test_train_evaluates_a_timm_model_from_init_file_and_fine_tunes_it(tmp_path):
+    """eval_only: the same figures from .pth and .safetensors, and those of the converted model evaluated here; a short
+    fine-tuning run saves a checkpoint of the class-token model that evaluates to its recorded top-1."""
+    from safetensors.torch import save_file
+    root = need('imagenette-mini')
+    vit = random_timm('vit_tiny_patch16_224')
+    state = {k: v.contiguous() for k, v in vit.state_dict().items()}
+    torch.save(state, tmp_path / 'w.pth')
+    save_file(state, tmp_path / 'w.safetensors')
+    common = ['--dataset=imagenet', f'--data_dir={root}', '--image_size=32', '--num_workers=0', '--batch_size=50',
+              '--device=cpu', '--attn=toeplitz', '--init_from=timm:vit_tiny_patch16_224']
+    evals = [json.loads(train(*common, f'--init_file={tmp_path / f}', '--eval_only=True').stdout.strip().splitlines()[-1])
+             for f in ('w.pth', 'w.safetensors')]
+    assert evals[0] == evals[1] and evals[0]['count'] == 200
+    out = str(tmp_path / 'run')
+    p = train(*common, f'--init_file={tmp_path / "w.pth"}', '--epochs=1', '--max_steps=2', f'--out_dir={out}')
+    assert "fine-tuning from timm:vit_tiny_patch16_224 (attn=softmax; this run: toeplitz)" in p.stdout
+    assert "resampled from 224 to 32 px: ['pos_embed']" in p.stdout
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), map_location='cpu', weights_only=True)
+    assert ckpt['config']['class_token'] and ckpt['config']['dim'] == 192 and ckpt['config']['norm_eps'] == 1e-6
+    again = train(*common[:-1], '--init_from=resume', '--eval_only=True', f'--out_dir={out}').stdout.strip().splitlines()[-1]
+    with open(os.path.join(out, 'result.json')) as f:
+        assert json.loads(again)['top1'] == json.load(f)['final']['top1']
+
+def test_without_timm_train_says_how_to_install_it(tmp_path):
+    (tmp_path / 'timm').mkdir()
+    (tmp_path / 'timm' / '__init__.py').write_text("raise ImportError(\"No module named 'timm'\")\n")
+    p = train('--dataset=synthetic', '--device=cpu', '--init_from=timm:vit_tiny_patch16_224', '--eval_only=True', ok=False,
+              env={'PYTHONPATH': str(tmp_path)})
+    assert p.returncode == 2 and p.stderr.strip().count('\n') == 0 and 'pip install timm' in p.stderr, p.stderr
