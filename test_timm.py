@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -119,7 +120,7 @@ def train(*args, ok=True, env=None):
         assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
 
-def test_init_file_as_pth_or_safetensors_gives_the_model_of_the_timm_model_itself(tmp_path):
+def test_init_file_as_pth_or_safetensors_gives_the_model_of_the_timm_model_itself_and_npz_goes_to_timms_jax_reader(tmp_path):
     from safetensors.torch import save_file
     vit = random_timm('vit_tiny_patch16_224')
     state = {k: v.contiguous() for k, v in vit.state_dict().items()}
@@ -129,6 +130,9 @@ def test_init_file_as_pth_or_safetensors_gives_the_model_of_the_timm_model_itsel
     for path in (tmp_path / 'w.pth', tmp_path / 'w.safetensors'):
         got = ViT.from_timm('vit_tiny_patch16_224', file=str(path))[0].state_dict()
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), path
+    numpy.savez(tmp_path / 'w.npz', unrelated=numpy.zeros(1))  # .npz goes to timm's reader of google-research checkpoints
+    with pytest.raises(ValueError, match='JAX/Flax'):
+        ViT.from_timm('vit_tiny_patch16_224', file=str(tmp_path / 'w.npz'))
 
 def test_train_evaluates_a_timm_model_from_init_file_and_fine_tunes_it(tmp_path):
     """eval_only: the same figures from .pth and .safetensors, and those of the converted model evaluated here; a short

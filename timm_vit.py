@@ -20,7 +20,8 @@ def create(name, file=''):
     import timm
     if file and not os.path.isfile(file):  # timm's own error says nothing
         raise FileNotFoundError(f"no file {file}")
-    return timm.create_model(name, pretrained=True, **({'pretrained_cfg_overlay': {'file': file}} if file else {}))
+    overlay = {'file': file, 'custom_load': file.endswith('.npz')}  # .npz: timm's reader of google-research checkpoints
+    return timm.create_model(name, pretrained=True, **({'pretrained_cfg_overlay': overlay} if file else {}))
 
 def settings(vit):
     """The ViTConfig settings (softmax, no dropout) of the timm VisionTransformer vit, or a ValueError naming the first
