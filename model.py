@@ -158,8 +158,7 @@ class Attention(nn.Module):
             y = self.fast_mix(q[:, :, 1:], k[:, :, 1:], v[:, :, 1:], eps=None)  # [B, H, N, dv + 1]
             s = q[:, :, 1:].relu().float() @ k[:, :, :1].relu().float().transpose(-2, -1)  # [B, H, N, 1]
             y = y + s * F.pad(v[:, :, :1].float(), (0, 1), value=1.0)
-            patches = y[..., :-1] / (y[..., -1:] + masks.EPS)
-            return torch.cat([masks.plain_linear_attention(q[:, :, :1], k, v), patches], 2)
+            return torch.cat([masks.plain_linear_attention(q[:, :, :1], k, v), y[..., :-1] / (y[..., -1:] + masks.EPS)], 2)
 
     def fast_pays(self, B, n, d, device='cpu'):
         """attn_impl='auto': whether fast_mix() is cheaper on B images of n tokens, d channels per head: fast_cost x
@@ -341,7 +340,8 @@ class ViT(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias) if m.bias is not None else None
+                if m.bias is not None:  # qkv_bias=False
+                    nn.init.zeros_(m.bias)
         nn.init.constant_(self.head.bias, c.head_bias_init)
 
     def forward(self, images):
@@ -360,9 +360,9 @@ class ViT(nn.Module):
 
     @classmethod
     def from_timm(cls, source, file='', **overrides):
-        """(This ViT holding the weights of a timm VisionTransformer, load_for_fine_tuning's lists | {'source': its ViTConfig}):
-        source is one, or a name whose weights timm fetches (file: a local copy in a format timm reads: .npz, .pth, .safetensors).
-        overrides: ViTConfig settings but those the weights fix (timm_vit.FIXED). A timm feature not carried: a ValueError."""
+        """(A ViT holding a timm VisionTransformer's weights, load_for_fine_tuning's lists and 'source': its ViTConfig). source:
+        one, or a name whose weights timm fetches or reads from file (.npz, .pth, .safetensors); overrides: ViTConfig settings
+        but those the weights fix (timm_vit.FIXED). A feature this ViT does not carry: a ValueError naming it."""
         vit = timm_vit.create(source, file) if isinstance(source, str) else source
         src = ViTConfig(**timm_vit.settings(vit))
         fixed = [f"{k}={v!r}" for k, v in overrides.items() if k in timm_vit.FIXED and v != getattr(src, k)]
