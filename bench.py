@@ -79,7 +79,7 @@ def keep_freed_memory():
 def setup(args):
     """The settings as a namespace for the measuring functions: train.py's (its config files apply), this file's, then
     args (config files, --key=value), and the device picked (device, cuda, kept, autocast). check_gpu.py passes its own."""
-    config = declared(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')) | SETTINGS  # its configs apply
+    config = vars(ViTConfig()) | declared(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')) | SETTINGS
     configure(config, args)
     if config['mode'] not in ('attention', 'train'):
         fail(f"mode={config['mode']!r} is invalid; valid: attention, train")

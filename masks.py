@@ -246,8 +246,8 @@ def masked_linear_attention(q, k, v, mask, eps=EPS, recompute=True):
 def _with_ones(v):  # a ones channel appended: one contraction yields numerator (first dv) and denominator (last)
     return torch.cat([v, torch.ones_like(v[..., :1])], -1)
 
-def _divide(y, eps):  # the numerator channels over the last (denominator) channel
-    return y[..., :-1] / (y[..., -1:] + eps)
+def _divide(y, eps):  # the numerator channels over the last (denominator) channel; eps=None: y, both
+    return y if eps is None else y[..., :-1] / (y[..., -1:] + eps)
 
 def _pack(x):
     """Real channels [..., C, h, w] in pairs as complex channels [..., ceil(C/2), h, w]: with a real kernel, conv(x1 + i x2)

@@ -7,17 +7,18 @@ A Vision Transformer whose attention is one of the token mixers of VARIANTS, one
             or by M = Phi Phi^T, Phi = sum_k f_k W^k (topo_form='features', what grf estimates)
   grf       the same mask estimated with graph random features (sparse Phi_hat)      O(N)
 Patches are nodes of the h x w grid (topo and grf: of the graph GRAPHS[graph] on it); learned absolute positions; global
-average pooling; no CLS token.
+average pooling. ViT.from_timm takes a timm ViT's weights: a class token (no node of the graph: unmasked), LayerScale, ...
 """
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import masks
+import timm_vit
 
 IMPLS = ('auto', 'dense', 'fast')
 TOPO_FORMS = ('alpha', 'features')
@@ -50,6 +51,14 @@ class ViTConfig:
     topo_form: str = 'alpha'     # topo: 'alpha' learns M = sum_k alpha_k W^k (the reference); 'features' M = Phi Phi^T
     mask_init_decay: float = 0.5 # alpha_k (topo) or f_k (topo features, grf) = decay^k at initialisation
     table_init_decay: float = 1.0 # toeplitz: t[dr, dc] = decay^(|dr| + |dc|) at initialisation (1: unmasked)
+    # a timm ViT's features (ViT.from_timm); the defaults are this repository's ViT
+    class_token: bool = False    # a learned token before the patches: no node of the graph, unmasked (Attention.mix)
+    pool: str = 'mean'           # the image's features: 'mean' of the patches | 'token': the class token's (timm global_pool)
+    pos_embed_class: bool = True # with class_token: the position embedding has its entry (timm's no_embed_class=False)
+    norm_eps: float = 1e-5       # LayerNorm's eps (timm's ViTs: 1e-6)
+    qkv_bias: bool = True
+    fc_norm: bool = False        # the last LayerNorm after the pooling, not before (timm's fc_norm)
+    layer_scale: float = 0.0     # LayerScale: a learned gain per channel on each residual branch, starting here (0: none)
 
 def check_config(c):
     """Raise a ValueError naming the first bad value and the valid ones."""
@@ -74,6 +83,7 @@ def check_config(c):
         ('mask_max_len', c.mask_max_len >= 0, "an integer >= 0"),
         ('mask_init_decay', c.mask_init_decay > 0, "a number > 0"),
         ('table_init_decay', c.table_init_decay > 0, "a number > 0"),
+        ('pool', c.pool == 'mean' or c.pool == 'token' and c.class_token, "mean, or token with class_token=True"),
     ]
     for name, ok, valid in rules:
         if not ok:
@@ -121,7 +131,8 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = c.heads
         self.h = self.w = c.image_size // c.patch_size
-        self.qkv = nn.Linear(c.dim, 3 * c.dim)
+        self.prefix = int(c.class_token)  # tokens before the patches, no nodes of the graph
+        self.qkv = nn.Linear(c.dim, 3 * c.dim, bias=c.qkv_bias)
         self.proj = nn.Linear(c.dim, c.dim)
         self.impl = c.attn_impl if self.fast_cost else 'dense'
 
@@ -131,12 +142,23 @@ class Attention(nn.Module):
             return self.dense_mask()
 
     def mix(self, q, k, v):
-        """The token mixing, [B, H, N, d] -> [B, H, N, d]. The path is chosen here, where the device is known."""
+        """The token mixing, [B, H, T, d] -> [B, H, T, d]. The path is chosen here, where the device is known. A class token
+        (index 0, T = 1 + N) is no node of the graph: its row and column of the mask are 1 (it attends to and from all)."""
         B, _, n, d = q.shape
+        n -= self.prefix
         if self.impl == 'fast' or self.impl == 'auto' and self.fast_pays(B, n, d, q.device.type):
-            return self.fast_mix(q, k, v)
+            return self.class_fast_mix(q, k, v) if self.prefix else self.fast_mix(q, k, v)
         recompute = n > self.scores_kept_max_n.get(q.device.type, 0)
-        return masks.masked_linear_attention(q, k, v, self.mask(), recompute=recompute)
+        mask = F.pad(self.mask(), (1, 0, 1, 0), value=1.0) if self.prefix else self.mask()
+        return masks.masked_linear_attention(q, k, v, mask, recompute=recompute)
+
+    def class_fast_mix(self, q, k, v):
+        """fast_mix() with a class token at 0: its row is linear attention; patch i adds phi(q_i).phi(k_0) (v_0, 1) to (num, den)."""
+        with torch.autocast(q.device.type, enabled=False):
+            y = self.fast_mix(q[:, :, 1:], k[:, :, 1:], v[:, :, 1:], eps=None)  # [B, H, N, dv + 1]
+            s = q[:, :, 1:].relu().float() @ k[:, :, :1].relu().float().transpose(-2, -1)  # [B, H, N, 1]
+            y = y + s * F.pad(v[:, :, :1].float(), (0, 1), value=1.0)
+            return torch.cat([masks.plain_linear_attention(q[:, :, :1], k, v), y[..., :-1] / (y[..., -1:] + masks.EPS)], 2)
 
     def fast_pays(self, B, n, d, device='cpu'):
         """attn_impl='auto': whether fast_mix() is cheaper on B images of n tokens, d channels per head: fast_cost x
@@ -174,8 +196,8 @@ class ToeplitzAttention(Attention):
     def dense_mask(self):
         return masks.toeplitz_mask(self.table_logits.exp(), self.toeplitz_index)
 
-    def fast_mix(self, q, k, v):
-        return masks.toeplitz_linear_attention_fft(q, k, v, self.table_logits.exp(), h=self.h, w=self.w)
+    def fast_mix(self, q, k, v, eps=masks.EPS):
+        return masks.toeplitz_linear_attention_fft(q, k, v, self.table_logits.exp(), h=self.h, w=self.w, eps=eps)
 
     def resample(self, name, saved):
         """A table of another grid's offsets [H, 2a-1, 2b-1] at the same offsets as fractions of the image (bicubic):
@@ -266,8 +288,8 @@ class GRFAttention(Attention):
         P = masks.csr_to_dense(self.layout(), self.grf_values(), self.h * self.w)
         return P @ P.transpose(-2, -1)
 
-    def fast_mix(self, q, k, v):
-        return masks.grf_linear_attention(q, k, v, self.layout(), self.grf_values())
+    def fast_mix(self, q, k, v, eps=masks.EPS):
+        return masks.grf_linear_attention(q, k, v, self.layout(), self.grf_values(), eps=eps)
 
     def work(self, B, n, d):
         """Multiply-adds per head: dense n^3 (M, once a batch) + B n^2 d; sparse B n R d^2, R non-zeros per row of Phi_hat."""
@@ -291,14 +313,16 @@ class CPUDropout(nn.Dropout):
 class Block(nn.Module):
     def __init__(self, c, layer):
         super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(c.dim), nn.LayerNorm(c.dim)
+        self.norm1, self.norm2 = nn.LayerNorm(c.dim, eps=c.norm_eps), nn.LayerNorm(c.dim, eps=c.norm_eps)
         self.attn = VARIANTS[c.attn](c, layer)
         self.mlp = nn.Sequential(nn.Linear(c.dim, c.mlp_dim), nn.GELU(), CPUDropout(c.dropout), nn.Linear(c.mlp_dim, c.dim))
+        # LayerScale (Touvron et al. 2021): a learned gain per channel on each branch, or none (1)
+        self.ls1, self.ls2 = (nn.Parameter(torch.full((c.dim,), c.layer_scale)) if c.layer_scale else 1.0 for _ in range(2))
         self.drop = CPUDropout(c.dropout)
 
     def forward(self, x):
-        x = x + self.drop(self.attn(self.norm1(x)))
-        return x + self.drop(self.mlp(self.norm2(x)))
+        x = x + self.drop(self.attn(self.norm1(x)) * self.ls1)
+        return x + self.drop(self.mlp(self.norm2(x)) * self.ls2)
 
 class ViT(nn.Module):
     def __init__(self, config):
@@ -307,26 +331,48 @@ class ViT(nn.Module):
         self.config = c = config
         n = (c.image_size // c.patch_size) ** 2
         self.patch_embed = nn.Conv2d(c.in_channels, c.dim, c.patch_size, stride=c.patch_size)
-        self.pos_embed = nn.Parameter(torch.randn(1, n, c.dim) * 0.02)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, c.dim) * 0.02) if c.class_token else None
+        self.pos_embed = nn.Parameter(torch.randn(1, n + (c.class_token and c.pos_embed_class), c.dim) * 0.02)
         self.drop = CPUDropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c, layer) for layer in range(c.depth))
-        self.norm = nn.LayerNorm(c.dim)
+        self.norm = nn.LayerNorm(c.dim, eps=c.norm_eps)
         self.head = nn.Linear(c.dim, c.num_classes)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:  # qkv_bias=False
+                    nn.init.zeros_(m.bias)
         nn.init.constant_(self.head.bias, c.head_bias_init)
 
     def forward(self, images):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, N, dim], node i = row*w + col
-        x = self.drop(x + self.pos_embed)
+        if self.cls_token is not None:  # at index 0, with its own position or (pos_embed_class=False) none
+            x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1)
+        x = self.drop(x + F.pad(self.pos_embed, (0, 0, x.shape[1] - self.pos_embed.shape[1], 0)))
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x).mean(1))
+        x = x if self.config.fc_norm else self.norm(x)  # the image's features: the class token's or the patches' mean
+        x = x[:, 0] if self.config.pool == 'token' else x[:, int(self.config.class_token):].mean(1)
+        return self.head(self.norm(x) if self.config.fc_norm else x)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_timm(cls, source, file='', **overrides):
+        """(A ViT holding a timm VisionTransformer's weights, load_for_fine_tuning's lists and 'source': its ViTConfig). source:
+        one, or a name whose weights timm fetches or reads from file (.npz, .pth, .safetensors); overrides: ViTConfig settings
+        but those the weights fix (timm_vit.FIXED). A feature this ViT does not carry: a ValueError naming it."""
+        vit = timm_vit.create(source, file) if isinstance(source, str) else source
+        src = ViTConfig(**timm_vit.settings(vit))
+        fixed = [f"{k}={v!r}" for k, v in overrides.items() if k in timm_vit.FIXED and v != getattr(src, k)]
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} differ from the timm model's, which its weights fix")
+        model, state = cls(replace(src, **overrides)), timm_vit.state_dict(vit)
+        extra = sorted(set(state) - set(model.state_dict()))
+        if extra:
+            raise ValueError(f"the timm model's {', '.join(extra)} have no place in this ViT")
+        return model, model.load_for_fine_tuning(state, src) | {'source': src}
 
     def load_for_fine_tuning(self, state, src):
         """Take the tensors of a saved model (state, its ViTConfig src) that still mean the same thing here: the shared
@@ -366,12 +412,16 @@ class ViT(nn.Module):
         return done
 
     def resample(self, name, saved):
-        """pos_embed of another grid, bicubic over the patch grid as timm's resample_abs_pos_embed; else None."""
+        """pos_embed of another grid, bicubic over the patch grid as timm's resample_abs_pos_embed (a class token's entry
+        kept); else None."""
         if name != 'pos_embed':  # the Toeplitz tables: their Attention's resample()
             return None
-        side, grid = math.isqrt(saved.shape[1]), self.config.image_size // self.config.patch_size
-        x = saved.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()  # [1, dim, rows, cols]
-        return F.interpolate(x, size=(grid, grid), mode='bicubic', antialias=True, align_corners=False).flatten(2).transpose(1, 2)
+        grid = self.config.image_size // self.config.patch_size
+        prefix = self.pos_embed.shape[1] - grid * grid
+        side = math.isqrt(saved.shape[1] - prefix)
+        x = saved[:, prefix:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()  # [1, dim, rows, cols]
+        x = F.interpolate(x, size=(grid, grid), mode='bicubic', antialias=True, align_corners=False)
+        return torch.cat([saved[:, :prefix].float(), x.flatten(2).transpose(1, 2)], 1)
 
     def mask_parameters(self):
         """The mask's own parameters (f, alpha, Toeplitz tables), by name: an Attention's own, not qkv's or proj's."""

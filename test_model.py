@@ -516,3 +516,59 @@ def test_auto_takes_the_toeplitz_fft_only_from_a_grid_larger_than_whole_training
     """Heads of 32 channels, batch 2: the dense step was faster up to 3,136 tokens (README, 'What they cost')."""
     at = lambda n: VARIANTS["toeplitz"](ViTConfig(image_size=4 * math.isqrt(n), dim=32, heads=1), 0).fast_pays(2, n, 32)
     assert not at(196) and not at(784) and not at(3136) and at(12544)
+
+# -----------------------------------------------------------------------------
+# a class token (ViT.from_timm; test_timm.py) is no node of the graph: unmasked
+
+def brute_force_mix(q, k, v, mask, eps=1e-6):
+    """out_i = sum_j M_ij (phi(q_i).phi(k_j)) v_j / (sum_j M_ij phi(q_i).phi(k_j) + eps), a loop over every pair, with
+    mask [H, T, T] over all T tokens, in float64."""
+    q, k, v, mask = q.double().relu(), k.double().relu(), v.double(), mask.double()
+    out = torch.zeros_like(v)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            for i in range(q.shape[2]):
+                num, den = torch.zeros_like(v[b, h, 0]), 0.0
+                for j in range(q.shape[2]):
+                    a = mask[h, i, j] * (q[b, h, i] @ k[b, h, j])
+                    num, den = num + a * v[b, h, j], den + a
+                out[b, h, i] = num / (den + eps)
+    return out
+
+@pytest.mark.parametrize('attn, impl', [('linear', 'dense'), ('toeplitz', 'dense'), ('toeplitz', 'fast'), ('topo', 'dense'),
+                                        ('grf', 'dense'), ('grf', 'fast')])
+def test_a_class_token_attends_to_and_from_every_patch_unmasked(attn, impl):
+    """The mask over the class token (index 0) and the 4 x 4 grid's patches is 1 in the class token's row and column and
+    the variant's mask between patches: the token mixing equals that loop, on the dense and the fast path."""
+    c = ViTConfig(image_size=16, patch_size=4, dim=16, heads=2, attn=attn, attn_impl=impl, class_token=True,
+                  grf_walks=4, mask_max_len=3, table_init_decay=0.7, mask_init_decay=0.6)
+    layer = VARIANTS[attn](c, layer=0)
+    q, k, v = torch.randn(3, 2, 2, 17, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    patches = layer.mask() if hasattr(layer, 'dense_mask') else torch.ones(2, 16, 16)
+    mask = torch.ones(2, 17, 17)
+    mask[:, 1:, 1:] = patches
+    assert (patches != 1).any() or attn == 'linear'
+    torch.testing.assert_close(layer.mix(q, k, v).double(), brute_force_mix(q, k, v, mask), rtol=0, atol=1e-6)
+
+@pytest.mark.parametrize('attn', ['toeplitz', 'grf'])
+def test_a_class_token_model_gives_the_same_logits_and_gradients_on_the_dense_and_the_fast_path(attn):
+    out = {}
+    for impl in ('dense', 'fast'):
+        torch.manual_seed(0)
+        model = ViT(tiny(attn=attn, attn_impl=impl, class_token=True, pool='token', table_init_decay=0.7))
+        logits = model.eval()(IMAGES)
+        logits.square().sum().backward()
+        out[impl] = logits, model.blocks[0].attn.qkv.weight.grad, next(iter(model.mask_parameters().values())).grad
+    for a, b in zip(*out.values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+def test_checkpoints_saved_before_the_timm_settings_existed_load_with_their_defaults():
+    paths = sorted(glob.glob('results/**/ckpt.pt', recursive=True))[:3]
+    if not paths:
+        pytest.skip('no checkpoint in results/')
+    for path in paths:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        assert 'class_token' not in ckpt['config']
+        model = ViT(saved_config(ckpt['config']))
+        model.load_state_dict(ckpt['model'])  # strict: no tensor missing, none left over
+        assert not model.config.class_token and model.config.pool == 'mean' and model.config.norm_eps == 1e-5

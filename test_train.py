@@ -364,3 +364,24 @@ def test_a_model_trained_at_32px_and_evaluated_at_48px_does_better_with_resample
     assert at32 > 65 and at48 > 0.6 * at32 and at48 > afresh + 2
     p = train(*args, f'--init_from={ckpt}', '--image_size=48', '--max_steps=1', out=tmp_path / 'fine')
     assert "fine-tuning from" in p.stdout and "resampled from 32 to 48 px: ['pos_embed', " in p.stdout
+
+def test_a_finished_run_classifies_its_own_val_images_to_its_recorded_top1_as_the_readme_says(tmp_path):
+    """README, 'Using a trained model elsewhere': its three lines load a finished run's checkpoint (a GRF model with a
+    class token), and the val images prepared as it says, by PIL and torchvision here, give the top-1 of result.json."""
+    import torchvision
+    import torchvision.transforms as T
+    root = need('imagenette-mini')
+    out = str(tmp_path / 'run')
+    train('configs/imagenette.py', f'--data_dir={root}', '--image_size=32', '--patch_size=8', *TINY, '--epochs=1',
+          '--batch_size=50', '--num_workers=0', '--attn=grf', '--grf_walks=4', '--class_token=True', '--pool=token',
+          '--device=cpu', out=out)
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), map_location='cpu', weights_only=True)
+    model = ViT(saved_config(ckpt['config'])).eval(); model.load_state_dict(ckpt['model'])
+    size = ckpt['config']['image_size']
+    prepare = T.Compose([T.Resize(round(size / 0.875), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                         T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    val = torchvision.datasets.ImageFolder(os.path.join(root, 'val'), transform=prepare)
+    with torch.no_grad():
+        hits = sum(int((model(x).argmax(1) == y).sum()) for x, y in torch.utils.data.DataLoader(val, batch_size=50))
+    assert model.config.class_token and len(val) == result(out)['final']['count'] == 200
+    assert 100 * hits / len(val) == pytest.approx(result(out)['final']['top1'], abs=1e-9)

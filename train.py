@@ -28,11 +28,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import outdir
 from configurator import configure, fail
+import timm_vit
 from model import ViT, ViTConfig, amp_dtype, check_config, ddp_no_buffer_sync, saved_config
 
 # I/O
 out_dir = ''               # ckpt.pt, metrics.jsonl and result.json go here ('' = out/<dataset>-<attn>; {attn}: the variant)
-init_from = 'scratch'      # 'scratch' | 'resume' (continue out_dir/ckpt.pt) | path of a checkpoint to fine-tune from
+init_from = 'scratch'      # 'scratch' | 'resume' (continue out_dir/ckpt.pt) | path of a checkpoint to fine-tune from | timm:NAME
+init_file = ''             # init_from=timm:NAME: its weights from this file (.npz, .pth, .safetensors), not timm's cache
 eval_only = False          # evaluate the checkpoint that init_from names, print the result and exit
 ckpt_interval = 0          # also write ckpt.pt mid-epoch, at the first log step this many optimizer steps after the
                            # last save, so that a crash in a long epoch loses no more (0 = at epoch ends only)
@@ -92,6 +94,7 @@ device = 'auto'            # auto (cuda -> mps -> cpu) | cuda | mps | cpu
 compile = True             # torch.compile the model (on CUDA; on CPU and MPS it is skipped)
 # -----------------------------------------------------------------------------
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+config = vars(ViTConfig()) | config  # and ViTConfig's settings not above: a timm ViT's features (from_timm sets them)
 configure(config, sys.argv[1:])
 globals().update(config)
 config['out_dir'] = out_dir = (out_dir or f'out/{dataset}-{attn}').replace('{attn}', attn)
@@ -155,7 +158,7 @@ init_from = config['init_from'] = init_from.replace('{attn}', attn)  # a config 
 if init_from == 'scratch' and eval_only:  # scratch: a new model, initialised from seed
     fail("eval_only=True needs init_from='resume' or the path of a checkpoint")
 # resume: continue out_dir/ckpt.pt exactly; a path: fine-tune from it (what fits; another grid's resampled), or evaluate it
-ckpt = None if init_from == 'scratch' else outdir.read_checkpoint(
+ckpt = None if init_from == 'scratch' or init_from.startswith('timm:') else outdir.read_checkpoint(
     ckpt_path if init_from == 'resume' else init_from, f"init_from={init_from!r}",
     lambda c: c | {'config': c['config'] | asdict(saved_config(c['config']))})  # as it ran
 if ckpt and (init_from == 'resume' or eval_only):  # the model is the checkpoint's as it is: its settings win over this run's
@@ -195,15 +198,21 @@ if (in_channels, num_classes) != (loaders.channels, loaders.num_classes):
     fail(f"the model has in_channels={in_channels}, num_classes={num_classes}; "
          f"{dataset} has {loaders.channels}, {loaders.num_classes}")
 torch.manual_seed(seed)
-model = ViT(ViTConfig(**{k: config[k] for k in model_keys}))
-source = ckpt and saved_config(ckpt['config'])
-if init_from == 'resume' or eval_only and ckpt and source.image_size == image_size:
-    model.load_state_dict(ckpt['model'])
-elif ckpt:  # fine-tuning, or evaluating at another image size
-    try:
+source, done = ckpt and saved_config(ckpt['config']), None
+try:
+    if init_from.startswith('timm:'):  # a timm ViT (timm_vit.py): its weights fix the architecture, this run's settings the rest
+        model, done = ViT.from_timm(init_from[5:], init_file, **{k: config[k] for k in model_keys if k not in timm_vit.FIXED})
+        source, config = done['source'], config | vars(model.config)
+        globals().update(config)
+    else:
+        model = ViT(ViTConfig(**{k: config[k] for k in model_keys}))
+    if init_from == 'resume' or eval_only and ckpt and source.image_size == image_size:
+        model.load_state_dict(ckpt['model'])
+    elif ckpt:  # fine-tuning, or evaluating at another image size
         done = model.load_for_fine_tuning(ckpt['model'], source)
-    except ValueError as e:
-        fail(f"{init_from} does not fit this model: {e}", kind='checkpoint')
+except (ValueError, ImportError, RuntimeError, OSError) as e:  # a model that does not fit; timm's errors
+    fail(f"{init_from}: {e}" + '; timm is an optional dependency: pip install timm' * isinstance(e, ImportError), kind='checkpoint')
+if done:
     print0(f"{'evaluating' if eval_only else 'fine-tuning'} from {init_from} (attn={source.attn}" + (f"; this run: {attn}"
            if source.attn != attn else '') + f"): loaded {len(done['loaded'])} tensors; resampled from {source.image_size} "
            f"to {image_size} px: {done['resampled'] or 'none'}; kept the first coefficients of {done['truncated'] or 'none'}; "
