@@ -243,7 +243,7 @@ if __name__ == '__main__':
         else:
             fail(f"{d} holds no ckpt.pt or result.json", kind='data')
     if not dirs:
-        settings = declared(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'))
+        settings = asdict(ViTConfig()) | declared(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'))
         configure(settings, args)
         if settings['attn'] not in ('topo', 'grf'):
             fail(f"attn={settings['attn']!r} has no graph mask; valid: topo, grf")
