@@ -476,8 +476,8 @@ def test_grf_custom_operators_pass_opcheck_on_inputs_of_any_strides():
     H, N, B, d = 2, 16, 3, 4
     generators = [torch.Generator().manual_seed(j) for j in range(H)]
     layout = masks.grf_walk_layout(masks.grid_graph(4, 4), generators, n_walks=4, p_halt=0.2, max_len=4, coupling='iid')
-    structure = tuple(layout[name] for name in ('crow', 'col', 'crow_t', 'col_t', 'perm'))
     vals = torch.rand(layout['col'].shape[0])
+    structure = (vals[layout['perm']], *(layout[name] for name in ('crow', 'col', 'crow_t', 'col_t')))
     for layout_of in (lambda c: torch.rand(H * N, B, c), lambda c: torch.rand(B, H * N, c).transpose(0, 1)):
         q, k, v, gy = layout_of(d), layout_of(d), layout_of(d + 1), layout_of(d + 1)
         torch.library.opcheck(torch.ops.topomask.grf_mix.default, (q, k, v, vals, *structure))
