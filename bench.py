@@ -237,10 +237,8 @@ def attention_bench(s):
     return write_results('attention', out, keys, s)
 
 def write_results(name, obj, keys, s, what='forward + backward (s)'):
-    """Write {'settings': those of s named in keys, device, threads, keep_memory} | obj to s.out_dir/<name>-<device
-    type>.json (json writes the int keys N as strings) and plot obj['results'] beside it (.png); the object written."""
-    settings = {k: vars(s)[k] for k in keys} | dict(device=s.device, threads=torch.get_num_threads(), keep_memory=s.kept)
-    obj = {'settings': settings} | obj
+    """Write {'settings': s's keys, device, threads, keep_memory} | obj to s.out_dir/<name>-<device>.json, plotted beside it."""
+    obj = {'settings': {k: vars(s)[k] for k in keys} | dict(device=s.device, threads=torch.get_num_threads(), keep_memory=s.kept)} | obj
     os.makedirs(s.out_dir, exist_ok=True)
     path = os.path.join(s.out_dir, f"{name}-{s.device.split(':')[0]}.json")
     with open(path, 'w') as f:
