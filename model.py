@@ -117,7 +117,7 @@ class Attention(nn.Module):
     walk_buffers = ()  # names of the buffers drawn at random (walks), saved with the model
     walk_settings = () # ViTConfig settings the walk buffers are drawn from: fine-tuning takes them if all are equal
     fast_cost = None   # with fast_mix() and work(): auto's {device type: fast_cost} (fast_pays; bench.py fits it)
-    dense_memory = {'cpu': 8e9}  # bytes auto lets the dense path's N x N tensors take on a CPU (CUDA: its free memory)
+    dense_memory = {'cpu': 8e9}  # bytes auto lets a dense path's N x N tensors (scores, weights, a gradient; the mask) take on a CPU
     # the dense path keeps its N x N scores for backward up to this many tokens, per device type, and recomputes
     # them above (O(N d) kept, for two more O(N^2 d) products); a device type not named always recomputes
     scores_kept_max_n = {'cpu': 256}
@@ -143,10 +143,9 @@ class Attention(nn.Module):
         return masks.masked_linear_attention(q, k, v, self.mask(), recompute=n > self.scores_kept_max_n.get(q.device.type, 0))
 
     def fast_pays(self, B, n, d, device='cpu'):
-        """attn_impl='auto': whether fast_mix() on B images of n tokens, d channels per head, costs less: fast_cost x fast
-        work < dense work, work() = (dense, fast) multiply-adds per head, fast_cost[device type] (else the CPU's) fitted by
-        bench.py; or, whatever the costs, whether the dense path's float32 N x N tensors, 4 H n^2 (3 B + 2) bytes (scores,
-        weights, a gradient per image; the mask and its factor), would pass dense_memory_budget (CUDA's free memory)."""
+        """attn_impl='auto': whether fast_mix() costs less on B images of n tokens, d channels per head: fast_cost[device type]
+        (else the CPU's; bench.py fits it) x fast < dense, work() = (dense, fast) multiply-adds per head; or, whatever the costs,
+        whether the dense path's float32 N x N tensors, 4 H n^2 (3 B + 2) bytes, would pass dense_memory_budget()."""
         dense, fast = self.work(B, n, d)
         too_big = 4 * self.heads * n * n * (3 * B + 2) > dense_memory_budget(device, self.dense_memory)
         return too_big or self.fast_cost.get(device, self.fast_cost['cpu']) * fast < dense
@@ -274,7 +273,7 @@ class GRFAttention(Attention):
     def fast_mix(self, q, k, v):
         return masks.grf_linear_attention(q, k, v, self.layout(), self.grf_values())
 
-    fast_cost = {'cpu': 22.5}  # fitted by bench.py --mode=train to whole steps with work()'s multiply-adds
+    fast_cost = {'cpu': 17.6}  # fitted by bench.py --mode=train to whole steps with work()'s multiply-adds
     def work(self, B, n, d):
         """Multiply-adds per head: dense n^3 (M, once a batch) + B n^2 d; sparse B n R d^2, R non-zeros per row of Phi_hat."""
         R = self.grf_col.numel() / (self.heads * n)
