@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 EPS = 1e-6
-warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta')  # the GRF fast path uses CSR
+warnings.filterwarnings('ignore', message='Sparse (CSR tensor support is in beta|invariant checks are implicitly)')  # GRF's CSR
 
 # -----------------------------------------------------------------------------
 # graphs, graph = (nbr, deg): neighbour table [N, max_deg] and degrees [N] (the rules: check_graph); the exact mask
