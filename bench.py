@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+import data
 from configurator import configure, declared, fail
 from model import VARIANTS, ViT, ViTConfig
 
@@ -40,7 +41,7 @@ mode = 'attention'         # attention | train
 device = 'auto'            # auto (cuda if available, else cpu) | cuda | cpu
 dtype = 'float32'          # float32 | bfloat16 (autocast; the linear forms accumulate in float32 anyway)
 threads = 0                # CPU threads (0 = torch's default)
-keep_memory = True         # CPU: keep freed memory in the process instead of page-faulting it in again (see keep_freed_memory)
+keep_memory = True         # CPU: keep freed memory in the process instead of page-faulting it in again (data.keep_freed_memory)
 cpu_peak_memory = True     # CPU: peak memory replayed from torch.profiler's allocation events in an extra untimed call (False: time only)
 out_dir = 'out/bench'      # where the JSON (and PNG) go
 sides = '8,11,16,23,32,45,64,91,128'  # attention mode: grid sides: N = side^2 = 64 ... 16,384 tokens
@@ -68,18 +69,10 @@ train_steps = 4
 # -----------------------------------------------------------------------------
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
-def keep_freed_memory():
-    """Keep freed heap memory in the process (glibc mallopt), as CUDA's caching allocator keeps GPU memory, so that timings
-    measure the algorithms, not page faults: glibc serves blocks over 32 MB with mmap and unmaps them when freed, so each
-    large temporary is faulted in afresh. For train.py on CPU: MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647."""
-    import ctypes, ctypes.util
-    libc = ctypes.CDLL(ctypes.util.find_library('c'))
-    return bool(libc.mallopt(-4, 0) and libc.mallopt(-1, 2 ** 31 - 1))  # M_MMAP_MAX, M_TRIM_THRESHOLD
-
 def setup(args):
     """The settings as a namespace for the measuring functions: train.py's (its config files apply), this file's, then
     args (config files, --key=value), and the device picked (device, cuda, kept, autocast). check_gpu.py passes its own."""
-    config = vars(ViTConfig()) | declared(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')) | SETTINGS
+    config = vars(ViTConfig()) | declared() | SETTINGS  # train.py's (its configs apply) and ViTConfig's others
     configure(config, args)
     if config['mode'] not in ('attention', 'train'):
         fail(f"mode={config['mode']!r} is invalid; valid: attention, train")
@@ -87,7 +80,7 @@ def setup(args):
     s.device = ('cuda' if torch.cuda.is_available() else 'cpu') if s.device == 'auto' else s.device
     s.cuda = s.device.startswith('cuda')
     torch.set_num_threads(s.threads or torch.get_num_threads())  # 0: torch's default
-    s.kept = s.keep_memory and not s.cuda and sys.platform.startswith('linux') and keep_freed_memory()
+    s.kept = s.keep_memory and not s.cuda and data.keep_freed_memory()
     s.autocast = nullcontext() if s.dtype == 'float32' else torch.autocast(s.device.split(':')[0], dtype=getattr(torch, s.dtype))
     torch.manual_seed(s.seed)
     print(f"device {s.device}" + (f" ({torch.cuda.get_device_name()})" if s.cuda else f" ({torch.get_num_threads()} threads)")
@@ -244,10 +237,8 @@ def attention_bench(s):
     return write_results('attention', out, keys, s)
 
 def write_results(name, obj, keys, s, what='forward + backward (s)'):
-    """Write {'settings': those of s named in keys, device, threads, keep_memory} | obj to s.out_dir/<name>-<device
-    type>.json (json writes the int keys N as strings) and plot obj['results'] beside it (.png); the object written."""
-    settings = {k: vars(s)[k] for k in keys} | dict(device=s.device, threads=torch.get_num_threads(), keep_memory=s.kept)
-    obj = {'settings': settings} | obj
+    """Write {'settings': s's keys, device, threads, keep_memory} | obj to s.out_dir/<name>-<device>.json, plotted beside it."""
+    obj = {'settings': {k: vars(s)[k] for k in keys} | dict(device=s.device, threads=torch.get_num_threads(), keep_memory=s.kept)} | obj
     os.makedirs(s.out_dir, exist_ok=True)
     path = os.path.join(s.out_dir, f"{name}-{s.device.split(':')[0]}.json")
     with open(path, 'w') as f:

@@ -266,6 +266,13 @@ for attn in [a for a in VARIANTS if VARIANTS[a].fast_cost]:
     print(f"{attn}: dense_max_n['{device.split(':')[0]}'] from the attention benchmark: {measured}; at N = {n} training, "
           + (f"fast / dense {fast / dense:.2f}x images/s" if dense and fast else "not both paths measured")
           + f" (model.py: fast_cost {VARIANTS[attn].fast_cost})")
+runs = (result['attention'] or {}).get('results', {})
+for n in (4096, 16384):  # grf's O(N) sparse path against SDPA's softmax, one layer (the point of the GRF mask)
+    grf, sdpa = (runs.get(path, {}).get(n) for path in ('grf-fast', 'softmax'))
+    both = grf and sdpa and not (grf['skipped'] or sdpa['skipped'])
+    result.setdefault('grf_fast_over_softmax', {})[n] = grf['time_s'] / sdpa['time_s'] if both else None
+    print(f"grf-fast / softmax (SDPA), one layer at N = {n}: " + (f"{grf['time_s'] / sdpa['time_s']:.2f}x the time, "
+          f"{grf['peak_bytes'] / sdpa['peak_bytes']:.2f}x the memory" if both else "not both measured"))
 result['passed'] = not result['failed']
 save()
 print(f"wrote {out} in {result['elapsed_s']:.0f} s")

@@ -1,6 +1,5 @@
-"""Overrides a script's settings (its module-level globals) from config files and --key=value arguments, left to right:
-`python train.py configs/fmnist.py --attn=grf --lr=3e-4`. A config file is plain Python that may only assign existing
-keys; command-line values are Python literals, or strings if they do not parse. A mistake is one line on stderr (fail)."""
+"""Overrides a script's settings (its module-level globals) from config files, plain Python that may only assign existing
+keys, and --key=value arguments (Python literals, else strings), left to right. A mistake is one line on stderr (fail)."""
 import ast, difflib, os, re, sys, types
 
 def fail(msg, kind='config'):
@@ -9,8 +8,8 @@ def fail(msg, kind='config'):
     e, e.code = SystemExit(msg), 2  # str(e) is the message, for a caller that catches it
     raise e
 
-def declared(path):
-    """The settings the script at path declares (its literal assignments above its '# ---' line): train.py's, for the others."""
+def declared(path=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')):
+    """The settings the script at path declares (its literal assignments above its '# ---' line); by default train.py's."""
     source = open(path).read().split('\n# ---')[0]
     return {t.id: ast.literal_eval(n.value) for n in ast.parse(source).body if isinstance(n, ast.Assign) for t in n.targets}
 
@@ -18,8 +17,7 @@ def checked(key, value, config, where):
     """The value for key, converted where that loses nothing (int -> float); fails on a wrong type."""
     if key not in config:
         fail(f"unknown key '{key}'{where}; closest valid keys: {', '.join(difflib.get_close_matches(key, config, 3, 0.5)) or '(none)'}")
-    if type(config[key]) is float and type(value) is int:
-        return float(value)
+    value = float(value) if type(config[key]) is float and type(value) is int else value
     if None not in (config[key], value) and type(value) is not type(config[key]):  # a None default takes any value
         fail(f"{key}={value!r}{where} has type {type(value).__name__}, expected {type(config[key]).__name__}")
     return value
@@ -42,9 +40,8 @@ def configure(config, args, flags=()):
         if where:  # a config file, run with the current values in scope
             if not os.path.isfile(arg):
                 fail(f"config file {arg} is a directory, not a file" if os.path.isdir(arg) else f"config file not found: {arg}")
-            scope = {**config, '__file__': arg}  # a config may build on another beside it (configs/imagenette.py)
-            try:
-                exec(compile(open(arg).read(), arg, 'exec'), scope)
+            try:  # a config may build on another beside it (configs/imagenette.py)
+                exec(compile(open(arg).read(), arg, 'exec'), scope := {**config, '__file__': arg})
             except Exception as e:
                 fail(f"{arg}: {type(e).__name__}: {e}")
             changes = {k: v for k, v in scope.items() if not k.startswith('_') and not isinstance(v, types.ModuleType)
@@ -54,10 +51,9 @@ def configure(config, args, flags=()):
             if (key in flags) == bool(eq):  # a flag is given bare, any other key with its value
                 fail(f"--{key} is a flag, given bare: got '{arg}'" if eq else f"expected --key=value, got '{arg}'")
             try:
-                value = True if key in flags else raw if isinstance(config.get(key), str) else ast.literal_eval(raw)
+                changes = {key: True if key in flags else raw if isinstance(config.get(key), str) else ast.literal_eval(raw)}
             except (ValueError, SyntaxError):
-                value = raw
-            changes = {key: value}
+                changes = {key: raw}
         for k, v in changes.items():
             config[k] = checked(k, v, config, where)
             if os.environ.get('RANK', '0') == '0':  # one process of a torchrun speaks

@@ -4,7 +4,10 @@ Datasets as iterables of (images, labels) batches, sharded over DDP ranks by one
   imagenet, inat2021, places365  image files decoded by worker processes (imagefiles.py), normalised on the device
 imagefiles.py, which this module imports (never the other way), also finds or downloads every dataset's files.
 """
+import ctypes
+import ctypes.util
 import os
+import platform
 from types import SimpleNamespace
 
 import torch
@@ -16,6 +19,15 @@ from configurator import fail
 from imagefiles import downloaded, rank_zero_first
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+def keep_freed_memory():
+    """Keep freed heap memory in the process where the C library is glibc (mallopt M_MMAP_MAX 0, M_TRIM_THRESHOLD 2^31 - 1),
+    as CUDA's caching allocator keeps GPU memory: glibc serves blocks over 32 MB with mmap and unmaps them when freed, so
+    each large CPU temporary of a step is page-faulted in afresh. Call it before any large tensor; True if applied."""
+    if platform.libc_ver()[0] != 'glibc':
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library('c'))
+    return bool(libc.mallopt(-4, 0) and libc.mallopt(-1, 2 ** 31 - 1))  # M_MMAP_MAX, M_TRIM_THRESHOLD
 
 class ShardedBatches:
     """Batch sampler for every dataset. Training: each epoch one permutation, seeded by (seed, epoch) and the

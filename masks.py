@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 EPS = 1e-6
-warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta')  # the GRF fast path uses CSR
+warnings.filterwarnings('ignore', message='Sparse (CSR tensor support is in beta|invariant checks are implicitly)')  # GRF's CSR
 
 # -----------------------------------------------------------------------------
 # graphs, graph = (nbr, deg): neighbour table [N, max_deg] and degrees [N] (the rules: check_graph); the exact mask
@@ -291,47 +291,47 @@ def toeplitz_linear_attention_fft(q, k, v, table, h, w, eps=EPS):
         y = _GridConv.apply(x, kern).reshape(B, H, d, -1, N).permute(0, 1, 4, 2, 3)  # [B, H, N, d, dv+1]
         return _divide(torch.einsum('bhnd,bhnde->bhne', q, y), eps)
 
-def _spmm(A, X):
-    """A @ X for a sparse CSR A, written straight into a zeroed result (A @ X fills and copies one; beta=0 may read it)."""
-    out = X.new_zeros(A.shape[0], X.shape[1])
+def _spmm(A, X):  # A @ X for a sparse CSR A, into an unfilled result (beta=0 never reads it; A @ X fills and copies one)
+    out = X.new_empty(A.shape[0], X.shape[1])
     return torch.addmm(out, A, X, beta=0.0, out=out)
 
-def _outer(x, y):  # [HN, B, a], [HN, B, b] -> [HN, B*a*b]: row l holds x_l y_l^T of every batch element
-    return (x[..., :, None] * y[..., None, :]).reshape(x.shape[0], -1)
+def _chunks(HN, B, d, dv, size=2 ** 24):  # key-channel slices whose k v^T, HN x B x channels x dv, holds <= size values
+    c = max(1, min(d, size // (HN * B * dv)))
+    return [slice(s, s + c) for s in range(0, d, c)]
 
-def _sparse(crow, col, vals):
-    return torch.sparse_csr_tensor(crow, col, vals, (crow.shape[0] - 1,) * 2, check_invariants=False)
-
-# The sparse products run inside custom operators: torch.compile sees one opaque call, not sparse tensors.
 @torch.library.custom_op('topomask::grf_mix', mutates_args=())
-def _grf_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vals: torch.Tensor, crow: torch.Tensor,
-             col: torch.Tensor, crow_t: torch.Tensor, col_t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """y_i = q_i^T U_i for q, k, v [HN, B, d] by two sparse-dense products, S = P^T (k v^T) and U = P S."""
-    A, AT = _sparse(crow, col, vals), _sparse(crow_t, col_t, vals[perm])
-    U = _spmm(A, _spmm(AT, _outer(k, v))).view(*q.shape, v.shape[2])
-    return torch.einsum('nbd,nbde->nbe', q, U)
+def _grf_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vals: torch.Tensor, vals_t: torch.Tensor,
+             crow: torch.Tensor, col: torch.Tensor, crow_t: torch.Tensor, col_t: torch.Tensor) -> torch.Tensor:
+    """y_i = q_i^T U_i for q, k, v [HN, B, d]: S = P^T (k v^T), U = P S (in k v^T's place), a chunk of key channels at a time
+    (_chunks); vals_t = vals[perm], P^T's values. Custom operators: torch.compile sees one opaque call, not sparse tensors."""
+    A, AT = (torch.sparse_csr_tensor(*csr, (len(q),) * 2) for csr in ((crow, col, vals), (crow_t, col_t, vals_t)))
+    y = q.new_zeros(*q.shape[:2], v.shape[2])
+    for c in _chunks(*q.shape, v.shape[2]):
+        kv = (k[:, :, c, None] * v[:, :, None]).flatten(1)  # row l: k_l v_l^T of every image
+        U = torch.addmm(kv, A, _spmm(AT, kv), beta=0.0, out=kv).view(*q[:, :, c].shape, v.shape[2])
+        y += torch.einsum('nbd,nbde->nbe', q[:, :, c], U)
+    return y
 
 _grf_mix.register_fake(lambda q, k, v, *structure: q.new_empty(q.shape[0], q.shape[1], v.shape[2]))
 
 @torch.library.custom_op('topomask::grf_mix_backward', mutates_args=())
 def _grf_mix_backward(gy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vals: torch.Tensor,
-                      crow: torch.Tensor, col: torch.Tensor, crow_t: torch.Tensor, col_t: torch.Tensor,
-                      perm: torch.Tensor) -> list[torch.Tensor]:
-    """Recomputes S and U instead of keeping them, so the memory held between forward and backward is O(N d)."""
-    A, AT = _sparse(crow, col, vals), _sparse(crow_t, col_t, vals[perm])
-    gy, shape = gy.contiguous(), (*q.shape, v.shape[2])
-    kv, qg = _outer(k, v), _outer(q, gy)
-    S, gS = _spmm(AT, kv), _spmm(AT, qg)             # S_l and dL/dS_l = sum_i P_il q_i gy_i^T
-    gq = torch.einsum('nbde,nbe->nbd', _spmm(A, S).view(shape), gy)
-    G = _spmm(A, gS).view(shape)                     # G_j = sum_l P_jl dL/dS_l
-    gk, gv = torch.einsum('nbde,nbe->nbd', G, v), torch.einsum('nbde,nbd->nbe', G, k)
-    del G
-    # dL/dP_il = q_i^T S_l gy_i + k_i^T dL/dS_l v_i (summed over the batch), at P's non-zeros in CSR order
-    gvals = (torch.sparse.sampled_addmm(A, qg, S.t(), beta=0.0).values()
-             + torch.sparse.sampled_addmm(A, kv, gS.t(), beta=0.0).values())
-    return [g.contiguous() for g in (gq, gk, gv, gvals)]
+                      vals_t: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, crow_t: torch.Tensor,
+                      col_t: torch.Tensor) -> list[torch.Tensor]:
+    """Recomputes S and U instead of keeping them: O(N d) held between forward and backward. dL/dP_il = q_i^T S_l gy_i +
+    k_i^T dL/dS_l v_i summed over the batch. Returns contiguous tensors, as its fake does (inductor checks the strides)."""
+    A, AT = (torch.sparse_csr_tensor(*csr, (len(q),) * 2) for csr in ((crow, col, vals), (crow_t, col_t, vals_t)))
+    gq, gk, gv, gvals = q.new_empty(q.shape), k.new_empty(k.shape), v.new_zeros(v.shape), vals.new_zeros(vals.shape)
+    for c in _chunks(*q.shape, v.shape[2]):
+        kv, qg = (k[:, :, c, None] * v[:, :, None]).flatten(1), (q[:, :, c, None] * gy[:, :, None]).flatten(1)
+        S, gS = _spmm(AT, kv), _spmm(AT, qg)  # S_l and dL/dS_l = sum_i P_il q_i gy_i^T
+        gvals += sum(torch.sparse.sampled_addmm(A, x, y.t(), beta=0.0).values() for x, y in ((qg, S), (kv, gS)))
+        U = torch.addmm(kv, A, S, beta=0.0, out=kv).view(*q[:, :, c].shape, v.shape[2])  # U = P S, in kv's place
+        G = torch.addmm(qg, A, gS, beta=0.0, out=qg).view(U.shape)  # G_j = sum_l P_jl dL/dS_l, in qg's place
+        gq[:, :, c], gk[:, :, c] = torch.einsum('nbde,nbe->nbd', U, gy), torch.einsum('nbde,nbe->nbd', G, v)
+        gv += torch.einsum('nbde,nbd->nbe', G, k[:, :, c])
+    return [gq, gk, gv, gvals]
 
-# contiguous, whatever the strides of the inputs (inductor checks them against these; empty_like would copy the inputs')
 _grf_mix_backward.register_fake(lambda gy, q, k, v, vals, *structure: [x.new_empty(x.shape) for x in (q, k, v, vals)])
 _grf_mix.register_autograd(lambda ctx, gy: (*_grf_mix_backward(gy, *ctx.saved_tensors), None, None, None, None, None),
                            setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
@@ -346,5 +346,5 @@ def grf_linear_attention(q, k, v, layout, vals, eps=EPS):
         q, k, v, vals = q.relu().float(), k.relu().float(), _with_ones(v).float(), vals.float()
         B, H, N, d = q.shape
         q, k, v = (x.permute(1, 2, 0, 3).reshape(H * N, B, -1) for x in (q, k, v))  # [HN, B, .]: rows of P lead
-        y = _grf_mix(q, k, v, vals, *(layout[name] for name in ('crow', 'col', 'crow_t', 'col_t', 'perm')))
+        y = _grf_mix(q, k, v, vals, vals[layout['perm']], *(layout[name] for name in ('crow', 'col', 'crow_t', 'col_t')))
         return _divide(y.view(H, N, B, -1).permute(2, 0, 1, 3), eps)

@@ -106,6 +106,10 @@ def ddp_no_buffer_sync():
     new = 'forward_sync_buffers' in inspect.signature(nn.parallel.DistributedDataParallel).parameters
     return {'forward_sync_buffers' if new else 'broadcast_buffers': False}
 
+@torch.compiler.assume_constant_result  # bytes a dense path may take: CUDA's free memory now (torch.compile: when it traces)
+def dense_memory_budget(device, table):  # or table[device type], the CPU's for a type not named
+    return torch.cuda.mem_get_info()[0] if device == 'cuda' else table.get(device, table['cpu'])
+
 def decay_logits(decay, hops, heads):
     """Per head, the logits of coefficients that start at decay^hops: log(decay) * hops, [heads, *hops.shape]."""
     return hops.float().mul(math.log(decay)).repeat(heads, *[1] * hops.dim())
@@ -123,6 +127,7 @@ class Attention(nn.Module):
     walk_buffers = ()  # names of the buffers drawn at random (walks), saved with the model
     walk_settings = () # ViTConfig settings the walk buffers are drawn from: fine-tuning takes them if all are equal
     fast_cost = None   # with fast_mix() and work(): auto's {device type: fast_cost} (fast_pays; bench.py fits it)
+    dense_memory = {'cpu': 8e9}  # bytes auto lets a dense path's N x N tensors (scores, weights, a gradient; the mask) take on a CPU
     # the dense path keeps its N x N scores for backward up to this many tokens, per device type, and recomputes
     # them above (O(N d) kept, for two more O(N^2 d) products); a device type not named always recomputes
     scores_kept_max_n = {'cpu': 256}
@@ -161,11 +166,12 @@ class Attention(nn.Module):
             return torch.cat([masks.plain_linear_attention(q[:, :, :1], k, v), y[..., :-1] / (y[..., -1:] + masks.EPS)], 2)
 
     def fast_pays(self, B, n, d, device='cpu'):
-        """attn_impl='auto': whether fast_mix() is cheaper on B images of n tokens, d channels per head: fast_cost x
-        fast work < dense work, work(B, n, d) = (dense, fast) in multiply-adds per head. fast_cost[device type], the time
-        of a fast multiply-add in dense ones, is fitted to whole training steps (bench.py); other devices take the CPU's."""
+        """attn_impl='auto': whether fast_mix() costs less on B images of n tokens, d channels per head: fast_cost[device type]
+        (else the CPU's; bench.py fits it) x fast < dense, work() = (dense, fast) multiply-adds per head; or, whatever the costs,
+        whether the dense path's float32 N x N tensors, 4 H n^2 (3 B + 2) bytes, would pass dense_memory_budget()."""
         dense, fast = self.work(B, n, d)
-        return self.fast_cost.get(device, self.fast_cost['cpu']) * fast < dense
+        too_big = 4 * self.heads * n * n * (3 * B + 2) > dense_memory_budget(device, self.dense_memory)
+        return too_big or self.fast_cost.get(device, self.fast_cost['cpu']) * fast < dense
 
     def forward(self, x):
         B, N, C = x.shape
@@ -185,7 +191,6 @@ class ToeplitzAttention(Attention):
     """M_ij = t[row_i - row_j, col_i - col_j], a learnable table per head; t = exp(logits) >= 0, starting at
     decay^(|dr| + |dc|) (decay 1: unmasked)."""
     mask_settings = ('table_init_decay',)
-    fast_cost = {'cpu': 3.4}
 
     def __init__(self, c, layer):
         super().__init__(c, layer)
@@ -207,6 +212,7 @@ class ToeplitzAttention(Attention):
         grid = torch.stack(torch.meshgrid(x, y, indexing='xy'), -1).clamp(-1, 1)[None].to(saved)
         return F.grid_sample(saved[None].float(), grid, mode='bicubic', padding_mode='border', align_corners=True)[0]
 
+    fast_cost = {'cpu': 3.4}  # fitted by bench.py --mode=train to whole steps with work()'s multiply-adds
     def work(self, B, n, d):
         """Multiply-adds per head: dense B n^2 d (scores, times v); FFT B d^2 n' log2 n', n' = 4n the padded grid."""
         return B * n * n * d, B * d * d * 4 * n * math.log2(4 * n)
@@ -244,7 +250,6 @@ class GRFAttention(Attention):
     walk_buffers = ('grf_crow', 'grf_col', 'grf_slot', 'grf_fidx', 'grf_load')
     derived_buffers = ('grf_rows', 'grf_crow_t', 'grf_col_t', 'grf_perm')  # from grf_crow and grf_col, not saved
     walk_settings = ('image_size', 'patch_size', 'graph', 'grf_walks', 'grf_p_halt', 'grf_coupling', 'mask_max_len', 'mask_seed')
-    fast_cost = {'cpu': 22.5}
 
     def __init__(self, c, layer):
         super().__init__(c, layer)
@@ -291,6 +296,7 @@ class GRFAttention(Attention):
     def fast_mix(self, q, k, v, eps=masks.EPS):
         return masks.grf_linear_attention(q, k, v, self.layout(), self.grf_values(), eps=eps)
 
+    fast_cost = {'cpu': 17.6}  # fitted by bench.py --mode=train to whole steps with work()'s multiply-adds
     def work(self, B, n, d):
         """Multiply-adds per head: dense n^3 (M, once a batch) + B n^2 d; sparse B n R d^2, R non-zeros per row of Phi_hat."""
         R = self.grf_col.numel() / (self.heads * n)

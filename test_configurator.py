@@ -192,4 +192,4 @@ def test_the_settings_a_script_declares_are_its_literals_above_its_dashed_line(t
     script.write_text("import os\nlr = 1e-3  # a comment\nattn = 'grf'\nsizes = (1, 2)\nnote = '# --- in a string'\n"
                       "# --- below: the script's work\nsteps = 3\n")
     assert declared(str(script)) == {'lr': 1e-3, 'attn': 'grf', 'sizes': (1, 2), 'note': '# --- in a string'}
-    assert declared(os.path.join(ROOT, 'train.py'))['attn'] == 'softmax'
+    assert declared() == declared(os.path.join(ROOT, 'train.py')) and declared()['attn'] == 'softmax'  # by default train.py's

@@ -1,4 +1,5 @@
 """The mask math of masks.py, each function checked against an independent reference."""
+import functools
 import math
 
 import pytest
@@ -452,10 +453,14 @@ GRAPHS_FOR_FAST = {'grid 4x4': masks.grid_graph(4, 4), 'grid 3x5': masks.grid_gr
                    'grid 4x4 with diagonals': masks.grid_graph(4, 4, diagonals=True),
                    'ring with chords': GRAPHS['ring with chords'][0]}
 
+@pytest.mark.parametrize("chunks", ['all key channels', 'two by two', 'one by one'])
 @pytest.mark.parametrize("graph", GRAPHS_FOR_FAST)
-def test_grf_fast_equals_dense_grf_mask(graph):
+def test_grf_fast_equals_dense_grf_mask(graph, chunks, monkeypatch):
+    """The sparse products run a chunk of key channels at a time (masks._chunks): any chunking is the same."""
     graph = GRAPHS_FOR_FAST[graph]
     N, H, K = graph[0].shape[0], 2, 5
+    size = {'all key channels': 2 ** 24, 'two by two': H * N * 2 * 2 * 5, 'one by one': 1}[chunks]  # HN x B x c x dv
+    monkeypatch.setattr(masks, '_chunks', functools.partial(masks._chunks, size=size))
     f = (0.6 ** torch.arange(K + 1.0)).repeat(H, 1).mul(torch.rand(H, K + 1) + 0.5).requires_grad_()
     generators = [torch.Generator().manual_seed(j) for j in range(H)]
     layout = masks.grf_walk_layout(graph, generators, n_walks=6, p_halt=0.2, max_len=K, coupling='iid')
@@ -476,8 +481,8 @@ def test_grf_custom_operators_pass_opcheck_on_inputs_of_any_strides():
     H, N, B, d = 2, 16, 3, 4
     generators = [torch.Generator().manual_seed(j) for j in range(H)]
     layout = masks.grf_walk_layout(masks.grid_graph(4, 4), generators, n_walks=4, p_halt=0.2, max_len=4, coupling='iid')
-    structure = tuple(layout[name] for name in ('crow', 'col', 'crow_t', 'col_t', 'perm'))
     vals = torch.rand(layout['col'].shape[0])
+    structure = (vals[layout['perm']], *(layout[name] for name in ('crow', 'col', 'crow_t', 'col_t')))
     for layout_of in (lambda c: torch.rand(H * N, B, c), lambda c: torch.rand(B, H * N, c).transpose(0, 1)):
         q, k, v, gy = layout_of(d), layout_of(d), layout_of(d + 1), layout_of(d + 1)
         torch.library.opcheck(torch.ops.topomask.grf_mix.default, (q, k, v, vals, *structure))

@@ -64,6 +64,19 @@ def test_auto_takes_the_fast_path_where_its_cost_is_lower_with_the_fast_cost_of_
         layer.mix(q, q, q)
         assert taken.pop() == path, (device, table)
 
+@pytest.mark.parametrize("attn", [a for a, cls in VARIANTS.items() if cls.fast_cost is not None])
+def test_auto_takes_the_fast_path_where_the_dense_tensors_would_pass_the_memory_budget_whatever_the_costs(attn, monkeypatch):
+    """The dense path's 4 H n^2 (3 B + 2) bytes against the CPU's setting (the meta device takes it too) and CUDA's free
+    memory, with a fast_cost at which the time model always says dense."""
+    layer = ViT(tiny(attn=attn)).blocks[0].attn
+    need = 4 * 2 * 16 ** 2 * (3 * 3 + 2)  # 2 heads, 16 tokens, batch 3
+    monkeypatch.setattr(type(layer), "fast_cost", {"cpu": 1e12})
+    for device, cpu_bytes, free, fast in [("cpu", need + 1, 0, False), ("cpu", need - 1, 2 * need, True),
+                                          ("meta", need - 1, 2 * need, True), ("cuda", 0, need + 1, False), ("cuda", 2 * need, need - 1, True)]:
+        monkeypatch.setattr(type(layer), "dense_memory", {"cpu": cpu_bytes})
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *args: (free, 10 * need))
+        assert layer.fast_pays(3, 16, 16, device) == fast, (device, cpu_bytes, free)
+
 def test_mask_parameters_start_as_documented():
     toep = ViT(tiny(attn="toeplitz"))
     assert torch.equal(toep.blocks[0].attn.table_logits.exp(), torch.ones(2, 7, 7))

@@ -127,6 +127,7 @@ if ddp and device == 'cuda':
     device = f'cuda:{local_rank}'
     torch.cuda.set_device(device)
 device_type = device.split(':')[0]
+data.keep_freed_memory()  # before any large tensor: CPU temporaries reuse freed memory, not fresh page faults
 if ddp:
     dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
     cpu_group = dist.new_group(backend='gloo')  # for the stop flag, kept off the device
