@@ -22,8 +22,7 @@ import timm_vit
 
 IMPLS = ('auto', 'dense', 'fast')
 TOPO_FORMS = ('alpha', 'features')
-# graph -> the graph on the h x w patch grid that topo and grf mask with, graph = (nbr, deg) (masks.py). grid4_shuffled:
-# grid4's nodes relabelled by a fixed permutation, a control with its walks, degrees and sparsity but unrelated patches
+# graph -> the patch grid's graph (nbr, deg) for topo and grf; grid4_shuffled: grid4 relabelled by a fixed permutation (a control)
 GRAPHS = {'grid4': masks.grid_graph, 'grid8': lambda h, w: masks.grid_graph(h, w, diagonals=True),
           'grid4_shuffled': lambda h, w: masks.relabelled(
               masks.grid_graph(h, w), torch.randperm(h * w, generator=torch.Generator().manual_seed(0)))}
@@ -128,8 +127,7 @@ class Attention(nn.Module):
     walk_settings = () # ViTConfig settings the walk buffers are drawn from: fine-tuning takes them if all are equal
     fast_cost = None   # with fast_mix() and work(): auto's {device type: fast_cost} (fast_pays; bench.py fits it)
     dense_memory = {'cpu': 8e9}  # bytes auto lets a dense path's N x N tensors (scores, weights, a gradient; the mask) take on a CPU
-    # the dense path keeps its N x N scores for backward up to this many tokens, per device type, and recomputes
-    # them above (O(N d) kept, for two more O(N^2 d) products); a device type not named always recomputes
+    # the dense path keeps its N x N scores for backward up to this many tokens per device type, else recomputes them
     scores_kept_max_n = {'cpu': 256}
 
     def __init__(self, c, layer):
@@ -153,9 +151,8 @@ class Attention(nn.Module):
         n -= self.prefix
         if self.impl == 'fast' or self.impl == 'auto' and self.fast_pays(B, n, d, q.device.type):
             return self.class_fast_mix(q, k, v) if self.prefix else self.fast_mix(q, k, v)
-        recompute = n > self.scores_kept_max_n.get(q.device.type, 0)
         mask = F.pad(self.mask(), (1, 0, 1, 0), value=1.0) if self.prefix else self.mask()
-        return masks.masked_linear_attention(q, k, v, mask, recompute=recompute)
+        return masks.masked_linear_attention(q, k, v, mask, recompute=n > self.scores_kept_max_n.get(q.device.type, 0))
 
     def class_fast_mix(self, q, k, v):
         """fast_mix() with a class token at 0: its row is linear attention; patch i adds phi(q_i).phi(k_0) (v_0, 1) to (num, den)."""
@@ -366,9 +363,8 @@ class ViT(nn.Module):
 
     @classmethod
     def from_timm(cls, source, file='', **overrides):
-        """(A ViT holding a timm VisionTransformer's weights, load_for_fine_tuning's lists and 'source': its ViTConfig). source:
-        one, or a name whose weights timm fetches or reads from file (.npz, .pth, .safetensors); overrides: ViTConfig settings
-        but those the weights fix (timm_vit.FIXED). A feature this ViT does not carry: a ValueError naming it."""
+        """(A ViT with a timm ViT's weights, load_for_fine_tuning's lists + 'source': its ViTConfig). source: a timm ViT, or
+        a name timm fetches or reads from file (.npz, .pth, .safetensors); overrides: ViTConfig's but timm_vit.FIXED."""
         vit = timm_vit.create(source, file) if isinstance(source, str) else source
         src = ViTConfig(**timm_vit.settings(vit))
         fixed = [f"{k}={v!r}" for k, v in overrides.items() if k in timm_vit.FIXED and v != getattr(src, k)]
@@ -418,14 +414,12 @@ class ViT(nn.Module):
         return done
 
     def resample(self, name, saved):
-        """pos_embed of another grid, bicubic over the patch grid as timm's resample_abs_pos_embed (a class token's entry
-        kept); else None."""
+        """pos_embed of another grid, bicubic over the grid as timm's resample_abs_pos_embed (a class token's kept); else None."""
         if name != 'pos_embed':  # the Toeplitz tables: their Attention's resample()
             return None
         grid = self.config.image_size // self.config.patch_size
-        prefix = self.pos_embed.shape[1] - grid * grid
-        side = math.isqrt(saved.shape[1] - prefix)
-        x = saved[:, prefix:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()  # [1, dim, rows, cols]
+        prefix = self.pos_embed.shape[1] - grid * grid  # a class token's entry, kept as it is
+        x = saved[:, prefix:].unflatten(1, (math.isqrt(saved.shape[1] - prefix), -1)).permute(0, 3, 1, 2).float()  # [1, dim, rows, cols]
         x = F.interpolate(x, size=(grid, grid), mode='bicubic', antialias=True, align_corners=False)
         return torch.cat([saved[:, :prefix].float(), x.flatten(2).transpose(1, 2)], 1)
 
@@ -439,14 +433,14 @@ class ViT(nn.Module):
         return [f'{name}.{b}' for name, m in self.named_modules() if isinstance(m, Attention) for b in m.walk_buffers]
 
     def param_groups(self, weight_decay, mask_lr_mult=1.0):
-        """AdamW groups: matrices decay; biases, norms and positions do not; the few mask parameters
+        """AdamW groups: matrices decay; biases, norms, positions and the class token do not; the few mask parameters
         get no decay and their own learning-rate multiplier."""
         groups = {'decay': [], 'no_decay': [], 'mask': []}
         mask = {id(p) for p in self.mask_parameters().values()}
         for name, p in self.named_parameters():
             if id(p) in mask:
                 groups['mask'].append(p)
-            elif p.dim() >= 2 and name != 'pos_embed':
+            elif p.dim() >= 2 and name not in ('pos_embed', 'cls_token'):
                 groups['decay'].append(p)
             else:
                 groups['no_decay'].append(p)
