@@ -86,7 +86,7 @@ def remove_if_unused(out_dir, made):
                 os.rmdir(path)  # OSError: not empty (another run's folder inside), and the ones above stay
 
 def holder(out_dir):
-    """'pid P on HOST' of the run that holds out_dir's lock, or None: no lock file, or no process holds its flock."""
+    """'pid P on HOST' of the run that holds out_dir's lock, or None: no lock file, or no process holds its lock."""
     path = os.path.join(out_dir, 'lock')
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -127,6 +127,11 @@ def save_checkpoint(ckpt, path):
     with open(path + '.tmp', 'rb+') as f:
         os.fsync(f.fileno())
     os.replace(path + '.tmp', path)
+
+def write_json(path, obj):
+    """obj at path as indented JSON: result.json, eval.json, stopped.json."""
+    with open(path, 'w') as f:
+        json.dump(obj, f, indent=2)
 
 def keep_metrics(path, kept):
     """Rewrite the metrics log at path with the records kept(record) holds for; a line cut short by a crash goes."""
@@ -169,11 +174,15 @@ def stop_at_once(end):
     if end and _stop['signal']:
         end(_stop['signal'])
 
-def stopped(out_dir, signum, step, command):
-    """out_dir/stopped.json: the signal, the step of out_dir/ckpt.pt (None: none) and the command that continues the run,
-    for a requeue script to test (under torchrun the job's exit status is 1, not 128 + the signal)."""
-    with open(os.path.join(out_dir, 'stopped.json'), 'w') as f:
-        json.dump({'signal': signal.Signals(signum).name, 'step': step, 'resume': command}, f)
+def stopped(out_dir, signum, step, ddp, write):
+    """Say how a run stopped by signum continues from its checkpoint of step (None: none yet): if write (rank 0 of a
+    training), on stderr and in out_dir/stopped.json for a requeue script (torchrun's exit status is 1, not 128 + signum)."""
+    args = [a for a in sys.argv[1:] if not a.startswith('--init_from=')] + ['--init_from=resume'] if step is not None else sys.argv[1:]
+    again = ('torchrun <the same options> ' if ddp else 'python ') + ' '.join([sys.argv[0], *args])
+    if write:
+        write_json(os.path.join(out_dir, 'stopped.json'), {'signal': signal.Signals(signum).name, 'step': step, 'resume': again})
+        print(f"stopped by {signal.Signals(signum).name} " + (f"at step {step}, saved in {out_dir}/ckpt.pt; resume with: "
+              if step is not None else "before a checkpoint was saved; start again with: ") + again, file=sys.stderr)
 
 def finish(out_dir, status, ddp=False, drop=lambda: None):
     """Every way out that all ranks take together: out_dir given back, the process group torn down in order, exit.

@@ -107,8 +107,8 @@ def test_a_busy_run_folder_a_damaged_checkpoint_and_missing_data_each_say_their_
     import fcntl
     import data
     import outdir
-    held = open(tmp_path / 'lock', 'w')  # another run holds the folder: its flock (outdir.take_lock)
-    fcntl.flock(held, fcntl.LOCK_EX)
+    held = open(tmp_path / 'lock', 'w')  # another run holds the folder: its POSIX lock (outdir.take_lock)
+    fcntl.lockf(held, fcntl.LOCK_EX)
     (tmp_path / 'ckpt.pt').write_bytes(b'garbage')
     for call, kind in [(lambda: outdir.claim(str(tmp_path), resume=True), 'out_dir'),
                        (lambda: outdir.read_checkpoint(str(tmp_path / 'ckpt.pt'), 'init_from'), 'checkpoint'),

@@ -168,19 +168,8 @@ if master and not eval_only:
     outdir.claim(out_dir, resume=init_from == 'resume')
     print0(f"training in {out_dir}" + (f", from {init_from}" if init_from not in ('scratch', 'resume') else ''))
 
-def say_stopped(signum):
-    """How the run continues, on stderr and (rank 0 of a training) in out_dir/stopped.json for a requeue script."""
-    args = [*(a for a in sys.argv[1:] if not a.startswith('--init_from=')), '--init_from=resume'] if saved_step is not None else sys.argv[1:]
-    again = ('torchrun <the same options> ' if ddp else 'python ') + ' '.join([sys.argv[0], *args])
-    if master and not eval_only:
-        outdir.stopped(out_dir, signum, saved_step, again)
-    print0(f"stopped by {outdir.signal.Signals(signum).name} " + (f"at step {saved_step}, saved in {ckpt_path}; resume with: "
-           if saved_step is not None else "before a checkpoint was saved; start again with: ") + again, file=sys.stderr)
-
-def stop_now(signum):
-    """A stop signal during start-up or an evaluation, when nothing is unsaved: out at once (workers end with it)."""
-    if not eval_only:
-        say_stopped(signum)
+def stop_now(signum):  # start-up or an evaluation: nothing unsaved, out at once (the loader workers end with it)
+    outdir.stopped(out_dir, signum, saved_step, ddp, write=master and not eval_only)
     sys.stdout.flush(), sys.stderr.flush()
     os._exit(128 + signum)
 outdir.catch_stop_signals()
@@ -299,13 +288,12 @@ def evaluate():
     return {'loss': loss / n, 'top1': 100 * top1 / n, 'top5': 100 * top5 / n, 'count': int(n),
             'undecodable': {'train': int(bad_train), 'val': int(bad_val)}}
 
-if eval_only:  # eval.json beside the checkpoint
+if eval_only:
     r = evaluate()
     print0(f"eval {init_from}: loss {r['loss']:.4f} top1 {r['top1']:.2f}% top5 {r['top5']:.2f}% ({r['count']} images)")
-    path = ckpt_path if init_from == 'resume' else init_from
-    if master:
-        with open(os.path.join(os.path.dirname(path), 'eval.json'), 'w') as f:
-            json.dump({'checkpoint': path, 'image_size': image_size, **r}, f, indent=2)
+    if master:  # eval.json beside the checkpoint
+        path = ckpt_path if init_from == 'resume' else init_from
+        outdir.write_json(os.path.join(os.path.dirname(path), 'eval.json'), {'checkpoint': path, 'image_size': image_size, **r})
     finish(0)
 
 def log(record):
@@ -333,15 +321,13 @@ def save_checkpoint(eval_pending):
 def stop_if_signalled(saved):
     """If any rank has had a stop signal (all-reduced on the CPU, gloo: every rank stops after the same step, with no
     wait for the device), save this step (unless saved), say how to resume and exit as that signal's kill does."""
-    global saved_step
     signum = torch.tensor(outdir.stop_signal())
     if ddp:
         dist.all_reduce(signum, op=dist.ReduceOp.MAX, group=cpu_group)
     if signum:
         if not saved:
             save_checkpoint(eval_pending=False)
-        saved_step = step
-        say_stopped(int(signum))
+        outdir.stopped(out_dir, int(signum), step, ddp, write=master)
         finish(128 + int(signum))  # 143 or 130, as Slurm and Kubernetes read a job ended by that signal
 
 def fmt_time(s):
@@ -437,8 +423,7 @@ if master:
                'epochs_trained': step / steps_per_epoch,
                'images_per_s': (step - first_step) * batch_size / max(train_time, 1e-9),  # every step trained is logged
                'wall_time_s': wall_before + time.time() - t_start}
-    with open(os.path.join(out_dir, 'result.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
+    outdir.write_json(os.path.join(out_dir, 'result.json'), summary)
     print0(f"done: top1 {result['top1']:.2f}% (best {best['top1']:.2f}%), {summary['images_per_s']:,.0f} img/s, "
            f"{fmt_time(summary['wall_time_s'])}; {out_dir}/result.json")
 finish(0)
