@@ -163,9 +163,12 @@ def _on_stop_signal(signum, frame):
     if _stop['at_once']:
         _stop['at_once'](signum)
 
-def stop_signal():
-    """The stop signal this process has had, or 0."""
-    return _stop['signal']
+def stop_signal(group=None):
+    """The stop signal this process has had, or 0; with a process group, the highest any of its ranks has had."""
+    signum = torch.tensor(_stop['signal'])
+    if group is not None:
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX, group=group)
+    return int(signum)
 
 def stop_at_once(end):
     """From now on a stop signal calls end(signum) at once (None: it waits for stop_signal() to be read); one had

@@ -32,7 +32,7 @@ from model import ViT, ViTConfig, amp_dtype, check_config, ddp_no_buffer_sync, s
 # I/O
 out_dir = ''               # ckpt.pt, metrics.jsonl and result.json go here ('' = out/<dataset>-<attn>; {attn}: the variant)
 init_from = 'scratch'      # 'scratch' | 'resume' (continue out_dir/ckpt.pt) | path of a checkpoint to fine-tune from
-eval_only = False          # evaluate the checkpoint that init_from names, print the result and exit
+eval_only = False          # evaluate the checkpoint that init_from names, print the result, write eval.json beside it
 ckpt_interval = 0          # also write ckpt.pt mid-epoch, at the first log step this many optimizer steps after the
                            # last save, so that a crash in a long epoch loses no more (0 = at epoch ends only)
 log_interval = 50          # optimizer steps between log lines (the only steps that wait for the device)
@@ -321,14 +321,12 @@ def save_checkpoint(eval_pending):
 def stop_if_signalled(saved):
     """If any rank has had a stop signal (all-reduced on the CPU, gloo: every rank stops after the same step, with no
     wait for the device), save this step (unless saved), say how to resume and exit as that signal's kill does."""
-    signum = torch.tensor(outdir.stop_signal())
-    if ddp:
-        dist.all_reduce(signum, op=dist.ReduceOp.MAX, group=cpu_group)
+    signum = outdir.stop_signal(cpu_group if ddp else None)
     if signum:
         if not saved:
             save_checkpoint(eval_pending=False)
-        outdir.stopped(out_dir, int(signum), step, ddp, write=master)
-        finish(128 + int(signum))  # 143 or 130, as Slurm and Kubernetes read a job ended by that signal
+        outdir.stopped(out_dir, signum, step, ddp, write=master)
+        finish(128 + signum)  # 143 or 130, as Slurm and Kubernetes read a job ended by that signal
 
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
