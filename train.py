@@ -291,6 +291,7 @@ def evaluate():
 if eval_only:
     r = evaluate()
     print0(f"eval {init_from}: loss {r['loss']:.4f} top1 {r['top1']:.2f}% top5 {r['top5']:.2f}% ({r['count']} images)")
+    print0(json.dumps({'kind': 'eval', **r}))
     if master:  # eval.json beside the checkpoint
         path = ckpt_path if init_from == 'resume' else init_from
         outdir.write_json(os.path.join(os.path.dirname(path), 'eval.json'), {'checkpoint': path, 'image_size': image_size, **r})
