@@ -32,14 +32,15 @@ def keep_freed_memory():
 class ShardedBatches:
     """Batch sampler for every dataset. Training: each epoch one permutation, seeded by (seed, epoch) and the
     same on every rank, is cut into global batches of micro * accum * world samples (the rest dropped);
-    rank r takes micro-batches a * world + r, a < accum, of each. Evaluation: rank r takes samples r,
-    r + world, r + 2 world, ... in order, so every sample is counted exactly once over all ranks."""
-    def __init__(self, n, micro, rank=0, world=1, accum=1, seed=0, train=True):
+    rank r takes micro-batches a * world + r, a < accum, of each (keyed: as (epoch, sample) pairs, the key of a sample's
+    random crop in imagefiles.ImageFiles). Evaluation: rank r takes samples r, r + world, r + 2 world, ... in order, so
+    every sample is counted exactly once over all ranks."""
+    def __init__(self, n, micro, rank=0, world=1, accum=1, seed=0, train=True, keyed=False):
         self.n = n              # samples in the split
         self.micro, self.accum = micro, accum  # samples per micro-batch, micro-batches per optimizer step
         self.rank, self.world = rank, world    # this process's place among all
         self.seed = seed
-        self.train = train
+        self.train, self.keyed = train, keyed
         self.steps = n // (micro * accum * world)  # optimizer steps per epoch
         self.epoch, self.start = 0, 0  # where the next pass starts: epoch, optimizer step within it
 
@@ -56,7 +57,8 @@ class ShardedBatches:
         for s in range(self.start, self.steps):
             for a in range(self.accum):
                 i = s * B + (a * self.world + self.rank) * self.micro
-                yield perm[i:i + self.micro].tolist()
+                batch = perm[i:i + self.micro].tolist()
+                yield [(self.epoch, j) for j in batch] if self.keyed else batch
 
 def crops_and_flips(x, pad, flip):
     """Each image of x (uint8 [B, C, H, W]) cropped at a random offset from itself zero-padded by `pad` pixels and, if
@@ -148,7 +150,8 @@ def load(dataset, data_dir, image_size, micro_batch, grad_accum=1, rank=0, world
     task's class count; crop_pad, flip: the training images of a tensor dataset pass through crops_and_flips."""
     if (crop_pad or flip) and dataset not in TENSOR_SETS:
         fail(f"crop_pad={crop_pad}, flip={flip} apply to {', '.join(TENSOR_SETS)}; {dataset} has its own crops")
-    shard = lambda n, train: ShardedBatches(n, micro_batch, rank=rank, world=world, accum=grad_accum, seed=seed, train=train)
+    shard = lambda n, train: ShardedBatches(n, micro_batch, rank=rank, world=world, accum=grad_accum, seed=seed, train=train,
+                                            keyed=train and dataset in FILE_SETS)
     if dataset in TENSOR_SETS:
         splits = []
         for train in (True, False):
@@ -161,7 +164,7 @@ def load(dataset, data_dir, image_size, micro_batch, grad_accum=1, rank=0, world
         num_classes = int(train.y.max()) + 1
         limits = (0, 0)
     elif dataset in FILE_SETS:
-        train, val, num_classes, limits = imagefiles.splits(dataset, data_dir, image_size, shard, rank, world, device, num_workers)
+        train, val, num_classes, limits = imagefiles.splits(dataset, data_dir, image_size, shard, rank, world, device, num_workers, seed)
         channels = 3
         mean, std = IMAGENET_STATS
     else:

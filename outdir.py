@@ -2,17 +2,22 @@
 A run's folder (train.py's out_dir) and the files in it: one run owns it at a time (out_dir/lock), a run from scratch
 never overwrites a run (its ckpt.pt), ckpt.pt is replaced atomically and a damaged one is named in one line, and
 metrics.jsonl is cut back to where a resumed run starts. Every failure is one line on stderr (configurator.fail, of
-kind out_dir or checkpoint).
+kind out_dir or checkpoint). And the run's lifetime, which ends by giving the folder back: the stop signals a
+scheduler or a person sends (catch_stop_signals), out_dir/stopped.json for a requeue script, and finish.
 """
 import atexit
+import errno
 import fcntl
 import json
 import os
+import signal
 import socket
+import sys
 import time
 from contextlib import suppress
 
 import torch
+import torch.distributed as dist
 
 from configurator import fail
 
@@ -29,6 +34,8 @@ def claim(out_dir, resume):
     except OSError as e:
         fail(f"out_dir={out_dir!r} cannot be made: {e}", kind='out_dir')
     take_lock(out_dir)
+    with suppress(FileNotFoundError):
+        os.remove(os.path.join(out_dir, 'stopped.json'))  # a run resumed is no longer stopped
     if made:
         atexit.register(remove_if_unused, out_dir, made)
     if not resume and os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
@@ -37,29 +44,41 @@ def claim(out_dir, resume):
              f"--out_dir (or remove {out_dir} first)", kind='out_dir')
 
 def take_lock(out_dir):
-    """Hold an exclusive flock on out_dir/lock for the life of this process, the file holding 'host pid' for the message
-    of a run refused. The OS releases the lock however the process ends (SIGKILL included): a folder left by a dead
-    run is free at once, and of two runs started together exactly one gets it. The file stays: removing it would let a
-    third run lock a new file while a second still locks the old one."""
+    """Hold an exclusive POSIX lock (lockf) on out_dir/lock for the life of this process, the file holding 'host pid' for
+    the message of a run refused. The OS releases it however the process ends (SIGKILL included), and a forked child
+    (a DataLoader worker) never holds it: a folder left by a dead run is free at once, and of two runs started together
+    exactly one gets it. A lock file removed (remove_if_unused) between another starter's open and its lock leaves that
+    starter holding a file no longer there: it sees so, and locks the file at the path again.
+    (A POSIX lock also ends when this process closes any descriptor of the file: nothing here opens it again.)"""
     path = os.path.join(out_dir, 'lock')
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fail(f"out_dir {out_dir} is in use by {held_by(path)} (it holds {path}); let that run end, or train into another "
-             "--out_dir", kind='out_dir')
+    while True:
+        with suppress(FileNotFoundError):  # the folder removed meanwhile: made again
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                fail(f"out_dir {out_dir} is in use by {held_by(path)} (it holds {path}); let that run end, or train into "
+                     "another --out_dir", kind='out_dir')
+            with suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    break
+            os.close(fd)
+        os.makedirs(out_dir, exist_ok=True)
     os.ftruncate(fd, 0)
     os.write(fd, f"{socket.gethostname()} {os.getpid()}".encode())
     _held[out_dir] = fd  # open until the process ends, or release()
 
 def release(out_dir):
-    """Give out_dir back before this process ends (a DataLoader worker forked with the lock's file would hold it on)."""
+    """Give out_dir back before this process ends."""
     with suppress(KeyError):
-        fcntl.flock(_held.pop(out_dir), fcntl.LOCK_UN)
+        os.close(_held.pop(out_dir))
 
 def remove_if_unused(out_dir, made):
-    """If this process still holds out_dir and it holds only its lock: the lock file (while held), then the folders in
-    made (out_dir, then its parents made with it) that are empty."""
+    """If this process still holds out_dir and it holds only its lock: the lock file (while held: a starter that opened
+    it meanwhile sees it gone, take_lock), then the folders in made (out_dir, then its parents made with it) that are empty."""
     with suppress(OSError):
         if out_dir in _held and os.listdir(out_dir) == ['lock']:
             os.unlink(os.path.join(out_dir, 'lock'))
@@ -67,16 +86,16 @@ def remove_if_unused(out_dir, made):
                 os.rmdir(path)  # OSError: not empty (another run's folder inside), and the ones above stay
 
 def holder(out_dir):
-    """'pid P on HOST' of the run that holds out_dir's lock, or None: no lock file, or no process holds its flock."""
+    """'pid P on HOST' of the run that holds out_dir's lock, or None: no lock file, or no process holds its lock."""
     path = os.path.join(out_dir, 'lock')
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken (and given back at once) only if no run holds it
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken (and given back at once) only if no run holds it
         return None
-    except BlockingIOError:
+    except OSError:
         return held_by(path)
     finally:
         os.close(fd)
@@ -109,9 +128,72 @@ def save_checkpoint(ckpt, path):
         os.fsync(f.fileno())
     os.replace(path + '.tmp', path)
 
+def write_json(path, obj):
+    """obj at path as indented JSON: result.json, eval.json, stopped.json."""
+    with open(path, 'w') as f:
+        json.dump(obj, f, indent=2)
+
 def keep_metrics(path, kept):
     """Rewrite the metrics log at path with the records kept(record) holds for; a line cut short by a crash goes."""
     lines = open(path).readlines() if os.path.exists(path) else []
     with open(path + '.tmp', 'w') as f:
         f.writelines(l for l in lines if l.endswith('\n') and kept(json.loads(l)))
     os.replace(path + '.tmp', path)
+
+_stop = {'signal': 0, 'time': 0.0, 'at_once': None}  # the stop signal had, when, and what ends the run at once
+
+def catch_stop_signals():
+    """SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) asks the run to stop: after its optimizer step, saved
+    (stop_signal()), or at once during start-up and evaluation (stop_at_once(end): end(signum), nothing unsaved then).
+    SIGTERMs within a second of the first are one (Slurm and torchrun each send one); a later one, or a second SIGINT,
+    ends the run at once."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_stop_signal)
+
+def _on_stop_signal(signum, frame):
+    now = time.monotonic()
+    if _stop['signal']:
+        if signum == signal.SIGTERM and now - _stop['time'] < 1:
+            return
+        signal.signal(signum, signal.SIG_DFL)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signum)
+    _stop.update(signal=signum, time=now)
+    if _stop['at_once']:
+        _stop['at_once'](signum)
+
+def stop_signal(group=None):
+    """The stop signal this process has had, or 0; with a process group, the highest any of its ranks has had."""
+    signum = torch.tensor(_stop['signal'])
+    if group is not None:
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX, group=group)
+    return int(signum)
+
+def stop_at_once(end):
+    """From now on a stop signal calls end(signum) at once (None: it waits for stop_signal() to be read); one had
+    already calls it now."""
+    _stop['at_once'] = end
+    if end and _stop['signal']:
+        end(_stop['signal'])
+
+def stopped(out_dir, signum, step, ddp, write):
+    """Say how a run stopped by signum continues from its checkpoint of step (None: none yet): if write (rank 0 of a
+    training), on stderr and in out_dir/stopped.json for a requeue script (torchrun's exit status is 1, not 128 + signum)."""
+    args = [a for a in sys.argv[1:] if not a.startswith('--init_from=')] + ['--init_from=resume'] if step is not None else sys.argv[1:]
+    again = ('torchrun <the same options> ' if ddp else 'python ') + ' '.join([sys.argv[0], *args])
+    if write:
+        write_json(os.path.join(out_dir, 'stopped.json'), {'signal': signal.Signals(signum).name, 'step': step, 'resume': again})
+        print(f"stopped by {signal.Signals(signum).name} " + (f"at step {step}, saved in {out_dir}/ckpt.pt; resume with: "
+              if step is not None else "before a checkpoint was saved; start again with: ") + again, file=sys.stderr)
+
+def finish(out_dir, status, ddp=False, drop=lambda: None):
+    """Every way out that all ranks take together: out_dir given back, the process group torn down in order, exit.
+    drop(): forget what holds the process group (DDP), so that destroy joins gloo's threads, which would otherwise
+    outlive the interpreter and abort the process at exit (SIGABRT); after a barrier, with no collective in flight."""
+    release(out_dir)
+    if ddp:
+        dist.barrier()
+        drop()
+        dist.destroy_process_group()
+    sys.exit(status)

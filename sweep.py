@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from configurator import configure, declared, fail
+from configurator import configure, fail
 from model import VARIANTS
 from outdir import holder
 
@@ -43,11 +43,14 @@ for key, low in (('seeds', 1), ('jobs', 1), ('threads', 0), ('epochs', 0)):
         fail(f"{key}={config[key]} is invalid; valid: an integer >= {low}")
 if not os.path.isfile(config_file) and os.path.isfile(os.path.join(ROOT, config_file)):
     config_file = os.path.join(ROOT, config_file)  # configs/... beside this script
-# train.py's settings as its source declares them, and what the config file and args make of them (fail: one line)
-settings = declared(os.path.join(ROOT, 'train.py'))
-with contextlib.redirect_stdout(io.StringIO()):  # not its override lines
-    configure(settings, [config_file, *args.replace('{seed}', '0').split()])
 pending = [(a, s) for s in range(seeds) for a in attns.split(',')]
+# every run's settings checked by train.py's own rules: train.py run down to its checks' end (fail: one line, exit 2)
+checks = open(os.path.join(ROOT, 'train.py')).read().split('\n# processes and devices')[0]
+for attn, seed in pending:
+    sys.argv = ['train.py', config_file, f'--attn={attn}', f'--seed={seed}', *[f'--epochs={epochs}'] * bool(epochs),
+                *args.replace('{seed}', str(seed)).split()]
+    with contextlib.redirect_stdout(io.StringIO()):  # not its override lines
+        exec(compile(checks, 'train.py', 'exec'), {'__name__': 'checks'})
 threads = threads or max(1, (os.cpu_count() or 1) // jobs)
 running, failed, skipped, t0 = [], [], [], time.time()
 while pending or running:

@@ -104,19 +104,25 @@ def test_a_failure_is_one_line_that_says_its_kind(capsys):
     assert capsys.readouterr().err == "out_dir error: out_dir out/x is in use by pid 1 on h\n"
 
 def test_a_busy_run_folder_a_damaged_checkpoint_and_missing_data_each_say_their_kind(tmp_path, capsys):
-    import fcntl
     import data
     import outdir
-    held = open(tmp_path / 'lock', 'w')  # another run holds the folder: its flock (outdir.take_lock)
-    fcntl.flock(held, fcntl.LOCK_EX)
+    hold = ("import fcntl, os, sys\n"  # another run, another process, holds the folder: its POSIX lock (outdir.take_lock)
+            f"fcntl.lockf(os.open({str(tmp_path / 'lock')!r}, os.O_RDWR | os.O_CREAT), fcntl.LOCK_EX)\n"
+            "print('held', flush=True)\n"
+            "sys.stdin.read()\n")
+    held = subprocess.Popen([sys.executable, '-c', hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert held.stdout.readline() == 'held\n'
     (tmp_path / 'ckpt.pt').write_bytes(b'garbage')
-    for call, kind in [(lambda: outdir.claim(str(tmp_path), resume=True), 'out_dir'),
-                       (lambda: outdir.read_checkpoint(str(tmp_path / 'ckpt.pt'), 'init_from'), 'checkpoint'),
-                       (lambda: data.load('imagenet', str(tmp_path / 'nowhere'), 32, 8), 'data')]:
-        with pytest.raises(SystemExit) as e:
-            call()
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and err.startswith(f"{kind} error: ") and err.count('\n') == 1, err
+    try:
+        for call, kind in [(lambda: outdir.claim(str(tmp_path), resume=True), 'out_dir'),
+                           (lambda: outdir.read_checkpoint(str(tmp_path / 'ckpt.pt'), 'init_from'), 'checkpoint'),
+                           (lambda: data.load('imagenet', str(tmp_path / 'nowhere'), 32, 8), 'data')]:
+            with pytest.raises(SystemExit) as e:
+                call()
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and err.startswith(f"{kind} error: ") and err.count('\n') == 1, err
+    finally:
+        held.communicate('')
 
 def test_bench_names_a_mistyped_mode_in_one_line():
     p = subprocess.run([sys.executable, 'bench.py', '--mode=atention'], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -103,6 +103,8 @@ def broken(rule):
         nbr[4] = torch.cat([nbr[4, deg[4]:], nbr[4, :deg[4]]])  # the -1s first
     elif rule == 'deg':
         deg[5] += 1
+    elif rule == 'deg too small':
+        deg[5] -= 1
     elif rule == 'one direction':  # 0 drops 1 from its row, 1 still lists 0: row 1 breaks the rule
         nbr[0] = torch.tensor([n for n in nbr[0].tolist() if n != 1] + [-1])
         deg[0] -= 1
@@ -115,9 +117,10 @@ def broken(rule):
     elif rule == 'listed twice':
         nbr[3, deg[3]] = nbr[3, 0]
         deg[3] += 1
-    return (nbr, deg), {'padding': 4, 'deg': 5, 'self loop': 2, 'out of range': 7, 'listed twice': 3}[rule]
+    return (nbr, deg), {'padding': 4, 'deg': 5, 'deg too small': 5, 'self loop': 2, 'out of range': 7, 'listed twice': 3}[rule]
 
-RULES = {'padding': 'padding comes after', 'deg': 'deg is the count', 'one direction': 'in both rows',
+RULES = {'padding': 'padding comes after', 'deg': 'deg is the count', 'deg too small': 'deg is the count',
+         'one direction': 'in both rows',
          'self loop': 'no self loop', 'out of range': 'a neighbour is a node', 'listed twice': 'listed once'}
 
 @pytest.mark.parametrize("rule", RULES)

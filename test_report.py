@@ -199,10 +199,10 @@ def test_sweep_skips_finished_runs_resumes_an_interrupted_one_and_runs_the_rest(
     assert p.returncode == 0, p.stderr[-3000:]
     os.remove(os.path.join(root, 'linear-s1', 'result.json'))
     os.makedirs(os.path.join(root, 'linear-s3'))  # linear-s3 is another process's (this one's) run: must be left alone
-    held = open(os.path.join(root, 'linear-s3', 'lock'), 'w')  # held as a run holds it (outdir.take_lock: an flock)
+    held = open(os.path.join(root, 'linear-s3', 'lock'), 'w')  # held as a run holds it (outdir.take_lock: a POSIX lock)
     held.write(f"{socket.gethostname()} {os.getpid()}")
     held.flush()
-    fcntl.flock(held, fcntl.LOCK_EX)
+    fcntl.lockf(held, fcntl.LOCK_EX)
     out = sweep('--attns=linear', '--seeds=4', '--epochs=2', '--jobs=2', '--threads=1', f'--out_root={root}',
                 f'--args={SYNTHETIC} --mask_seed={{seed}}')
     assert f'{root}/linear-s0: done, skipped' in out

@@ -14,7 +14,6 @@ Every hyperparameter is a global below; config files and --key=value arguments o
 import json
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -35,7 +34,7 @@ from model import ViT, ViTConfig, amp_dtype, check_config, ddp_no_buffer_sync, s
 out_dir = ''               # ckpt.pt, metrics.jsonl and result.json go here ('' = out/<dataset>-<attn>; {attn}: the variant)
 init_from = 'scratch'      # 'scratch' | 'resume' (continue out_dir/ckpt.pt) | path of a checkpoint to fine-tune from | timm:NAME
 init_file = ''             # init_from=timm:NAME: its weights from this file (.npz, .pth, .safetensors), not timm's cache
-eval_only = False          # evaluate the checkpoint that init_from names, print the result and exit
+eval_only = False          # evaluate the checkpoint that init_from names, print the result, write eval.json beside it
 ckpt_interval = 0          # also write ckpt.pt mid-epoch, at the first log step this many optimizer steps after the
                            # last save, so that a crash in a long epoch loses no more (0 = at epoch ends only)
 log_interval = 50          # optimizer steps between log lines (the only steps that wait for the device)
@@ -101,6 +100,7 @@ config['out_dir'] = out_dir = (out_dir or f'out/{dataset}-{attn}').replace('{att
 model_keys = [f.name for f in fields(ViTConfig)]
 
 # every setting is checked before anything is read or written: the model's by model.check_config, the others here
+# (sweep.py runs this file down to the '# processes and devices' line, so that its runs are checked by these rules)
 VALID = [('epochs batch_size grad_accum log_interval', lambda v: v >= 1, "an integer >= 1"),
          ('max_steps warmup_steps ckpt_interval num_workers crop_pad in_channels num_classes', lambda v: v >= 0, "an integer >= 0"),
          ('lr min_lr weight_decay mask_lr_mult grad_clip mixup label_smoothing beta1 beta2', lambda v: v >= 0, "a number >= 0"),
@@ -132,16 +132,7 @@ if ddp:
     dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
     cpu_group = dist.new_group(backend='gloo')  # for the stop flag, kept off the device
 print0 = print if master else (lambda *args, **kwargs: None)
-
-def finish(status):
-    """Every way out that all ranks take together: out_dir given back, the process group torn down in order, exit."""
-    global model, cpu_group
-    outdir.release(out_dir)
-    if ddp:  # after a barrier (no collective in flight), and unreferenced (DDP holds it): destroy joins gloo's threads,
-        dist.barrier()  # which would otherwise outlive the interpreter and abort the process at exit (SIGABRT)
-        model = cpu_group = None
-        dist.destroy_process_group()
-    sys.exit(status)
+finish = lambda status: outdir.finish(out_dir, status, ddp, drop=lambda: globals().update(model=None, cpu_group=None))
 
 if batch_size % (world * grad_accum):
     fail(f"batch_size={batch_size} is not divisible by world size {world} x grad_accum {grad_accum}")
@@ -162,6 +153,9 @@ if init_from == 'scratch' and eval_only:  # scratch: a new model, initialised fr
 ckpt = None if init_from == 'scratch' or init_from.startswith('timm:') else outdir.read_checkpoint(
     ckpt_path if init_from == 'resume' else init_from, f"init_from={init_from!r}",
     lambda c: c | {'config': c['config'] | asdict(saved_config(c['config']))})  # as it ran
+saved_step = ckpt['step'] if init_from == 'resume' and not eval_only else None  # of out_dir/ckpt.pt (None: none yet)
+if saved_step is not None:
+    print0(f"resuming {out_dir} from step {saved_step}, epoch {ckpt['epoch'] + 1}")
 if ckpt and (init_from == 'resume' or eval_only):  # the model is the checkpoint's as it is: its settings win over this run's
     given = {a[2:].partition('=')[0] for a in sys.argv[1:]}  # this run's: the path it takes, and an evaluation's size
     own = given & ({'attn_impl', 'image_size'} if eval_only else {'attn_impl'})
@@ -176,14 +170,14 @@ globals().update({k: config[k] for k in model_keys})
 # out_dir: one run writes it at a time, and a new run never overwrites an old one (rank 0 writes; eval_only writes nothing)
 if master and not eval_only:
     outdir.claim(out_dir, resume=init_from == 'resume')
+    print0(f"training in {out_dir}" + (f", from {init_from}" if init_from not in ('scratch', 'resume') else ''))
 
-stop_signal = 0  # SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C): stop after the optimizer step, saved
-def on_stop_signal(signum, frame):  # a second one ends the run at once
-    global stop_signal
-    stop_signal = signum
-    signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-for sig in (signal.SIGTERM, signal.SIGINT):  # set before the data: forked loader workers inherit it, not die of it
-    signal.signal(sig, on_stop_signal)
+def stop_now(signum):  # start-up or an evaluation: nothing unsaved, out at once (the loader workers end with it)
+    outdir.stopped(out_dir, signum, saved_step, ddp, write=master and not eval_only)
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(128 + signum)
+outdir.catch_stop_signals()
+outdir.stop_at_once(stop_now)  # until training starts
 
 # data
 loaders = data.load(dataset, data_dir, image_size, micro_batch, grad_accum=grad_accum, rank=rank, world=world,
@@ -207,7 +201,7 @@ try:
         globals().update(config)
     else:
         model = ViT(ViTConfig(**{k: config[k] for k in model_keys}))
-    if init_from == 'resume' or eval_only and ckpt and source.image_size == image_size:
+    if ckpt and (init_from == 'resume' or eval_only) and source.image_size == image_size:
         model.load_state_dict(ckpt['model'])
     elif ckpt:  # fine-tuning, or evaluating at another image size
         done = model.load_for_fine_tuning(ckpt['model'], source)
@@ -255,8 +249,11 @@ if ddp:
 
 print0(f"{raw_model.num_params():,} parameters, attn={attn}, {dataset}: {image_size}px, {(image_size // patch_size) ** 2} tokens, "
        f"{loaders.num_classes} classes; device {device}, {world} rank(s), {str(ptdtype).split('.')[-1]}")
-print0(f"global batch {batch_size} = {world} ranks x {grad_accum} micro-steps x {micro_batch}; "
-       f"{steps_per_epoch} steps per epoch, {total_steps} in {epochs} epochs" + (f", stopping at {stop_step}" if stop_step < total_steps else ""))
+if not eval_only:
+    print0(f"global batch {batch_size} = {world} ranks x {grad_accum} micro-steps x {micro_batch}; "
+           f"{steps_per_epoch} steps per epoch, {total_steps} in {epochs} epochs" + (f", stopping at {stop_step}" if stop_step < total_steps else ""))
+if warmup_steps >= stop_step and not eval_only:
+    print0(f"warning: warmup_steps={warmup_steps} is not shorter than the run ({stop_step} steps): lr never reaches {lr}", file=sys.stderr)
 
 def get_lr(step):
     """Linear warm-up to lr over warmup_steps, then cosine decay to min_lr at total_steps."""
@@ -305,6 +302,9 @@ if eval_only:
     r = evaluate()
     print0(f"eval {init_from}: loss {r['loss']:.4f} top1 {r['top1']:.2f}% top5 {r['top5']:.2f}% ({r['count']} images)")
     print0(json.dumps({'kind': 'eval', **r}))
+    if master:  # eval.json beside the checkpoint
+        path = ckpt_path if init_from == 'resume' else init_from
+        outdir.write_json(os.path.join(os.path.dirname(path), 'eval.json'), {'checkpoint': path, 'image_size': image_size, **r})
     finish(0)
 
 def log(record):
@@ -332,16 +332,12 @@ def save_checkpoint(eval_pending):
 def stop_if_signalled(saved):
     """If any rank has had a stop signal (all-reduced on the CPU, gloo: every rank stops after the same step, with no
     wait for the device), save this step (unless saved), say how to resume and exit as that signal's kill does."""
-    signum = torch.tensor(stop_signal)
-    if ddp:
-        dist.all_reduce(signum, op=dist.ReduceOp.MAX, group=cpu_group)
+    signum = outdir.stop_signal(cpu_group if ddp else None)
     if signum:
         if not saved:
             save_checkpoint(eval_pending=False)
-        again = ' '.join([sys.argv[0], *(a for a in sys.argv[1:] if not a.startswith('--init_from=')), '--init_from=resume'])
-        print0(f"stopped by {signal.Signals(int(signum)).name} at step {step}, saved in {ckpt_path}; resume with: "
-               f"{'torchrun <the same options> ' if ddp else 'python '}{again}", file=sys.stderr)
-        finish(128 + int(signum))  # 143 or 130, as Slurm and Kubernetes read a job ended by that signal
+        outdir.stopped(out_dir, signum, step, ddp, write=master)
+        finish(128 + signum)  # 143 or 130, as Slurm and Kubernetes read a job ended by that signal
 
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
@@ -355,10 +351,11 @@ if master:  # metrics.jsonl keeps the records before the start step: a resumed r
 t_start = time.time()
 train_time = 0.0           # seconds spent in training steps (evaluation and checkpoints excluded)
 result = None
-saved_step = first_step = step
+first_step = step
 eval_due = eval_due or step >= stop_step  # nothing left to train: report the checkpoint as it is
 while True:
     if eval_due:  # the model at the end of an epoch (or at stop_step), saved just before
+        outdir.stop_at_once(stop_now)  # nothing unsaved: a stop signal ends the evaluation at once
         result = evaluate()
         best = {k: max(best[k], result[k]) for k in best}
         record = {'kind': 'eval', 'epoch': math.ceil(step / steps_per_epoch), 'step': step, **result}
@@ -369,6 +366,7 @@ while True:
             if bad:
                 print0(f"{bad} of the {split} images failed to decode and were replaced by the next ones: "
                        f"{', '.join(list(getattr(loaders, split).replaced)[:3])}{', ...' if bad > 3 else ''}")
+    outdir.stop_at_once(None)  # training: a stop signal waits for the step's end, and its save
     if step >= stop_step:
         break
     epoch = step // steps_per_epoch
@@ -417,7 +415,7 @@ while True:
             log({'kind': 'train', 'epoch': epoch + 1, 'step': step, 'loss': mean_loss, 'lr': lr_now, 'images_per_s': ips, 'eta_s': eta})
             loss_sum.zero_()
             loss_count = 0
-            if ckpt_interval and step - saved_step >= ckpt_interval and not epoch_end:
+            if ckpt_interval and step - (saved_step or 0) >= ckpt_interval and not epoch_end:
                 save_checkpoint(eval_pending=False)  # at a log step, so that a resumed run logs the same averages
                 saved_step = step
                 print0(f"saved {ckpt_path} at step {step}")
@@ -434,8 +432,7 @@ if master:
                'epochs_trained': step / steps_per_epoch,
                'images_per_s': (step - first_step) * batch_size / max(train_time, 1e-9),  # every step trained is logged
                'wall_time_s': wall_before + time.time() - t_start}
-    with open(os.path.join(out_dir, 'result.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
+    outdir.write_json(os.path.join(out_dir, 'result.json'), summary)
     print0(f"done: top1 {result['top1']:.2f}% (best {best['top1']:.2f}%), {summary['images_per_s']:,.0f} img/s, "
            f"{fmt_time(summary['wall_time_s'])}; {out_dir}/result.json")
 finish(0)
