@@ -223,6 +223,13 @@ def test_param_groups_cover_every_parameter_once(attn):
     assert id(model.pos_embed) not in decayed and id(model.head.bias) not in decayed
     assert id(model.head.weight) in decayed
 
+def test_a_class_token_and_layer_scale_take_no_weight_decay():
+    """As timm's no_weight_decay: the class token (a [1, 1, dim] tensor, so not by its shape) and the LayerScale gains."""
+    model = ViT(tiny(attn='grf', class_token=True, pool='token', layer_scale=1e-5))
+    decayed = {id(p) for g in model.param_groups(weight_decay=0.05) if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.cls_token) not in decayed and id(model.blocks[0].ls1) not in decayed
+    assert id(model.blocks[0].attn.qkv.weight) in decayed
+
 # --- dead configurations fail loudly -----------------------------------------------------------
 
 @pytest.mark.parametrize("kw,words", [
