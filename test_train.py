@@ -296,7 +296,10 @@ def test_the_gpu_check_runs_on_cpu_at_a_tiny_size_and_writes_every_figure(tmp_pa
     assert 'DDP (gloo, 1 process)' in p.stdout and lines[-1] == 'check passed'
     result = json.loads(out.read_text())
     assert set(result) == {'device', 'device_name', 'torch', 'dtype', 'compile_backend', 'size', 'peak_flops', 'budget_s',
-                           'build_s', 'ddp', 'train', 'attention', 'skipped', 'failed', 'elapsed_s', 'passed'}
+                           'build_s', 'ddp', 'train', 'attention', 'skipped', 'failed', 'elapsed_s', 'passed',
+                           'grf_fast_over_softmax'}
+    assert set(result['grf_fast_over_softmax']) == {'4096', '16384'}  # tiny: N of the GPU sizes not measured, None
+    assert 'grf-fast / softmax (SDPA), one layer at N = 16384: not both measured' in p.stdout
     assert result['passed'] and not result['failed'] and not result['skipped'] and result['peak_flops'] is None
     assert set(result['train']) == set(PATHS) and result['ddp']['step_s'] > 0
     for path, r in result['train'].items():
