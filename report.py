@@ -61,9 +61,13 @@ def load_runs(root):
         runs.append(r)
     return runs
 
+FOLDER_DATASETS = ('imagenet', 'inat2021', 'places365')  # read from a data folder that names the data, not the loader
+
 def datasets(runs):
-    """The runs' datasets, each once, in the order of the runs."""
-    return list(dict.fromkeys(r['config']['dataset'] for r in runs))
+    """The runs' data, each once, in the order of the runs: a folder dataset by its folder's name (imagenette, not
+    imagenet), another by its name."""
+    name = lambda c: os.path.basename(os.path.normpath(c['data_dir'])) if c['dataset'] in FOLDER_DATASETS else c['dataset']
+    return list(dict.fromkeys(name(r['config']) for r in runs))
 
 def is_masked(cls):
     """Whether a variant masks a linear attention: it defines dense_mask() and holds mask parameters."""

@@ -491,3 +491,8 @@ def test_report_reach_gives_each_folders_first_trained_grf_model_its_rows(tmp_pa
     got = rows(p.stdout[p.stdout.index('| model'):])
     want = rows(trained_masks.reach_table([(f"{tmp_path}/a/grf-s0 (trained)", trained_masks.load_model(str(tmp_path / 'a' / 'grf-s0')))]))
     assert got == want and len(got) == 2  # SMALL: two layers, of the first run only
+
+def test_the_curves_title_names_a_folder_datasets_folder_not_its_loader():
+    runs = [{'config': {'dataset': 'imagenet', 'data_dir': '../shared/data/imagenette/'}},
+            {'config': {'dataset': 'fmnist', 'data_dir': 'data'}}, {'config': {'dataset': 'imagenet', 'data_dir': 'x/imagenette'}}]
+    assert report.datasets(runs) == ['imagenette', 'fmnist']
