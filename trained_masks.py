@@ -218,12 +218,13 @@ def reach_models(runs):
     for r in sorted(runs, key=lambda r: r['dir']):
         if r['config']['attn'] in ('topo', 'grf'):
             firsts.setdefault((os.path.dirname(r['dir']), r['config']['attn']), r)
-    models = []
-    for r in firsts.values():
-        trained = os.path.isfile(os.path.join(r['dir'], 'ckpt.pt'))
-        models.append((f"{r['dir']} ({'trained' if trained else 'at initialisation'})",
-                       load_model(r['dir']) if trained else at_initialisation(r['config'])))
-    return models
+    return [run_model(r['dir'], r['config']) for r in firsts.values()]
+
+def run_model(run_dir, config):
+    """(title, model) of a run: its ckpt.pt's model if it kept one, else its settings' model at initialisation."""
+    if os.path.isfile(os.path.join(run_dir, 'ckpt.pt')):
+        return f"{run_dir} (trained)", load_model(run_dir)
+    return f"{run_dir} (at initialisation)", at_initialisation(config)
 
 if __name__ == '__main__':
     args = sys.argv[1:]
@@ -235,13 +236,10 @@ if __name__ == '__main__':
         fail(f"give run folders, or a config file with --key=value settings, not both: {args}")
     models = []
     for d in dirs:
-        if os.path.isfile(os.path.join(d, 'ckpt.pt')):
-            models.append((f"{d} (trained)", load_model(d)))
-        elif os.path.isfile(os.path.join(d, 'result.json')):
-            with open(os.path.join(d, 'result.json')) as f:
-                models.append((f"{d} (at initialisation)", at_initialisation(json.load(f)['config'])))
-        else:
+        result = os.path.join(d, 'result.json')
+        if not os.path.isfile(os.path.join(d, 'ckpt.pt')) and not os.path.isfile(result):
             fail(f"{d} holds no ckpt.pt or result.json", kind='data')
+        models.append(run_model(d, None if os.path.isfile(os.path.join(d, 'ckpt.pt')) else json.load(open(result))['config']))
     if not dirs:
         settings = asdict(ViTConfig()) | declared(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'))
         configure(settings, args)
