@@ -191,9 +191,9 @@ def test_two_runs_started_into_one_folder_at_the_same_moment_one_trains_and_one_
     """Both wait at the door (just before taking out_dir) until a go file appears, then go at once."""
     out, go = tmp_path / 'run', tmp_path / 'go'
     door = ("import os, runpy, sys, time, outdir\n"
-            "real = outdir.claim\n"
+            "real, me = outdir.claim, sys.argv[1]\n"  # before sys.argv becomes train.py's
             "def claim(*args, **kwargs):\n"
-            f"    open({str(tmp_path)!r} + '/ready-' + sys.argv[1], 'w').close()\n"
+            f"    open({str(tmp_path)!r} + '/ready-' + me, 'w').close()\n"
             f"    while not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
             "    real(*args, **kwargs)\n"
             "outdir.claim = claim\n"
@@ -205,8 +205,10 @@ def test_two_runs_started_into_one_folder_at_the_same_moment_one_trains_and_one_
         if all((tmp_path / f'ready-{i}').exists() for i in range(2)) or any(r.poll() is not None for r in runs):
             break
         time.sleep(0.05)
+    waiting = all((tmp_path / f'ready-{i}').exists() for i in range(2))
     go.touch()
     done = [r.communicate(timeout=600) + (r.returncode,) for r in runs]
+    assert waiting, done  # both were at the door when it opened
     assert sorted(code for _, _, code in done) == [0, 2], done
     (_, err, _), = [d for d in done if d[2] == 2]
     assert one_line(err) and 'is in use by pid' in err and str(out) in err, err
