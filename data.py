@@ -146,7 +146,8 @@ DATASETS = (*TENSOR_SETS, *FILE_SETS)
 def load(dataset, data_dir, image_size, micro_batch, grad_accum=1, rank=0, world=1, seed=0, device='cpu',
          num_workers=0, num_classes=0, crop_pad=0, flip=False):
     """-> namespace(train, val: iterables of (x, y) micro-batches for this rank; sampler: the train ShardedBatches
-    (set_epoch before each pass); steps_per_epoch, num_classes, channels, num_val). num_classes sets the synthetic
+    (set_epoch before each pass); steps_per_epoch, num_classes, channels, num_val;
+    mean, std: the normalisation per channel, of pixels in 0..1). num_classes sets the synthetic
     task's class count; crop_pad, flip: the training images of a tensor dataset pass through crops_and_flips."""
     if (crop_pad or flip) and dataset not in TENSOR_SETS:
         fail(f"crop_pad={crop_pad}, flip={flip} apply to {', '.join(TENSOR_SETS)}; {dataset} has its own crops")
@@ -176,4 +177,4 @@ def load(dataset, data_dir, image_size, micro_batch, grad_accum=1, rank=0, world
     if sampler.steps == 0:
         fail(f"{dataset} has fewer training images than one global batch of {micro_batch * grad_accum * world}", kind='data')
     return SimpleNamespace(train=train, val=val, sampler=sampler, steps_per_epoch=sampler.steps,
-                           num_classes=num_classes, channels=channels, num_val=num_val)
+                           num_classes=num_classes, channels=channels, num_val=num_val, mean=mean, std=std)

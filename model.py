@@ -147,8 +147,7 @@ class Attention(nn.Module):
     def mix(self, q, k, v):
         """The token mixing, [B, H, T, d] -> [B, H, T, d]. The path is chosen here, where the device is known. A class token
         (index 0, T = 1 + N) is no node of the graph: its row and column of the mask are 1 (it attends to and from all)."""
-        B, _, n, d = q.shape
-        n -= self.prefix
+        B, n, d = q.shape[0], q.shape[2] - self.prefix, q.shape[3]
         if self.impl == 'fast' or self.impl == 'auto' and self.fast_pays(B, n, d, q.device.type):
             return self.class_fast_mix(q, k, v) if self.prefix else self.fast_mix(q, k, v)
         mask = F.pad(self.mask(), (1, 0, 1, 0), value=1.0) if self.prefix else self.mask()
@@ -362,19 +361,20 @@ class ViT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @classmethod
-    def from_timm(cls, source, file='', **overrides):
-        """(A ViT with a timm ViT's weights, load_for_fine_tuning's lists + 'source': its ViTConfig). source: a timm ViT, or
-        a name timm fetches or reads from file (.npz, .pth, .safetensors); overrides: ViTConfig's but timm_vit.FIXED."""
+    def from_timm(cls, source, file='', inputs=None, **overrides):
+        """(A ViT with a timm ViT's weights, load_for_fine_tuning's lists + 'source': its ViTConfig, 'refolded'). source: a
+        timm ViT, or a name timm fetches or reads from file (.npz, .pth, .safetensors); inputs: the (mean, std) its images
+        will be normalised by, if not the timm model's own (timm_vit.state_dict); overrides: ViTConfig's but timm_vit.FIXED."""
         vit = timm_vit.create(source, file) if isinstance(source, str) else source
         src = ViTConfig(**timm_vit.settings(vit))
         fixed = [f"{k}={v!r}" for k, v in overrides.items() if k in timm_vit.FIXED and v != getattr(src, k)]
         if fixed:
             raise ValueError(f"{', '.join(fixed)} differ from the timm model's, which its weights fix")
-        model, state = cls(replace(src, **overrides)), timm_vit.state_dict(vit)
+        model, (state, refolded) = cls(replace(src, **overrides)), timm_vit.state_dict(vit, inputs)
         extra = sorted(set(state) - set(model.state_dict()))
         if extra:
             raise ValueError(f"the timm model's {', '.join(extra)} have no place in this ViT")
-        return model, model.load_for_fine_tuning(state, src) | {'source': src}
+        return model, model.load_for_fine_tuning(state, src) | {'source': src, 'refolded': refolded}
 
     def load_for_fine_tuning(self, state, src):
         """Take the tensors of a saved model (state, its ViTConfig src) that still mean the same thing here: the shared

@@ -128,6 +128,25 @@ def save_checkpoint(ckpt, path):
         os.fsync(f.fileno())
     os.replace(path + '.tmp', path)
 
+def random_states(device_type, ddp, **extra):
+    """This process's random streams (torch's, and CUDA's on a GPU: dropout, mixup) with extra, in a list of every rank's
+    (under DDP gathered, a collective), so that a run resumed on the same world size draws what it would have drawn."""
+    rng = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None, **extra}
+    if not ddp:
+        return [rng]
+    rngs = [None] * dist.get_world_size()
+    dist.all_gather_object(rngs, rng)
+    return rngs
+
+def restore_random_state(rngs, rank, world, device_type):
+    """Set this rank's streams from random_states()'s list and return its entry; None if saved on another world size."""
+    if len(rngs) != world:
+        return None
+    torch.set_rng_state(rngs[rank]['torch'])
+    if rngs[rank]['cuda'] is not None and device_type == 'cuda':
+        torch.cuda.set_rng_state(rngs[rank]['cuda'])
+    return rngs[rank]
+
 def write_json(path, obj):
     """obj at path as indented JSON: result.json, eval.json, stopped.json."""
     with open(path, 'w') as f:
@@ -177,15 +196,19 @@ def stop_at_once(end):
     if end and _stop['signal']:
         end(_stop['signal'])
 
-def stopped(out_dir, signum, step, ddp, write):
+def stopped(out_dir, signum, step, ddp, write, exit=False):
     """Say how a run stopped by signum continues from its checkpoint of step (None: none yet): if write (rank 0 of a
-    training), on stderr and in out_dir/stopped.json for a requeue script (torchrun's exit status is 1, not 128 + signum)."""
+    training), on stderr and in out_dir/stopped.json for a requeue script (torchrun's exit status is 1, not 128 + signum).
+    exit: then end the process at once, as that signal's kill does (nothing unsaved: start-up or an evaluation)."""
     args = [a for a in sys.argv[1:] if not a.startswith('--init_from=')] + ['--init_from=resume'] if step is not None else sys.argv[1:]
     again = ('torchrun <the same options> ' if ddp else 'python ') + ' '.join([sys.argv[0], *args])
     if write:
         write_json(os.path.join(out_dir, 'stopped.json'), {'signal': signal.Signals(signum).name, 'step': step, 'resume': again})
         print(f"stopped by {signal.Signals(signum).name} " + (f"at step {step}, saved in {out_dir}/ckpt.pt; resume with: "
               if step is not None else "before a checkpoint was saved; start again with: ") + again, file=sys.stderr)
+    if exit:
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(128 + signum)
 
 def finish(out_dir, status, ddp=False, drop=lambda: None):
     """Every way out that all ranks take together: out_dir given back, the process group torn down in order, exit.

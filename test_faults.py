@@ -28,7 +28,7 @@ STEPS_PER_EPOCH = 8192 // 2048
 BAD_SETTINGS = ['depth=-1', 'heads=0', 'dim=0', 'mlp_dim=0', 'batch_size=0', 'grad_accum=0', 'log_interval=0', 'epochs=0',
                 'max_steps=-1', 'lr=-1', 'min_lr=-1e-5', 'warmup_steps=-1', 'dropout=1.5', 'weight_decay=-0.1',
                 'grad_clip=-1', 'mixup=-0.2', 'label_smoothing=1.5', 'image_size=0', 'patch_size=0', 'num_workers=-1',
-                'ckpt_interval=-5', 'beta2=1.0', 'in_channels=-1', 'dataset=mnist', 'device=gpu']
+                'ckpt_interval=-5', 'beta2=1.0', 'in_channels=-1', 'dataset=mnist', 'device=gpu', 'eval_only=True']
 DAMAGE = {'truncated': lambda b: b[:len(b) // 3], 'empty': lambda b: b'', 'garbage': lambda b: b'\x80\x02garbage' * 100}
 
 @pytest.fixture(scope='module')

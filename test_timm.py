@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 from model import VARIANTS, ViT, ViTConfig
 from test_data import need
 
@@ -52,6 +53,22 @@ def test_softmax_vit_gives_timms_logits(name, kw):
     assert (got - want).abs().max() < 1e-5, (got - want).abs().max()
     assert len(done['loaded']) == len(vit.state_dict()) and done['fresh'] == done['resampled'] == []
     assert model.config.norm_eps == 1e-6 and all(m.eps == 1e-6 for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
+
+@pytest.mark.parametrize('name, folded', [('vit_tiny_patch16_224.augreg_in21k', True), ('deit_tiny_patch16_224', False)])
+def test_a_model_normalised_otherwise_sees_on_this_repositorys_images_what_it_saw_on_its_own(name, folded):
+    """augreg's ViTs take pixels normalised by mean = std = 0.5, data.py gives ImageNet's statistics: raw pixels r, timm's
+    model on its own normalisation against the ViT on data.py's. A DeiT shares data.py's: nothing refolded."""
+    vit = random_timm(name)
+    r = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    own, ours = ((r - torch.tensor(m)[:, None, None]) / torch.tensor(s)[:, None, None]
+                 for m, s in ((vit.pretrained_cfg['mean'], vit.pretrained_cfg['std']), data.IMAGENET_STATS))
+    model, done = ViT.from_timm(vit, inputs=data.IMAGENET_STATS)
+    unfolded, _ = ViT.from_timm(vit)
+    with torch.no_grad():
+        want, got, plain = vit(own), model.eval()(ours), unfolded.eval()(ours)
+    assert (got - want).abs().max() < 1e-5, (got - want).abs().max()
+    assert ('mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5)' in done['refolded']) == folded
+    assert ((plain - want).abs().max() > 0.1) == folded  # the images differ: without the fold the logits would
 
 @pytest.mark.parametrize('kw, size', [({}, 160), ({}, 320), (dict(no_embed_class=True), 160),
                                       (dict(class_token=False, global_pool='avg'), 288)])

@@ -209,6 +209,19 @@ def test_fine_tuning_to_a_different_class_count(first_epoch, mask_max_len, tmp_p
     assert walks and all(torch.equal(new[k], src['model'][k]) == (mask_max_len == 4) for k in walks)
     assert ('walks drawn for this model from mask_seed=0: ' in p.stdout) == (mask_max_len != 4)  # not 'started afresh'
 
+def test_fine_tuning_from_a_run_with_a_class_token_keeps_the_architecture_its_weights_fix(tmp_path):
+    """A run with timm's features (a class token pooled by, LayerScale, eps 1e-6: as one from timm:NAME) fine-tuned into
+    grf: the architecture comes from the checkpoint, not from this run's defaults, and every shared weight is loaded."""
+    src = ViTConfig(image_size=16, patch_size=4, in_channels=1, num_classes=10, dim=32, depth=1, heads=2, mlp_dim=64,
+                    class_token=True, pool='token', norm_eps=1e-6, layer_scale=0.1, qkv_bias=False)
+    torch.manual_seed(0)
+    os.makedirs(tmp_path / 'src')
+    torch.save({'model': ViT(src).state_dict(), 'config': vars(src), 'step': 0}, tmp_path / 'src' / 'ckpt.pt')
+    p = train(*SYNTHETIC, '--attn=grf', f"--init_from={tmp_path / 'src' / 'ckpt.pt'}", '--max_steps=1', out=tmp_path / 'run')
+    config = result(tmp_path / 'run')['config']
+    assert all(config[k] == getattr(src, k) for k in ('class_token', 'pool', 'norm_eps', 'layer_scale', 'qkv_bias'))
+    assert 'started afresh: [' in p.stdout and "'cls_token'" not in p.stdout.split('started afresh: ')[1], p.stdout
+
 def test_resuming_takes_this_runs_mask_learning_rate_multiplier(first_epoch, tmp_path):
     run = copy_of(first_epoch, tmp_path)
     train(*SYNTHETIC, '--init_from=resume', '--mask_lr_mult=3', f'--max_steps={STEPS_PER_EPOCH + 1}', out=run)

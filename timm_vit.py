@@ -5,6 +5,7 @@ feature that the ViT does not carry, and its weights under the ViT's names. timm
 """
 import os
 
+import torch
 import torch.nn as nn
 
 # the ViTConfig settings that a timm ViT's weights fix; a caller of from_timm chooses the others (attn, image_size, ...)
@@ -58,10 +59,26 @@ def settings(vit):
                 norm_eps=b.norm1.eps, qkv_bias=b.attn.qkv.bias is not None,
                 fc_norm=not isinstance(vit.fc_norm, nn.Identity), layer_scale=getattr(b.ls1, 'init_values', 0.0))
 
-def state_dict(vit):
-    """vit's tensors under the ViT's names (NAMES)."""
+def state_dict(vit, inputs=None):
+    """(vit's tensors under the ViT's names (NAMES), what was refolded: '' or a line). inputs: the (mean, std) per channel
+    of the normalisation the ViT's images will have (data.py's); where vit's own (its pretrained_cfg's) differs, the
+    patch embedding is refolded to compute on those images what vit computes on its own, exactly: a channel normalised
+    by (m, s) is x = (r - m) / s, vit's own is (r - m') / s' = x s / s' + (m - m') / s', which a weight times s / s'
+    and a bias plus the weight's sum times (m - m') / s' give (the patch convolution has no padding)."""
     def renamed(key):
         for old, new in NAMES:
             key = key.replace(old, new)
         return key
-    return {renamed(k): v for k, v in vit.state_dict().items()}
+    state = {renamed(k): v for k, v in vit.state_dict().items()}
+    cfg = getattr(vit, 'pretrained_cfg', None) or {}
+    own = tuple(tuple(map(float, cfg.get(k) or ())) for k in ('mean', 'std'))
+    if not inputs or not own[0] or own == tuple(tuple(map(float, t)) for t in inputs):
+        return state, ''
+    if 'patch_embed.bias' not in state:
+        raise ValueError("the timm model's patch embedding has no bias, into which its input normalisation would be folded")
+    (m, s), (m_own, s_own) = (torch.tensor(t, dtype=torch.float64)[:, None, None] for t in inputs), \
+        (torch.tensor(t, dtype=torch.float64)[:, None, None] for t in own)
+    w, b = state['patch_embed.weight'], state['patch_embed.bias']
+    state['patch_embed.weight'] = (w.double() * (s / s_own)).to(w.dtype)
+    state['patch_embed.bias'] = (b.double() + (w.double() * ((m - m_own) / s_own)).sum((1, 2, 3))).to(b.dtype)
+    return state, f"the timm model's input normalisation (mean {own[0]}, std {own[1]}) folded into patch_embed"

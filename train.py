@@ -107,7 +107,9 @@ VALID = [('epochs batch_size grad_accum log_interval', lambda v: v >= 1, "an int
          ('label_smoothing beta1 beta2', lambda v: v < 1, "a number below 1"),
          ('dataset', lambda v: v in data.DATASETS, ', '.join(data.DATASETS)),
          ('loss', lambda v: v in ('softmax', 'sigmoid'), "softmax, sigmoid"),
-         ('device', lambda v: v.split(':')[0] in ('auto', 'cuda', 'mps', 'cpu'), "auto, cuda, mps, cpu")]
+         ('device', lambda v: v.split(':')[0] in ('auto', 'cuda', 'mps', 'cpu'), "auto, cuda, mps, cpu"),
+         ('eval_only', lambda v: not v or init_from != 'scratch', "False with init_from='scratch' (a new model: evaluate "
+          "init_from='resume' or a checkpoint's path)")]
 for keys, ok, valid in VALID:
     for k in keys.split():
         if not ok(config[k]):
@@ -146,9 +148,6 @@ scaler = torch.amp.GradScaler('cuda', enabled=ptdtype == torch.float16)
 # checkpoint: what the run starts from, settled before any data is read
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 init_from = config['init_from'] = init_from.replace('{attn}', attn)  # a config may name the variant's own checkpoint
-
-if init_from == 'scratch' and eval_only:  # scratch: a new model, initialised from seed
-    fail("eval_only=True needs init_from='resume' or the path of a checkpoint")
 # resume: continue out_dir/ckpt.pt exactly; a path: fine-tune from it (what fits; another grid's resampled), or evaluate it
 ckpt = None if init_from == 'scratch' or init_from.startswith('timm:') else outdir.read_checkpoint(
     ckpt_path if init_from == 'resume' else init_from, f"init_from={init_from!r}",
@@ -165,6 +164,8 @@ if ckpt and (init_from == 'resume' or eval_only):  # the model is the checkpoint
         hint = " (a resumed run keeps its image size: fine-tune with --init_from=PATH to change it)"
         print0(f"the checkpoint's model settings win over this run's: {differ}" + hint * ('image_size' in differ and not eval_only))
     config.update({k: ckpt['config'][k] for k in model_keys if k not in own})
+elif ckpt:  # fine-tuning: as from timm, the checkpoint's weights fix the architecture (a class token, ...)
+    config.update({k: ckpt['config'][k] for k in timm_vit.FIXED})
 globals().update({k: config[k] for k in model_keys})
 
 # out_dir: one run writes it at a time, and a new run never overwrites an old one (rank 0 writes; eval_only writes nothing)
@@ -172,10 +173,8 @@ if master and not eval_only:
     outdir.claim(out_dir, resume=init_from == 'resume')
     print0(f"training in {out_dir}" + (f", from {init_from}" if init_from not in ('scratch', 'resume') else ''))
 
-def stop_now(signum):  # start-up or an evaluation: nothing unsaved, out at once (the loader workers end with it)
-    outdir.stopped(out_dir, signum, saved_step, ddp, write=master and not eval_only)
-    sys.stdout.flush(), sys.stderr.flush()
-    os._exit(128 + signum)
+# start-up or an evaluation: nothing unsaved, out at once (the loader workers end with it)
+stop_now = lambda signum: outdir.stopped(out_dir, signum, saved_step, ddp, write=master and not eval_only, exit=True)
 outdir.catch_stop_signals()
 outdir.stop_at_once(stop_now)  # until training starts
 
@@ -196,7 +195,8 @@ torch.manual_seed(seed)
 source, done = ckpt and saved_config(ckpt['config']), None
 try:
     if init_from.startswith('timm:'):  # a timm ViT (timm_vit.py): its weights fix the architecture, this run's settings the rest
-        model, done = ViT.from_timm(init_from[5:], init_file, **{k: config[k] for k in model_keys if k not in timm_vit.FIXED})
+        model, done = ViT.from_timm(init_from[5:], init_file, inputs=(loaders.mean, loaders.std),
+                                    **{k: config[k] for k in model_keys if k not in timm_vit.FIXED})
         source, config = done['source'], config | vars(model.config)
         globals().update(config)
     else:
@@ -212,7 +212,7 @@ if done:
            if source.attn != attn else '') + f"): loaded {len(done['loaded'])} tensors; resampled from {source.image_size} "
            f"to {image_size} px: {done['resampled'] or 'none'}; kept the first coefficients of {done['truncated'] or 'none'}; "
            f"started afresh: {done['fresh'] or 'none'}" + (f"; walks drawn for this model from mask_seed={mask_seed}: "
-           f"{len(done['drawn'])} buffers" if done['drawn'] else ''))
+           f"{len(done['drawn'])} buffers" if done['drawn'] else '') + (f"; {done['refolded']}" if done.get('refolded') else ''))
 model.to(device)
 raw_model = model  # saved without DDP's module. and compile's _orig_mod. prefixes
 optimizer = torch.optim.AdamW(model.param_groups(weight_decay, mask_lr_mult), lr=lr, betas=(beta1, beta2), fused=device_type == 'cuda')
@@ -229,12 +229,9 @@ if init_from == 'resume':
     scaler.load_state_dict(ckpt['scaler'])
     step, best, wall_before = ckpt['step'], ckpt['best'], ckpt['wall_time']  # best: of the evaluations before it
     eval_due = ckpt.get('eval_pending', False)  # saved at an epoch's end, then evaluated (or not, if that crashed)
-    rng = ckpt['rng'][rank] if len(ckpt['rng']) == world else None
+    rng = outdir.restore_random_state(ckpt['rng'], rank, world, device_type)
     if rng:
-        torch.set_rng_state(rng['torch'])
         loss_sum, loss_count = torch.tensor(rng.get('loss_sum', 0.0), device=device), ckpt.get('loss_count', 0)
-        if rng['cuda'] is not None and device_type == 'cuda':
-            torch.cuda.set_rng_state(rng['cuda'])
     else:
         print0(f"resuming on {world} ranks from {len(ckpt['rng'])}: dropout and mixup streams restart from the seed")
         torch.manual_seed(seed + rank + 1_000_003 * step)
@@ -315,32 +312,28 @@ def log(record):
             wandb.log(record, step=record['step'])
 
 def save_checkpoint(eval_pending):
-    """Write ckpt.pt atomically: a temp file renamed over the old one, which stays intact until then. eval_pending: an
-    evaluation follows, which a run resumed from it does first."""
-    rng = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
-           'loss_sum': loss_sum.item()}  # and its loss summed since the last log step
-    rngs = [rng]
-    if ddp:  # every rank's dropout and mixup stream, so that resuming on the same world size is exact
-        rngs = [None] * world
-        dist.all_gather_object(rngs, rng)
+    """Write ckpt.pt atomically (outdir.save_checkpoint), of this step: saved_step. eval_pending: an evaluation follows,
+    which a run resumed from it does first."""
+    global saved_step
+    rngs = outdir.random_states(device_type, ddp, loss_sum=loss_sum.item())  # and the loss summed since the last log step
     if master:
         ckpt = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                 'step': step, 'epoch': step // steps_per_epoch, 'rng': rngs, 'config': config, 'best': best,
                 'eval_pending': eval_pending, 'wall_time': wall_before + time.time() - t_start, 'loss_count': loss_count}
         outdir.save_checkpoint(ckpt, ckpt_path)
+    saved_step = step
 
-def stop_if_signalled(saved):
+def stop_if_signalled():
     """If any rank has had a stop signal (all-reduced on the CPU, gloo: every rank stops after the same step, with no
     wait for the device), save this step (unless saved), say how to resume and exit as that signal's kill does."""
     signum = outdir.stop_signal(cpu_group if ddp else None)
     if signum:
-        if not saved:
+        if saved_step != step:
             save_checkpoint(eval_pending=False)
         outdir.stopped(out_dir, signum, step, ddp, write=master)
         finish(128 + signum)  # 143 or 130, as Slurm and Kubernetes read a job ended by that signal
 
-def fmt_time(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+fmt_time = lambda s: f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 if master:  # metrics.jsonl keeps the records before the start step: a resumed run logs the later ones again
     outdir.keep_metrics(os.path.join(out_dir, 'metrics.jsonl'),  # not the evaluation it does again
@@ -362,10 +355,9 @@ while True:
         print0(f"eval epoch {record['epoch']} step {step}: loss {result['loss']:.4f} top1 {result['top1']:.2f}% "
                f"top5 {result['top5']:.2f}% ({result['count']} images)")
         log(record)
-        for split, bad in result['undecodable'].items():
-            if bad:
-                print0(f"{bad} of the {split} images failed to decode and were replaced by the next ones: "
-                       f"{', '.join(list(getattr(loaders, split).replaced)[:3])}{', ...' if bad > 3 else ''}")
+        for split, bad in ((s, n) for s, n in result['undecodable'].items() if n):
+            print0(f"{bad} of the {split} images failed to decode and were replaced by the next ones: "
+                   f"{', '.join(list(getattr(loaders, split).replaced)[:3])}{', ...' if bad > 3 else ''}")
     outdir.stop_at_once(None)  # training: a stop signal waits for the step's end, and its save
     if step >= stop_step:
         break
@@ -417,16 +409,14 @@ while True:
             loss_count = 0
             if ckpt_interval and step - (saved_step or 0) >= ckpt_interval and not epoch_end:
                 save_checkpoint(eval_pending=False)  # at a log step, so that a resumed run logs the same averages
-                saved_step = step
                 print0(f"saved {ckpt_path} at step {step}")
             t0, last_step = time.time(), step
         if epoch_end:
             break
-        stop_if_signalled(saved=saved_step == step)
+        stop_if_signalled()
     save_checkpoint(eval_pending=True)  # before the evaluation: an exception there costs no training
-    saved_step = step
     eval_due = True
-    stop_if_signalled(saved=True)  # the evaluation is left to the resumed run
+    stop_if_signalled()  # the evaluation is left to the resumed run
 if master:
     summary = {'config': config, 'final': result, 'best': best, 'num_params': raw_model.num_params(), 'steps': step,
                'epochs_trained': step / steps_per_epoch,

@@ -13,8 +13,8 @@ softmax from 21k, as here the attention itself changes. AdamW at batch 512, lr 1
 of warm-up, then cosine to 1e-6, so that the new head and the new token mixing do not wreck the trained weights in the
 first steps; weight decay 0.05 and label smoothing 0.1 as DeiT; no dropout. GRF n = 20, p_halt 0.1, K = 10 and
 f_k = 0.5^k: the paper's settings for its fine-tuning runs; the masks learn at 10x the rate (mask_lr_mult).
-The 21k model saw inputs normalised by mean 0.5, std 0.5; data.py normalises by ImageNet's mean and std. That per-channel
-affine change of the input is not yet folded into the patch embedding (which would be exact): the first steps meet it.
+The 21k model saw inputs normalised by mean 0.5, std 0.5; data.py normalises by ImageNet's mean and std: from_timm
+folds that per-channel change into the patch embedding, exactly, so the converted model sees what the 21k model saw.
 Cost, not yet measured on a GPU: about 100 GFLOP per image forward and backward (configs/imagenet.py), so at 40% of an
 H100's bf16 peak about 4,000 images/s per GPU and 10 x 1,281,167 images in 0.9 GPU-hours per variant; check_gpu.py
 measures the compiled images/s of each variant, and GPU-hours = 10 x 1,281,167 / (images/s) / 3,600. JPEG decoding
