@@ -162,9 +162,11 @@ def test_train_evaluates_a_timm_model_from_init_file_and_fine_tunes_it(tmp_path)
     save_file(state, tmp_path / 'w.safetensors')
     common = ['--dataset=imagenet', f'--data_dir={root}', '--image_size=32', '--num_workers=0', '--batch_size=50',
               '--device=cpu', '--attn=toeplitz', '--init_from=timm:vit_tiny_patch16_224']
-    evals = [json.loads(train(*common, f'--init_file={tmp_path / f}', '--eval_only=True').stdout.strip().splitlines()[-1])
-             for f in ('w.pth', 'w.safetensors')]
+    evals = [json.loads(train(*common, f'--init_file={tmp_path / f}', '--eval_only=True', f'--out_dir={tmp_path / f}-eval')
+                        .stdout.strip().splitlines()[-1]) for f in ('w.pth', 'w.safetensors')]
     assert evals[0] == evals[1] and evals[0]['count'] == 200
+    with open(tmp_path / 'w.pth-eval' / 'eval.json') as f:  # in out_dir: a timm model has no checkpoint folder
+        assert json.load(f)['top1'] == evals[0]['top1']
     out = str(tmp_path / 'run')
     p = train(*common, f'--init_file={tmp_path / "w.pth"}', '--epochs=1', '--max_steps=2', f'--out_dir={out}')
     assert "fine-tuning from timm:vit_tiny_patch16_224 (attn=softmax; this run: toeplitz)" in p.stdout

@@ -34,7 +34,7 @@ from model import ViT, ViTConfig, amp_dtype, check_config, ddp_no_buffer_sync, s
 out_dir = ''               # ckpt.pt, metrics.jsonl and result.json go here ('' = out/<dataset>-<attn>; {attn}: the variant)
 init_from = 'scratch'      # 'scratch' | 'resume' (continue out_dir/ckpt.pt) | path of a checkpoint to fine-tune from | timm:NAME
 init_file = ''             # init_from=timm:NAME: its weights from this file (.npz, .pth, .safetensors), not timm's cache
-eval_only = False          # evaluate the checkpoint that init_from names, print the result, write eval.json beside it
+eval_only = False          # evaluate the model init_from names, print the result, write eval.json beside its checkpoint
 ckpt_interval = 0          # also write ckpt.pt mid-epoch, at the first log step this many optimizer steps after the
                            # last save, so that a crash in a long epoch loses no more (0 = at epoch ends only)
 log_interval = 50          # optimizer steps between log lines (the only steps that wait for the device)
@@ -299,9 +299,11 @@ if eval_only:
     r = evaluate()
     print0(f"eval {init_from}: loss {r['loss']:.4f} top1 {r['top1']:.2f}% top5 {r['top5']:.2f}% ({r['count']} images)")
     print0(json.dumps({'kind': 'eval', **r}))
-    if master:  # eval.json beside the checkpoint
+    if master:  # eval.json beside the checkpoint; a timm model's (no file of its own) in out_dir
         path = ckpt_path if init_from == 'resume' else init_from
-        outdir.write_json(os.path.join(os.path.dirname(path), 'eval.json'), {'checkpoint': path, 'image_size': image_size, **r})
+        folder = out_dir if init_from.startswith('timm:') else os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        outdir.write_json(os.path.join(folder, 'eval.json'), {'checkpoint': path, 'image_size': image_size, **r})
     finish(0)
 
 def log(record):
@@ -345,7 +347,8 @@ t_start = time.time()
 train_time = 0.0           # seconds spent in training steps (evaluation and checkpoints excluded)
 result = None
 first_step = step
-eval_due = eval_due or step >= stop_step  # nothing left to train: report the checkpoint as it is
+# nothing left to train: report the checkpoint as it is; fine-tuning: the model as converted first (epoch 0)
+eval_due = eval_due or step >= stop_step or step == 0 and init_from != 'scratch'
 while True:
     if eval_due:  # the model at the end of an epoch (or at stop_step), saved just before
         outdir.stop_at_once(stop_now)  # nothing unsaved: a stop signal ends the evaluation at once
