@@ -7,6 +7,7 @@ copied into tmp_path and damaged there; the trainings are real processes on the 
 """
 import json
 import os
+import runpy
 import shutil
 import socket
 import subprocess
@@ -251,8 +252,7 @@ def test_more_undecodable_images_than_one_in_a_thousand_stop_the_run_in_one_line
     msg = str(e.value)
     assert '\n' not in msg and msg.startswith('2 images failed to decode') and paths[0] in msg and 'damaged' in msg
 
-@pytest.mark.parametrize('num_workers', [0, 2])
-@pytest.mark.parametrize('fault', ['vanished', 'unreadable'])
+@pytest.mark.parametrize('fault, num_workers', [('vanished', 0), ('unreadable', 2)])  # each fault, each place it is met
 def test_a_file_that_cannot_be_read_ends_the_run_in_one_line_naming_it(mini, num_workers, fault):
     """Not an undecodable image to replace: a file gone since the folders were listed, or one whose read fails (here a
     folder where the file was: the read raises IsADirectoryError, an OSError as an I/O error is)."""
@@ -491,9 +491,14 @@ def test_a_sweep_from_another_folder_skips_a_held_run_and_fails_naming_the_run_t
                                         ('--args=--depth=-1', 'depth=-1'), ('--args=--dataset=mnist', "dataset='mnist'"),
                                         ('--seeds=0', 'seeds=0'), ('--args=--lrr=1', "unknown key 'lrr'"),
                                         ('--attns=softmax,nope', "'nope'")])
-def test_a_sweep_checks_its_settings_and_config_before_it_launches_anything(tmp_path, bad, named):
-    p = sweep(bad, '--out_root=sweep', cwd=tmp_path)
-    assert p.returncode == 2 and one_line(p.stderr) and named in p.stderr and not (tmp_path / 'sweep').exists(), p.stderr
+def test_a_sweep_checks_its_settings_and_config_before_it_launches_anything(tmp_path, monkeypatch, capsys, bad, named):
+    """sweep.py run in this process (as `python sweep.py ...`: each case a failure before any launch)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, 'argv', ['sweep.py', bad, '--out_root=sweep'])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, 'sweep.py'), run_name='__main__')
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and one_line(err) and named in err and not (tmp_path / 'sweep').exists(), err
 
 # j. exact resume on photographs, locks no child holds, the signals a cluster sends (issue 42) -------------------------
 
