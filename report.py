@@ -42,10 +42,14 @@ reach = False              # also each topo and grf mask's reach and GRF error p
 out = ''                   # the folder for curves.png and masks.png ('' = the folder that holds every folder named)
 vs = ''                    # a variant, or its runs of some settings ('grf:graph=grid4'): each row adds its mean paired
                            # difference in top-1 to those runs, over the seeds both ran (same seed: same data order
-                           # and initial weights), its 95% interval and pairs won
+                           # and initial weights), its 95% interval and pairs won. 'source': each fine-tuned run against
+                           # the run it started from (its init_from's folder, named too); 'scratch': against the same
+                           # variant's runs from scratch
 walk_error = ''            # walk counts, e.g. '5,20,100': the GRF mask's error per walk coupling and count ('' = none)
 ensembles = 20             # walk_error: fresh walk ensembles drawn per walk count and coupling
 group = ''                 # variants, e.g. 'toeplitz,topo,grf' (with vs): per seed their mean top-1 against vs's runs
+at_epochs = ''             # epochs, e.g. '0,1,2,4': each row's mean top-1 after them too (metrics.jsonl; 0: a
+                           # fine-tuning run's model as converted)
 mask_swap = ''             # a data_dir: the first topo and grf models evaluated with their masks swapped ('' = none)
 FLAGS = ('no_plots', 'runs', 'reach')  # given bare
 # -----------------------------------------------------------------------------
@@ -205,6 +209,19 @@ def group_contrast(members, base):
     diffs = [statistics.mean(t[s] for t in tables[:-1]) - tables[-1][s] for s in seeds]
     return summary(diffs) if diffs else 'no seed in common'
 
+# vs='source' | 'scratch': the base runs of run r, by lineage rather than by settings (b: a candidate)
+LINEAGE = {'source': lambda r, b: os.path.realpath(b['dir']) == os.path.realpath(os.path.dirname(r['config'].get('init_from', ''))),
+           'scratch': lambda r, b: b['config']['attn'] == r['config']['attn'] and b['config'].get('init_from', 'scratch') == 'scratch'}
+
+def top1_after(r, epoch):
+    """The run's top-1 at its evaluation after `epoch` epochs (metrics.jsonl; epoch 0: a fine-tuning run's converted
+    model), None if it has none."""
+    if 'evals' not in r:
+        path = os.path.join(r['dir'], 'metrics.jsonl')
+        lines = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+        r['evals'] = {e['epoch']: e['top1'] for e in lines if e.get('kind') == 'eval'}
+    return r['evals'].get(epoch)
+
 def typed(key, raw, defaults):
     """A setting's value given as text ('10'), as the setting's type (10.0 for a float setting), or None if it is not one."""
     default = defaults[key]
@@ -231,19 +248,22 @@ def delta_cells(pair, *p_holm):
     interval = f" [{mean - half:+.2f}, {mean + half:+.2f}]" if half is not None else ""
     return f" {mean:+.2f}{interval} | {won}/{n} |" + ''.join(' – |' if x is None else f" {x:.3g} |" for x in (p, *p_holm))
 
-def table(runs, vs='', group=''):
+def table(runs, vs='', group='', at_epochs=()):
     """The Markdown table: a row per variant and per value of the settings that differ among the runs. vs: a variant,
     optionally 'variant:key=value,...'; each row adds its paired difference to that variant's runs of those settings
     and of the row's other settings, with its sign-flip p and the Holm-adjusted p over the rows compared. group:
-    variants, comma-separated, whose mean per seed is compared with the same base (one row of each in the table)."""
+    variants, comma-separated, whose mean per seed is compared with the same base (one row of each in the table).
+    vs='source' or 'scratch' (LINEAGE): each row against the runs its runs started from, or the same variant's from
+    scratch, whatever their settings. at_epochs: each row's mean top-1 after those epochs, in columns."""
     all_knobs = dict.fromkeys(k for cls in VARIANTS.values() for k in knobs(cls))
     defaults = declared(TRAIN_PY)
     value = lambda r, k: knob(r, k) if k in all_knobs else recipe(r, k, defaults)
     others = dict.fromkeys(k for r in runs for k in r['config'] if k not in all_knobs and k not in NOT_RECIPE)
     columns = [k for k in [*all_knobs, *others] if len({str(value(r, k)) for r in runs} - {'None'}) > 1]
     extra = f"Δ top-1 vs {vs} [95% CI] | pairs won | p (sign-flip) | p (Holm) | " if vs else ""
-    rows = ["| attention | " + ''.join(f"{k} | " for k in columns) + "top-1 (%) mean ± std | seeds | epochs "
-            f"| images/s (train) | published top-1 | {extra}", "|---|" + "---|" * (len(columns) + 5 + 4 * bool(vs))]
+    after = ''.join(f"top-1 after {e} | " for e in at_epochs)
+    rows = ["| attention | " + ''.join(f"{k} | " for k in columns) + f"top-1 (%) mean ± std | {after}seeds | epochs "
+            f"| images/s (train) | published top-1 | {extra}", "|---|" + "---|" * (len(columns) + len(at_epochs) + 5 + 4 * bool(vs))]
     rows[0] = rows[0].rstrip()
     key = lambda r: (*(value(r, k) for k in columns), epochs_trained(r))
     # the base runs of a row: vs's variant and settings, the row's values in the other columns that act on both, its epochs
@@ -264,11 +284,18 @@ def table(runs, vs='', group=''):
             ips = statistics.median(r['images_per_s'] for r in rs)
             settings = ''.join(f"{cell(v)} | " for v in values)
             paper = [v for v in dict.fromkeys(published(r['config']).get(attn) for r in rs) if v is not None]
-            row = (f"| {attn} | {settings}{statistics.mean(acc):.2f}{spread} | {len(acc)} "
+            later = [[top1_after(r, e) for r in rs] for e in at_epochs]
+            later = ''.join('– | ' if None in xs else f"{statistics.mean(xs):.2f} | " for xs in later)
+            row = (f"| {attn} | {settings}{statistics.mean(acc):.2f}{spread} | {later}{len(acc)} "
                    f"| {epochs:g} | {ips:,.0f} | {', '.join(paper)} |")
             base = [b for b in runs if is_base(b) and epochs_trained(b) == epochs
                     and same([key(b)[i] for i in free], [values[i] for i in free])]
-            pair = 'base' if is_base(rs[0]) else paired(rs, base) if vs else None
+            if vs in LINEAGE:  # the base by lineage: a run from scratch is one
+                base = [b for b in runs if any(LINEAGE[vs](r, b) for r in rs)]
+                scratch = all(r['config'].get('init_from', 'scratch') == 'scratch' for r in rs)
+                pair = 'base' if scratch else paired(rs, base) if base else f"no {vs} run among the folders"
+            else:
+                pair = 'base' if is_base(rs[0]) else paired(rs, base) if vs else None
             found.append((attn, row, rs, base, pair))
     p_holm = holm([p[4] if isinstance(p, tuple) else None for *_, p in found])
     for (attn, row, rs, base, pair), adjusted in zip(found, p_holm):
@@ -355,15 +382,19 @@ if __name__ == '__main__':
     configure(config, [a for a in sys.argv[1:] if a.startswith('-')], flags=FLAGS)
     globals().update(config)
     roots = [a for a in sys.argv[1:] if not a.startswith('-')] or ['out/sweep']
-    if vs and base_spec(vs)[0] not in VARIANTS:
-        fail(f"vs={vs!r} is not a variant; valid: {', '.join(VARIANTS)}, each optionally with settings, e.g. 'grf:graph=grid4'")
-    if vs and None in base_spec(vs)[1].values():
+    if vs and vs not in LINEAGE and base_spec(vs)[0] not in VARIANTS:
+        fail(f"vs={vs!r} is not a variant; valid: {', '.join(VARIANTS)}, each optionally with settings, e.g. "
+             f"'grf:graph=grid4'; or {', '.join(LINEAGE)}")
+    if vs and vs not in LINEAGE and None in base_spec(vs)[1].values():
         fail(f"vs={vs!r} is invalid; valid: a variant, or 'variant:key=value,...' with settings of train.py and values "
              f"of their types, e.g. 'grf:graph=grid4'")
     bad = [a for a in group.split(',') if a not in VARIANTS or a == base_spec(vs)[0]] if group else []
-    if group and (not vs or bad):
+    if group and (not vs or bad or vs in LINEAGE):
         fail(f"group={group!r} is invalid; valid: with --vs, variants other than vs's, comma-separated, e.g. "
-             f"--vs=linear --group=toeplitz,topo,grf" + (f" ({bad[0]!r} is not one)" if bad else " (no --vs given)"))
+             f"--vs=linear --group=toeplitz,topo,grf" + (f" ({bad[0]!r} is not one)" if bad else " (no --vs given)" if not vs
+                                                          else f" (not with --vs={vs})"))
+    if at_epochs and not re.fullmatch(r'\d+(,\d+)*', at_epochs):
+        fail(f"at_epochs={at_epochs!r} is invalid; valid: epochs >= 0, comma-separated, e.g. '0,1,2,4'")
     if walk_error and not re.fullmatch(r'[1-9]\d*(,[1-9]\d*)*', walk_error):
         fail(f"walk_error={walk_error!r} is invalid; valid: walk counts >= 1, comma-separated, e.g. '5,20,100'")
     if ensembles < 1:
@@ -371,7 +402,7 @@ if __name__ == '__main__':
     results = [r for root in roots for r in load_runs(root)]
     if not results:
         fail(f"no result.json under {', '.join(roots)}", kind='data')
-    print(table(results, vs, group))
+    print(table(results, vs, group, tuple(int(e) for e in at_epochs.split(',')) if at_epochs else ()))
     if runs:
         print('\n' + run_table(results))
     if not no_plots and not has_matplotlib():

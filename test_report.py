@@ -331,6 +331,37 @@ def test_vs_settings_compare_as_their_type(tmp_path):
     got = rows(report.table(report.load_runs(root), vs='topo:mask_init_decay=0.99005'))
     assert [r[-4:-2] for r in got if r[0] == 'topo'] == [['+3.00', '1/1'], ['base', '–']]
 
+def test_fine_tuned_runs_against_their_sources_and_against_scratch_with_their_top1_after_each_epoch_by_hand(tmp_path):
+    """softmax sources seeds 0-2 (16 epochs, from scratch): 60, 62, 64; grf from scratch: 56, 57, 58; grf fine-tuned from
+    each source, 4 epochs: final 59, 58, 63, after epoch 0 (converted): 10, 20, 30, after epoch 1: 40, 41, 42.
+    Against its source: -1, -4, -1: mean -2, sd sqrt(3), t(0.975, 2) = 4.302653: half-width 4.3027 -> [-6.30, +2.30], 0/3,
+    sign-flip p: |sum| >= 6 only with all three signs alike, 2 of the 8 patterns: 0.25. Against grf from scratch: +3, +1, +5: mean 3, sd 2,
+    half-width 4.97 -> [-1.97, +7.97], 3/3, p 0.25. The sources' and scratch rows are the base; a fine-tuned linear
+    run whose source is not among the folders says so."""
+    root = str(tmp_path)
+    for seed, top1 in enumerate([60.0, 62.0, 64.0]):
+        fake_run(root, f'src/softmax-s{seed}', 'softmax', top1, epochs=16, seed=seed)
+    for seed, top1 in enumerate([56.0, 57.0, 58.0]):
+        fake_run(root, f'scratch/grf-s{seed}', 'grf', top1, epochs=16, seed=seed)
+    for seed, (top1, e0, e1) in enumerate([(59.0, 10.0, 40.0), (58.0, 20.0, 41.0), (63.0, 30.0, 42.0)]):
+        fake_run(root, f'ft/grf-s{seed}', 'grf', top1, epochs=4, seed=seed, lr=1e-4,
+                 init_from=os.path.join(root, 'src', f'softmax-s{seed}', 'ckpt.pt'))
+        with open(os.path.join(root, 'ft', f'grf-s{seed}', 'metrics.jsonl'), 'w') as f:
+            for epoch, x in ((0, e0), (1, e1)):
+                f.write(json.dumps({'kind': 'train', 'epoch': epoch + 1, 'top1': -1.0}) + '\n')
+                f.write(json.dumps({'kind': 'eval', 'epoch': epoch, 'top1': x}) + '\n')
+    fake_run(root, 'ft/linear-s0', 'linear', 50.0, epochs=4, seed=0, lr=1e-4, init_from='/elsewhere/ckpt.pt')
+    runs = report.load_runs(root)
+    text = report.table(runs, vs='source', at_epochs=(0, 1))
+    assert text.splitlines()[0].startswith('| attention | lr | top-1 (%) mean ± std | top-1 after 0 | top-1 after 1 | seeds')
+    assert rows(text) == [
+        ['softmax', '0.001', '62.00 ± 2.00', '–', '–', '3', '16', '100', '', 'base', '–', '–', '–'],
+        ['linear', '0.0001', '50.00', '–', '–', '1', '4', '100', '', '– (no source run among the folders)', '–', '–', '–'],
+        ['grf', '0.0001', '60.00 ± 2.65', '20.00', '41.00', '3', '4', '100', '', '-2.00 [-6.30, +2.30]', '0/3', '0.25', '0.25'],
+        ['grf', '0.001', '57.00 ± 1.00', '–', '–', '3', '16', '100', '', 'base', '–', '–', '–']]
+    scratch = rows(report.table(runs, vs='scratch'))
+    assert scratch[2][-4:] == ['+3.00 [-1.97, +7.97]', '3/3', '0.25', '0.25'] and scratch[3][-4] == 'base'
+
 def test_sign_flip_p_values_and_holm_by_hand():
     """Every pattern counted: n positive differences give 2 / 2^n (only all + and all - reach the sum); (1, 2, 3):
     sums of +-1 +-2 +-3 are 6, 0, 2, -4, 4, -2, 0, -6, so |sum| >= 6 in 2 of 8 (0.25) and the observed 0 of (1, 2, -3)
@@ -391,7 +422,9 @@ def test_report_command_line_takes_walk_counts_and_ensembles(tmp_path):
     ('--vs=grf:graf=grid4', "config error: vs='grf:graf=grid4' is invalid; valid: a variant, or 'variant:key=value,...'"),
     ('--vs=grf:grf_walks=many', "config error: vs='grf:grf_walks=many' is invalid; valid: a variant, or 'variant:key="),
     ('--group=topo,grf', "config error: group='topo,grf' is invalid; valid: with --vs, variants other than vs's"),
-    ('--vs=linear --group=topo,lnear', "config error: group='topo,lnear' is invalid; valid: with --vs, variants")])
+    ('--vs=linear --group=topo,lnear', "config error: group='topo,lnear' is invalid; valid: with --vs, variants"),
+    ('--vs=source --group=topo,grf', "config error: group='topo,grf' is invalid; valid: with --vs, variants"),
+    ('--at_epochs=0,one', "config error: at_epochs='0,one' is invalid; valid: epochs >= 0, comma-separated")])
 def test_a_bad_option_fails_in_one_line_before_anything_is_read(tmp_path, bad, said):
     os.makedirs(tmp_path / 'broken')
     (tmp_path / 'broken' / 'result.json').write_text('{')  # read, it would end in a traceback
