@@ -64,8 +64,8 @@ while pending or running:
             continue
         cmd = [sys.executable, os.path.join(ROOT, 'train.py'), config_file, f'--attn={attn}', f'--seed={seed}', f'--out_dir={out_dir}']
         cmd += [f'--epochs={epochs}'] if epochs else []
-        cmd += ['--init_from=resume'] if os.path.exists(os.path.join(out_dir, 'ckpt.pt')) else []
         cmd += args.replace('{seed}', str(seed)).split()
+        cmd += ['--init_from=resume'] if os.path.exists(os.path.join(out_dir, 'ckpt.pt')) else []  # last: over args' init_from
         os.makedirs(out_dir, exist_ok=True)
         print(f"[{time.time() - t0:6.0f}s] start {' '.join(cmd[1:])}  (log: {out_dir}/train.log)", flush=True)
         log = open(os.path.join(out_dir, 'train.log'), 'a')

@@ -204,11 +204,12 @@ def test_sweep_skips_finished_runs_resumes_an_interrupted_one_and_runs_the_rest(
     held.flush()
     fcntl.lockf(held, fcntl.LOCK_EX)
     out = sweep('--attns=linear', '--seeds=4', '--epochs=2', '--jobs=2', '--threads=1', f'--out_root={root}',
-                f'--args={SYNTHETIC} --mask_seed={{seed}}')
+                f'--args={SYNTHETIC} --mask_seed={{seed}} --init_from=scratch')  # as a fine-tuning sweep names its start
     assert f'{root}/linear-s0: done, skipped' in out
     assert f'{root}/linear-s3: in use by pid {os.getpid()} on ' in out and '--seed=3' not in out
     assert '--mask_seed=2' in next(l for l in out.splitlines() if 'start' in l and '--seed=2' in l)
-    assert '--init_from=resume' in next(l for l in out.splitlines() if 'start' in l and '--seed=1' in l)
+    assert next(l for l in out.splitlines() if 'start' in l and '--seed=1' in l).endswith('--init_from=resume  (log: '
+                                                                                   f'{root}/linear-s1/train.log)')
     assert '--init_from=resume' not in next(l for l in out.splitlines() if 'start' in l and '--seed=2' in l)
     runs = {os.path.basename(r['dir']): r for r in report.load_runs(root)}
     assert runs['linear-s0']['final']['top1'] == 12.34
