@@ -209,9 +209,11 @@ def group_contrast(members, base):
     diffs = [statistics.mean(t[s] for t in tables[:-1]) - tables[-1][s] for s in seeds]
     return summary(diffs) if diffs else 'no seed in common'
 
+# whether a run started from scratch; 'resume': one resumed before train.py kept its start in the record (the studies' were)
+from_scratch = lambda r: r['config'].get('init_from', 'scratch') in ('scratch', 'resume')
 # vs='source' | 'scratch': the base runs of run r, by lineage rather than by settings (b: a candidate)
 LINEAGE = {'source': lambda r, b: os.path.realpath(b['dir']) == os.path.realpath(os.path.dirname(r['config'].get('init_from', ''))),
-           'scratch': lambda r, b: b['config']['attn'] == r['config']['attn'] and b['config'].get('init_from', 'scratch') == 'scratch'}
+           'scratch': lambda r, b: b['config']['attn'] == r['config']['attn'] and from_scratch(b)}
 
 def top1_after(r, epoch):
     """The run's top-1 at its evaluation after `epoch` epochs (metrics.jsonl; epoch 0: a fine-tuning run's converted
@@ -292,7 +294,7 @@ def table(runs, vs='', group='', at_epochs=()):
                     and same([key(b)[i] for i in free], [values[i] for i in free])]
             if vs in LINEAGE:  # the base by lineage: a run from scratch is one
                 base = [b for b in runs if any(LINEAGE[vs](r, b) for r in rs)]
-                scratch = all(r['config'].get('init_from', 'scratch') == 'scratch' for r in rs)
+                scratch = all(from_scratch(r) for r in rs)
                 pair = 'base' if scratch else paired(rs, base) if base else f"no {vs} run among the folders"
             else:
                 pair = 'base' if is_base(rs[0]) else paired(rs, base) if vs else None

@@ -210,6 +210,8 @@ def test_fine_tuning_to_a_different_class_count(first_epoch, mask_max_len, tmp_p
     assert ('walks drawn for this model from mask_seed=0: ' in p.stdout) == (mask_max_len != 4)  # not 'started afresh'
     first, last = records(tmp_path, 'eval')[0], records(tmp_path, 'eval')[-1]
     assert first['step'] == 0 and first['epoch'] == 0 and first['loss'] == last['loss']  # lr 0: converted = trained
+    train(*SYNTHETIC, '--num_classes=4', f'--mask_max_len={mask_max_len}', '--init_from=resume', '--max_steps=3', out=tmp_path)
+    assert result(tmp_path)['steps'] == 3 and result(tmp_path)['config']['init_from'].endswith('run-grf/ckpt.pt')
 
 def test_fine_tuning_from_a_run_with_a_class_token_keeps_the_architecture_its_weights_fix(tmp_path):
     """A run with timm's features (a class token pooled by, LayerScale, eps 1e-6: as one from timm:NAME) fine-tuned into

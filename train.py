@@ -153,7 +153,8 @@ ckpt = None if init_from == 'scratch' or init_from.startswith('timm:') else outd
     ckpt_path if init_from == 'resume' else init_from, f"init_from={init_from!r}",
     lambda c: c | {'config': c['config'] | asdict(saved_config(c['config']))})  # as it ran
 saved_step = ckpt['step'] if init_from == 'resume' and not eval_only else None  # of out_dir/ckpt.pt (None: none yet)
-if saved_step is not None:
+if saved_step is not None:  # the run's record keeps where it started (a fine-tuning's source: report.py --vs=source)
+    config['init_from'] = ckpt['config']['init_from']
     print0(f"resuming {out_dir} from step {saved_step}, epoch {ckpt['epoch'] + 1}")
 if ckpt and (init_from == 'resume' or eval_only):  # the model is the checkpoint's as it is: its settings win over this run's
     given = {a[2:].partition('=')[0] for a in sys.argv[1:]}  # this run's: the path it takes, and an evaluation's size
