@@ -36,7 +36,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 from configurator import configure, fail
-from model import VARIANTS, Attention, ViT, ViTConfig, amp_dtype, ddp_no_buffer_sync
+from model import VARIANTS, Attention, ViT, ViTConfig
+from outdir import amp_dtype, ddp_no_buffer_sync
 
 size = 'vitb16'            # vitb16 (ImageNet: K = 100, 100 walks) | tiny (16 px, 2 layers)
 device = 'auto'            # auto (cuda if available, else cpu) | cuda | cpu

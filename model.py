@@ -9,7 +9,6 @@ A Vision Transformer whose attention is one of the token mixers of VARIANTS, one
 Patches are nodes of the h x w grid (topo and grf: of the graph GRAPHS[graph] on it); learned absolute positions; global
 average pooling. ViT.from_timm takes a timm ViT's weights: a class token (no node of the graph: unmasked), LayerScale, ...
 """
-import inspect
 import math
 from dataclasses import dataclass, replace
 
@@ -64,18 +63,14 @@ def check_config(c):
     rules = [  # (setting, whether its value is valid, what is)
         ('attn', c.attn in VARIANTS, ', '.join(VARIANTS)),
         ('attn_impl', c.attn_impl in IMPLS, ', '.join(IMPLS)),
-        ('patch_size', c.patch_size >= 1, "an integer >= 1"),
+        *[(k, getattr(c, k) >= 1, "an integer >= 1") for k in ('patch_size', 'depth', 'heads', 'mlp_dim', 'grf_walks')],
         ('image_size', 0 < c.patch_size <= c.image_size and c.image_size % c.patch_size == 0,
          f"a positive multiple of patch_size={c.patch_size}"),
-        ('depth', c.depth >= 1, "an integer >= 1"),
-        ('heads', c.heads >= 1, "an integer >= 1"),
         ('dim', 0 < c.heads <= c.dim and c.dim % c.heads == 0, f"a positive multiple of heads={c.heads}"),
-        ('mlp_dim', c.mlp_dim >= 1, "an integer >= 1"),
         ('dropout', 0 <= c.dropout < 1, "0 <= dropout < 1"),
         ('grf_p_halt', 0 < c.grf_p_halt <= 1, "0 < p_halt <= 1"),
         ('topo_form', c.topo_form in TOPO_FORMS, ', '.join(TOPO_FORMS)),
         ('graph', c.graph in GRAPHS, ', '.join(GRAPHS)),
-        ('grf_walks', c.grf_walks >= 1, "an integer >= 1"),
         ('grf_coupling', c.grf_coupling in masks.COUPLINGS, ', '.join(masks.COUPLINGS)),
         ('grf_walks', c.grf_walks % 2 == 0 or not c.grf_coupling.endswith('antithetic'),
          f"an even number with grf_coupling={c.grf_coupling!r}"),
@@ -91,19 +86,6 @@ def check_config(c):
 def saved_config(saved):
     """ViTConfig of a saved run's config dict; keys that are not model settings are ignored."""
     return ViTConfig(**{k: v for k, v in saved.items() if k in ViTConfig.__dataclass_fields__})
-
-def amp_dtype(device_type):
-    """The dtype to train in: bf16 on a CUDA GPU that computes it natively (Ampere on), fp16 (with a loss scaler)
-    on older GPUs, which report bf16 as supported only by emulation; float32 on CPU and MPS."""
-    if device_type != 'cuda':
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-
-def ddp_no_buffer_sync():
-    """DDP's keyword that stops its buffer broadcast before every forward, which the walks and W powers do not
-    need (they are identical on every rank by construction): forward_sync_buffers from torch 2.13 on."""
-    new = 'forward_sync_buffers' in inspect.signature(nn.parallel.DistributedDataParallel).parameters
-    return {'forward_sync_buffers' if new else 'broadcast_buffers': False}
 
 @torch.compiler.assume_constant_result  # bytes a dense path may take: CUDA's free memory now (torch.compile: when it traces)
 def dense_memory_budget(device, table):  # or table[device type], the CPU's for a type not named
@@ -361,6 +343,22 @@ class ViT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @classmethod
+    def from_start(cls, config, init_from='scratch', ckpt=None, exact=False, file='', inputs=None):
+        """(A run's model, None or load_for_fine_tuning's lists + 'source'): 'scratch': config's; ckpt ('resume', a path): as saved
+        if exact (a resumed run; an evaluation at its size), else fine-tuned into config; 'timm:NAME': from_timm(NAME, file, inputs)."""
+        if init_from.startswith('timm:'):  # its weights fix timm_vit.FIXED; config the rest
+            return cls.from_timm(init_from[5:], file, inputs, **{k: v for k, v in vars(config).items() if k not in timm_vit.FIXED})
+        src = ckpt and saved_config(ckpt['config'])
+        if ckpt and not exact:  # fine-tuning: as from timm, the checkpoint's weights fix the architecture (a class token, ...)
+            config = replace(config, **{k: getattr(src, k) for k in timm_vit.FIXED})
+        model = cls(config)
+        if ckpt and exact and src.image_size == config.image_size:
+            model.load_state_dict(ckpt['model'])
+        elif ckpt:
+            return model, model.load_for_fine_tuning(ckpt['model'], src) | {'source': src}
+        return model, None
+
+    @classmethod
     def from_timm(cls, source, file='', inputs=None, **overrides):
         """(A ViT with a timm ViT's weights, load_for_fine_tuning's lists + 'source': its ViTConfig, 'refolded'). source: a
         timm ViT, or a name timm fetches or reads from file (.npz, .pth, .safetensors); inputs: the (mean, std) its images
@@ -370,7 +368,7 @@ class ViT(nn.Module):
         fixed = [f"{k}={v!r}" for k, v in overrides.items() if k in timm_vit.FIXED and v != getattr(src, k)]
         if fixed:
             raise ValueError(f"{', '.join(fixed)} differ from the timm model's, which its weights fix")
-        model, (state, refolded) = cls(replace(src, **overrides)), timm_vit.state_dict(vit, inputs)
+        model, (state, refolded) = cls(replace(src, **overrides)), timm_vit.refold(timm_vit.state_dict(vit), vit, inputs)
         extra = sorted(set(state) - set(model.state_dict()))
         if extra:
             raise ValueError(f"the timm model's {', '.join(extra)} have no place in this ViT")

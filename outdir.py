@@ -3,18 +3,20 @@ A run's folder (train.py's out_dir) and the files in it: one run owns it at a ti
 never overwrites a run (its ckpt.pt), ckpt.pt is replaced atomically and a damaged one is named in one line, and
 metrics.jsonl is cut back to where a resumed run starts. Every failure is one line on stderr (configurator.fail, of
 kind out_dir or checkpoint). And the run's lifetime, which ends by giving the folder back: the stop signals a
-scheduler or a person sends (catch_stop_signals), out_dir/stopped.json for a requeue script, and finish.
+scheduler or a person sends (catch_stop_signals), out_dir/stopped.json for a requeue script, and finish; the random
+streams a checkpoint keeps; the run's processes (start_processes) and its arithmetic on the device (precision).
 """
 import atexit
 import errno
 import fcntl
+import inspect
 import json
 import os
 import signal
 import socket
 import sys
 import time
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 
 import torch
 import torch.distributed as dist
@@ -138,10 +140,14 @@ def random_states(device_type, ddp, **extra):
     dist.all_gather_object(rngs, rng)
     return rngs
 
-def restore_random_state(rngs, rank, world, device_type):
-    """Set this rank's streams from random_states()'s list and return its entry; None if saved on another world size."""
+def restore_random_state(rngs, rank, world, device_type, reseed):
+    """Set this rank's streams from random_states()'s list and return its entry. Saved on another world size, no entry is
+    this rank's: torch's stream is seeded with reseed instead (dropout and mixup draw anew) and {} returned."""
     if len(rngs) != world:
-        return None
+        torch.manual_seed(reseed)
+        if rank == 0:
+            print(f"resuming on {world} ranks from {len(rngs)}: dropout and mixup streams restart from the seed")
+        return {}
     torch.set_rng_state(rngs[rank]['torch'])
     if rngs[rank]['cuda'] is not None and device_type == 'cuda':
         torch.cuda.set_rng_state(rngs[rank]['cuda'])
@@ -161,11 +167,12 @@ def keep_metrics(path, kept):
 
 _stop = {'signal': 0, 'time': 0.0, 'at_once': None}  # the stop signal had, when, and what ends the run at once
 
-def catch_stop_signals():
+def catch_stop_signals(at_once=None):
     """SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) asks the run to stop: after its optimizer step, saved
-    (stop_signal()), or at once during start-up and evaluation (stop_at_once(end): end(signum), nothing unsaved then).
-    SIGTERMs within a second of the first are one (Slurm and torchrun each send one); a later one, or a second SIGINT,
-    ends the run at once."""
+    (stop_signal()), or at once during start-up and evaluation (stop_at_once(end): end(signum), nothing unsaved then;
+    at_once: the end from now on). SIGTERMs within a second of the first are one (Slurm and torchrun each send one); a
+    later one, or a second SIGINT, ends the run at once."""
+    stop_at_once(at_once)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _on_stop_signal)
 
@@ -220,3 +227,41 @@ def finish(out_dir, status, ddp=False, drop=lambda: None):
         drop()
         dist.destroy_process_group()
     sys.exit(status)
+
+# the run's processes and its arithmetic on the device
+
+def start_processes(device):
+    """(ddp, rank, local_rank, world, device, cpu_group) of this process: torchrun's (RANK set) or a lone one's. device 'auto'
+    is cuda, mps or cpu; under DDP each rank takes its GPU, the process group starts (finish ends it) and a gloo group
+    carries stop_signal's flag, off the device."""
+    ddp = 'RANK' in os.environ
+    rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    if ddp and device == 'cuda':
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+    return ddp, rank, local_rank, world, device, dist.new_group(backend='gloo') if ddp else None
+
+def amp_dtype(device_type):
+    """The dtype to train in: bf16 on a CUDA GPU that computes it natively (Ampere on), fp16 (with a loss scaler)
+    on older GPUs, which report bf16 as supported only by emulation; float32 on CPU and MPS."""
+    if device_type != 'cuda':
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+def ddp_no_buffer_sync():
+    """DDP's keyword that stops its buffer broadcast before every forward, which the walks and W powers do not
+    need (they are identical on every rank by construction): forward_sync_buffers from torch 2.13 on."""
+    new = 'forward_sync_buffers' in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    return {'forward_sync_buffers' if new else 'broadcast_buffers': False}
+
+def precision(device_type):
+    """(dtype, autocast context, loss scaler) of a run on device_type: amp_dtype's, with TF32 matmuls on CUDA."""
+    dtype = amp_dtype(device_type)
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast('cuda', dtype=dtype) if dtype != torch.float32 else nullcontext()
+    return dtype, autocast, torch.amp.GradScaler('cuda', enabled=dtype == torch.float16)

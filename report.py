@@ -31,6 +31,7 @@ import re
 import statistics
 import sys
 
+import data
 import trained_masks
 from configurator import configure, declared, fail
 from model import VARIANTS, saved_config
@@ -65,12 +66,10 @@ def load_runs(root):
         runs.append(r)
     return runs
 
-FOLDER_DATASETS = ('imagenet', 'inat2021', 'places365')  # read from a data folder that names the data, not the loader
-
 def datasets(runs):
     """The runs' data, each once, in the order of the runs: a folder dataset by its folder's name (imagenette, not
     imagenet), another by its name."""
-    name = lambda c: os.path.basename(os.path.normpath(c['data_dir'])) if c['dataset'] in FOLDER_DATASETS else c['dataset']
+    name = lambda c: os.path.basename(os.path.normpath(c['data_dir'])) if c['dataset'] in data.FILE_SETS else c['dataset']
     return list(dict.fromkeys(name(r['config']) for r in runs))
 
 def is_masked(cls):

@@ -267,7 +267,7 @@ def test_every_mask_is_float32_under_bf16_autocast(attn, form):
     assert mixed.dtype == torch.float32 and ((mixed - exact).norm() / exact.norm()) < 1e-6
 
 def test_training_dtype_is_bf16_only_where_the_gpu_computes_it(monkeypatch):
-    from model import amp_dtype
+    from outdir import amp_dtype
     assert amp_dtype("cpu") == amp_dtype("mps") == torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert amp_dtype("cuda") == torch.float16  # a pre-Ampere GPU: bf16 by emulation only

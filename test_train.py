@@ -262,6 +262,17 @@ def test_eval_only_reproduces_the_recorded_top1(first_epoch):
     fast = json.loads(fast.stdout.strip().splitlines()[-1])
     assert fast['top1'] == pytest.approx(again['top1'], abs=0.5) and fast['loss'] == pytest.approx(again['loss'], rel=1e-4)
 
+def test_eval_only_of_a_checkpoint_named_by_its_bare_file_name_writes_eval_json_beside_it(first_epoch, tmp_path):
+    """--init_from=ckpt.pt, run from the checkpoint's folder: a path with no folder part."""
+    run = copy_of(first_epoch, tmp_path)
+    if os.path.exists(os.path.join(run, 'eval.json')):
+        os.remove(os.path.join(run, 'eval.json'))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *SYNTHETIC, '--init_from=ckpt.pt', '--eval_only=True'],
+                       cwd=run, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with open(os.path.join(run, 'eval.json')) as f:
+        assert json.load(f)['top1'] == result(first_epoch)['final']['top1']
+
 def test_a_checkpoint_saved_before_a_model_setting_existed_still_resumes(first_epoch, tmp_path):
     """A model setting added later takes its default when an older checkpoint lacks it (table_init_decay); the walks
     are the checkpoint's."""

@@ -59,17 +59,20 @@ def settings(vit):
                 norm_eps=b.norm1.eps, qkv_bias=b.attn.qkv.bias is not None,
                 fc_norm=not isinstance(vit.fc_norm, nn.Identity), layer_scale=getattr(b.ls1, 'init_values', 0.0))
 
-def state_dict(vit, inputs=None):
-    """(vit's tensors under the ViT's names (NAMES), what was refolded: '' or a line). inputs: the (mean, std) per channel
-    of the normalisation the ViT's images will have (data.py's); where vit's own (its pretrained_cfg's) differs, the
-    patch embedding is refolded to compute on those images what vit computes on its own, exactly: a channel normalised
-    by (m, s) is x = (r - m) / s, vit's own is (r - m') / s' = x s / s' + (m - m') / s', which a weight times s / s'
-    and a bias plus the weight's sum times (m - m') / s' give (the patch convolution has no padding)."""
+def state_dict(vit):
+    """vit's tensors under the ViT's names (NAMES)."""
     def renamed(key):
         for old, new in NAMES:
             key = key.replace(old, new)
         return key
-    state = {renamed(k): v for k, v in vit.state_dict().items()}
+    return {renamed(k): v for k, v in vit.state_dict().items()}
+
+def refold(state, vit, inputs=None):
+    """(state, the ViT's tensors of vit, with its patch embedding refolded; what was: '' or a line). inputs: the (mean, std)
+    per channel of the normalisation the ViT's images will have (data.py's); where vit's own (its pretrained_cfg's) differs,
+    the patch embedding is refolded to compute on those images what vit computes on its own, exactly: a channel normalised
+    by (m, s) is x = (r - m) / s, vit's own is (r - m') / s' = x s / s' + (m - m') / s', which a weight times s / s'
+    and a bias plus the weight's sum times (m - m') / s' give (the patch convolution has no padding)."""
     cfg = getattr(vit, 'pretrained_cfg', None) or {}
     own = tuple(tuple(map(float, cfg.get(k) or ())) for k in ('mean', 'std'))
     if not inputs or not own[0] or own == tuple(tuple(map(float, t)) for t in inputs):
@@ -79,6 +82,6 @@ def state_dict(vit, inputs=None):
     (m, s), (m_own, s_own) = (torch.tensor(t, dtype=torch.float64)[:, None, None] for t in inputs), \
         (torch.tensor(t, dtype=torch.float64)[:, None, None] for t in own)
     w, b = state['patch_embed.weight'], state['patch_embed.bias']
-    state['patch_embed.weight'] = (w.double() * (s / s_own)).to(w.dtype)
-    state['patch_embed.bias'] = (b.double() + (w.double() * ((m - m_own) / s_own)).sum((1, 2, 3))).to(b.dtype)
+    state = state | {'patch_embed.weight': (w.double() * (s / s_own)).to(w.dtype),
+                     'patch_embed.bias': (b.double() + (w.double() * ((m - m_own) / s_own)).sum((1, 2, 3))).to(b.dtype)}
     return state, f"the timm model's input normalisation (mean {own[0]}, std {own[1]}) folded into patch_embed"

@@ -16,7 +16,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, fields
 
 import torch
@@ -27,8 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import outdir
 from configurator import configure, fail
-import timm_vit
-from model import ViT, ViTConfig, amp_dtype, check_config, ddp_no_buffer_sync, saved_config
+from model import ViT, ViTConfig, check_config, saved_config
 
 # I/O
 out_dir = ''               # ckpt.pt, metrics.jsonl and result.json go here ('' = out/<dataset>-<attn>; {attn}: the variant)
@@ -108,8 +106,7 @@ VALID = [('epochs batch_size grad_accum log_interval', lambda v: v >= 1, "an int
          ('dataset', lambda v: v in data.DATASETS, ', '.join(data.DATASETS)),
          ('loss', lambda v: v in ('softmax', 'sigmoid'), "softmax, sigmoid"),
          ('device', lambda v: v.split(':')[0] in ('auto', 'cuda', 'mps', 'cpu'), "auto, cuda, mps, cpu"),
-         ('eval_only', lambda v: not v or init_from != 'scratch', "False with init_from='scratch' (a new model: evaluate "
-          "init_from='resume' or a checkpoint's path)")]
+         ('eval_only', lambda v: not v or init_from != 'scratch', "False with init_from='scratch' (evaluate 'resume' or a path)")]
 for keys, ok, valid in VALID:
     for k in keys.split():
         if not ok(config[k]):
@@ -120,30 +117,17 @@ except ValueError as e:
     fail(str(e))
 
 # processes and devices
-ddp = 'RANK' in os.environ  # launched by torchrun
-rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
-master = rank == 0
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-if ddp and device == 'cuda':
-    device = f'cuda:{local_rank}'
-    torch.cuda.set_device(device)
-device_type = device.split(':')[0]
 data.keep_freed_memory()  # before any large tensor: CPU temporaries reuse freed memory, not fresh page faults
-if ddp:
-    dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
-    cpu_group = dist.new_group(backend='gloo')  # for the stop flag, kept off the device
+ddp, rank, local_rank, world, device, cpu_group = outdir.start_processes(device)  # torchrun's ranks, or one process
+device_type = device.split(':')[0]
+master = rank == 0
 print0 = print if master else (lambda *args, **kwargs: None)
 finish = lambda status: outdir.finish(out_dir, status, ddp, drop=lambda: globals().update(model=None, cpu_group=None))
 
 if batch_size % (world * grad_accum):
     fail(f"batch_size={batch_size} is not divisible by world size {world} x grad_accum {grad_accum}")
 micro_batch = batch_size // (world * grad_accum)
-ptdtype = amp_dtype(device_type)  # bf16 where the GPU has it, else fp16 with a loss scaler; fp32 on CPU and MPS
-if device_type == 'cuda':
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-autocast = torch.autocast('cuda', dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
-scaler = torch.amp.GradScaler('cuda', enabled=ptdtype == torch.float16)
+ptdtype, autocast, scaler = outdir.precision(device_type)  # bf16 where the GPU has it, else fp16 and a scaler; fp32 on CPU
 
 # checkpoint: what the run starts from, settled before any data is read
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
@@ -165,8 +149,6 @@ if ckpt and (init_from == 'resume' or eval_only):  # the model is the checkpoint
         hint = " (a resumed run keeps its image size: fine-tune with --init_from=PATH to change it)"
         print0(f"the checkpoint's model settings win over this run's: {differ}" + hint * ('image_size' in differ and not eval_only))
     config.update({k: ckpt['config'][k] for k in model_keys if k not in own})
-elif ckpt:  # fine-tuning: as from timm, the checkpoint's weights fix the architecture (a class token, ...)
-    config.update({k: ckpt['config'][k] for k in timm_vit.FIXED})
 globals().update({k: config[k] for k in model_keys})
 
 # out_dir: one run writes it at a time, and a new run never overwrites an old one (rank 0 writes; eval_only writes nothing)
@@ -176,8 +158,7 @@ if master and not eval_only:
 
 # start-up or an evaluation: nothing unsaved, out at once (the loader workers end with it)
 stop_now = lambda signum: outdir.stopped(out_dir, signum, saved_step, ddp, write=master and not eval_only, exit=True)
-outdir.catch_stop_signals()
-outdir.stop_at_once(stop_now)  # until training starts
+outdir.catch_stop_signals(at_once=stop_now)  # until training starts
 
 # data
 loaders = data.load(dataset, data_dir, image_size, micro_batch, grad_accum=grad_accum, rank=rank, world=world,
@@ -190,30 +171,22 @@ stop_step = min(total_steps, max_steps) if max_steps else total_steps
 config['in_channels'] = in_channels = in_channels or loaders.channels
 config['num_classes'] = num_classes = num_classes or loaders.num_classes
 if (in_channels, num_classes) != (loaders.channels, loaders.num_classes):
-    fail(f"the model has in_channels={in_channels}, num_classes={num_classes}; "
-         f"{dataset} has {loaders.channels}, {loaders.num_classes}")
+    fail(f"the model has in_channels={in_channels}, num_classes={num_classes}; {dataset} has {loaders.channels}, {loaders.num_classes}")
 torch.manual_seed(seed)
-source, done = ckpt and saved_config(ckpt['config']), None
-try:
-    if init_from.startswith('timm:'):  # a timm ViT (timm_vit.py): its weights fix the architecture, this run's settings the rest
-        model, done = ViT.from_timm(init_from[5:], init_file, inputs=(loaders.mean, loaders.std),
-                                    **{k: config[k] for k in model_keys if k not in timm_vit.FIXED})
-        source, config = done['source'], config | vars(model.config)
-        globals().update(config)
-    else:
-        model = ViT(ViTConfig(**{k: config[k] for k in model_keys}))
-    if ckpt and (init_from == 'resume' or eval_only) and source.image_size == image_size:
-        model.load_state_dict(ckpt['model'])
-    elif ckpt:  # fine-tuning, or evaluating at another image size
-        done = model.load_for_fine_tuning(ckpt['model'], source)
+try:  # scratch; resume: as saved; a checkpoint's path or timm:NAME: fine-tuned into this run's variant (ViT.from_start)
+    model, done = ViT.from_start(ViTConfig(**{k: config[k] for k in model_keys}), init_from, ckpt, file=init_file,
+                                 exact=init_from == 'resume' or eval_only, inputs=(loaders.mean, loaders.std))
 except (ValueError, ImportError, RuntimeError, OSError) as e:  # a model that does not fit; timm's errors
     fail(f"{init_from}: {e}" + '; timm is an optional dependency: pip install timm' * isinstance(e, ImportError), kind='checkpoint')
-if done:
-    print0(f"{'evaluating' if eval_only else 'fine-tuning'} from {init_from} (attn={source.attn}" + (f"; this run: {attn}"
-           if source.attn != attn else '') + f"): loaded {len(done['loaded'])} tensors; resampled from {source.image_size} "
-           f"to {image_size} px: {done['resampled'] or 'none'}; kept the first coefficients of {done['truncated'] or 'none'}; "
-           f"started afresh: {done['fresh'] or 'none'}" + (f"; walks drawn for this model from mask_seed={mask_seed}: "
-           f"{len(done['drawn'])} buffers" if done['drawn'] else '') + (f"; {done['refolded']}" if done.get('refolded') else ''))
+config.update(vars(model.config))  # a fine-tuning's: the architecture its source's weights fix
+globals().update(vars(model.config))
+if done:  # what the run took from where it starts: each part only where something happened
+    src, this_run = done['source'], f"; this run: {attn}" * (done['source'].attn != attn)
+    said = [f"loaded {len(done['loaded'])} tensors", done['resampled'] and f"resampled from {src.image_size} to {image_size} px: "
+            f"{done['resampled']}", done['truncated'] and f"kept the first coefficients of {done['truncated']}", done['fresh'] and
+            f"started afresh: {done['fresh']}", done['drawn'] and f"walks drawn for this model from mask_seed={mask_seed}: "
+            f"{len(done['drawn'])} buffers", done.get('refolded')]
+    print0(f"{'evaluating' if eval_only else 'fine-tuning'} from {init_from} (attn={src.attn}{this_run}): " + '; '.join(filter(None, said)))
 model.to(device)
 raw_model = model  # saved without DDP's module. and compile's _orig_mod. prefixes
 optimizer = torch.optim.AdamW(model.param_groups(weight_decay, mask_lr_mult), lr=lr, betas=(beta1, beta2), fused=device_type == 'cuda')
@@ -230,12 +203,8 @@ if init_from == 'resume':
     scaler.load_state_dict(ckpt['scaler'])
     step, best, wall_before = ckpt['step'], ckpt['best'], ckpt['wall_time']  # best: of the evaluations before it
     eval_due = ckpt.get('eval_pending', False)  # saved at an epoch's end, then evaluated (or not, if that crashed)
-    rng = outdir.restore_random_state(ckpt['rng'], rank, world, device_type)
-    if rng:
-        loss_sum, loss_count = torch.tensor(rng.get('loss_sum', 0.0), device=device), ckpt.get('loss_count', 0)
-    else:
-        print0(f"resuming on {world} ranks from {len(ckpt['rng'])}: dropout and mixup streams restart from the seed")
-        torch.manual_seed(seed + rank + 1_000_003 * step)
+    rng = outdir.restore_random_state(ckpt['rng'], rank, world, device_type, reseed=seed + rank + 1_000_003 * step)
+    loss_sum, loss_count = torch.tensor(rng.get('loss_sum', 0.0), device=device), ckpt.get('loss_count', 0) if rng else 0
 else:
     torch.manual_seed(seed + rank)
 ckpt = None  # free the memory
@@ -243,7 +212,7 @@ if compile and device_type == 'cuda':
     model = torch.compile(model)
 eval_model = model  # evaluated without DDP: ranks may see different numbers of validation batches
 if ddp:
-    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, **ddp_no_buffer_sync())
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, **outdir.ddp_no_buffer_sync())
 
 print0(f"{raw_model.num_params():,} parameters, attn={attn}, {dataset}: {image_size}px, {(image_size // patch_size) ** 2} tokens, "
        f"{loaders.num_classes} classes; device {device}, {world} rank(s), {str(ptdtype).split('.')[-1]}")
@@ -300,11 +269,11 @@ if eval_only:
     r = evaluate()
     print0(f"eval {init_from}: loss {r['loss']:.4f} top1 {r['top1']:.2f}% top5 {r['top5']:.2f}% ({r['count']} images)")
     print0(json.dumps({'kind': 'eval', **r}))
-    if master:  # eval.json beside the checkpoint; a timm model's (no file of its own) in out_dir
-        path = ckpt_path if init_from == 'resume' else init_from
-        folder = out_dir if init_from.startswith('timm:') else os.path.dirname(path)
+    if master:  # eval.json beside the checkpoint; resume's and a timm model's (no file of its own) in out_dir
+        folder = out_dir if init_from == 'resume' or init_from.startswith('timm:') else os.path.dirname(os.path.abspath(init_from))
         os.makedirs(folder, exist_ok=True)
-        outdir.write_json(os.path.join(folder, 'eval.json'), {'checkpoint': path, 'image_size': image_size, **r})
+        outdir.write_json(os.path.join(folder, 'eval.json'), {'checkpoint': ckpt_path if init_from == 'resume' else init_from,
+                                                              'image_size': image_size, **r})
     finish(0)
 
 def log(record):
@@ -315,8 +284,7 @@ def log(record):
             wandb.log(record, step=record['step'])
 
 def save_checkpoint(eval_pending):
-    """Write ckpt.pt atomically (outdir.save_checkpoint), of this step: saved_step. eval_pending: an evaluation follows,
-    which a run resumed from it does first."""
+    """Save this step in ckpt.pt, atomically (saved_step = step); eval_pending: an evaluation follows, which a resumed run does first."""
     global saved_step
     rngs = outdir.random_states(device_type, ddp, loss_sum=loss_sum.item())  # and the loss summed since the last log step
     if master:
