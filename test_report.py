@@ -530,3 +530,11 @@ def test_the_curves_title_names_a_folder_datasets_folder_not_its_loader():
     runs = [{'config': {'dataset': 'imagenet', 'data_dir': '../shared/data/imagenette/'}},
             {'config': {'dataset': 'fmnist', 'data_dir': 'data'}}, {'config': {'dataset': 'imagenet', 'data_dir': 'x/imagenette'}}]
     assert report.datasets(runs) == ['imagenette', 'fmnist']
+
+def test_a_damaged_checkpoint_is_named_in_one_line_by_the_trained_model_tools(tmp_path, capsys):
+    run = tmp_path / 'grf-s0'
+    run.mkdir()
+    (run / 'ckpt.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(SystemExit) as e:
+        trained_masks.load_model(str(run))
+    assert e.value.code == 2 and capsys.readouterr().err == f"checkpoint error: {run}/ckpt.pt is damaged: torch cannot read it (UnpicklingError)\n"

@@ -20,12 +20,13 @@ import torch
 
 import data
 import masks
+import outdir
 from configurator import configure, declared, fail
 from model import GRAPHS, VARIANTS, GRFAttention, TopoAttention, ViT, ViTConfig, saved_config
 
 def load_checkpoint(run_dir):
-    """The run's ckpt.pt and its model config (settings it predates take their defaults)."""
-    ckpt = torch.load(os.path.join(run_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
+    """The run's ckpt.pt and its model config (settings it predates take their defaults); missing or damaged: one line."""
+    ckpt = outdir.read_checkpoint(os.path.join(run_dir, 'ckpt.pt'), f"the run {run_dir}")
     return ckpt, saved_config(ckpt['config'])
 
 def load_model(run_dir):
